@@ -1,0 +1,1 @@
+"""Optax transformations: client, uplink, aggregation and server roles."""

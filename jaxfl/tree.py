@@ -1,0 +1,113 @@
+"""Pytree helpers shared by every layer-wise method.
+
+A *layer* is one leaf of the parameter pytree (one tensor), as in the authors' code
+(ALGORITHMS.md §1.1). *Kernel* layers are leaves with ``ndim >= 2`` (conv, dense and
+embedding weights); only they are candidates for relaxed aggregation, recycling or
+layer budgets. ``group="module"`` groups leaves by their parent module instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+  """Names of the leaves in flattening order, e.g. ``"['Conv_0']['kernel']"``."""
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def layer_names(tree: PyTree, group: str = "leaf") -> PyTree:
+  """A same-structure tree holding each leaf's layer name.
+
+  Args:
+    tree: parameter pytree.
+    group: ``"leaf"`` (each tensor is a layer, the papers' convention) or
+      ``"module"`` (kernel and bias of one module form a layer).
+  """
+  if group not in ("leaf", "module"):
+    raise ValueError(f"`group` must be 'leaf' or 'module', got {group!r}.")
+
+  def name(path, _):
+    if group == "module" and len(path) > 1:
+      path = path[:-1]
+    return jax.tree_util.keystr(path)
+
+  return jax.tree_util.tree_map_with_path(name, tree)
+
+
+def is_kernel(tree: PyTree) -> PyTree:
+  """A same-structure tree of Python bools: True for leaves with ``ndim >= 2``."""
+  return jax.tree.map(lambda x: bool(np.ndim(x) >= 2), tree)
+
+
+def leaf_sizes(tree: PyTree) -> PyTree:
+  """A same-structure tree of Python ints: number of elements per leaf."""
+  return jax.tree.map(lambda x: int(np.size(x)), tree)
+
+
+def num_params(tree: PyTree) -> int:
+  """Total number of elements in a pytree."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def layer_norms(tree: PyTree) -> PyTree:
+  """L2 norm of every leaf, as a same-structure tree of f32[] scalars."""
+  return jax.tree.map(lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))), tree)
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """L2 norm over all leaves."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
+  """Weighted mean over the leading (client) axis: ``sum_i w_i u_i / sum_i w_i``.
+
+  Broadcast-multiply and ``sum(axis=0)`` (not ``tensordot``) so that it also works when
+  the client axis is sharded. A zero total weight gives zeros, not NaN. Keeps leaf dtypes.
+  """
+  weights = jnp.asarray(weights)
+  total = jnp.sum(weights)
+  norm = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)
+
+  def mean(u):
+    w = norm.astype(u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+    return jnp.sum(w * u, axis=0)
+
+  return jax.tree.map(mean, stacked)
+
+
+def stack(trees: list[PyTree]) -> PyTree:
+  """Stacks a list of same-structure trees along a new leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: PyTree) -> list[PyTree]:
+  """Inverse of :func:`stack`."""
+  n = jax.tree.leaves(tree)[0].shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """``jnp.where(pred, a, b)`` leaf by leaf, for a scalar traced ``pred``."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """True iff every element of every leaf is finite."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def map_leaves_with_names(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+  """``tree_map`` that also passes the leaf's name."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(jax.tree_util.keystr(p), x), tree)
