@@ -1,8 +1,30 @@
-"""jaxfl: communication-efficient federated learning as jit-compiled JAX/optax functions."""
+"""jaxfl: communication-efficient federated learning as jit-compiled JAX/optax functions.
 
+A federated round is one pure, jit-compiled function; clients are ``jax.vmap`` ped and laid
+across devices; every method is an optax transformation. ``import jaxfl`` never imports
+TensorFlow or tensorflow-datasets.
+"""
+
+from jaxfl import aggregation as aggregation
+from jaxfl import algorithms as algorithms
+from jaxfl import comm as comm
 from jaxfl import data as data
 from jaxfl import models as models
+from jaxfl import sharding as sharding
 from jaxfl import transforms as transforms
 from jaxfl import tree as tree
+from jaxfl.algorithms import Algorithm as Algorithm
+from jaxfl.client import LocalTraining as LocalTraining
+from jaxfl.client import make_client_update as make_client_update
+from jaxfl.round import ServerState as ServerState
+from jaxfl.round import build_round as build_round
+from jaxfl.simulation import NonFiniteUpdateError as NonFiniteUpdateError
+from jaxfl.simulation import SimulationResult as SimulationResult
+from jaxfl.simulation import simulate as simulate
 
 __version__ = "0.1.0"
+
+__all__ = ["Algorithm", "LocalTraining", "NonFiniteUpdateError", "ServerState",
+           "SimulationResult", "aggregation", "algorithms", "build_round", "comm", "data",
+           "make_client_update", "models", "sharding", "simulate", "transforms", "tree",
+           "__version__"]

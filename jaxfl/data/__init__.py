@@ -1,6 +1,32 @@
 """Federated datasets: real offline sources, partitioners, TFDS loaders, padding."""
 
+from jaxfl.data._federated import FederatedData as FederatedData
+from jaxfl.data._federated import federate as federate
+from jaxfl.data._federated import from_client_indices as from_client_indices
+from jaxfl.data._load import DATASETS as DATASETS
+from jaxfl.data._load import load as load
+from jaxfl.data._load import random_images as random_images
+from jaxfl.data._partition import PARTITIONERS as PARTITIONERS
+from jaxfl.data._partition import dirichlet as dirichlet
+from jaxfl.data._partition import from_index_files as from_index_files
+from jaxfl.data._partition import iid as iid
+from jaxfl.data._partition import quantity_skew as quantity_skew
+from jaxfl.data._partition import shards as shards
 from jaxfl.data._sources import ArrayDataset as ArrayDataset
 from jaxfl.data._sources import load_digits as load_digits
 from jaxfl.data._sources import load_fashion_mnist as load_fashion_mnist
 from jaxfl.data._sources import load_mnist5k as load_mnist5k
+from jaxfl.data._synthetic import synthetic as synthetic
+
+
+def load_tfds(*args, **kwargs):
+  """Lazy wrapper of :func:`jaxfl.data._tfds.load_tfds` (imports TFDS only when called)."""
+  from jaxfl.data._tfds import load_tfds as _load_tfds
+
+  return _load_tfds(*args, **kwargs)
+
+
+__all__ = ["DATASETS", "PARTITIONERS", "ArrayDataset", "FederatedData", "dirichlet", "federate",
+           "from_client_indices", "from_index_files", "iid", "load", "load_digits",
+           "load_fashion_mnist", "load_mnist5k", "load_tfds", "quantity_skew", "random_images",
+           "shards", "synthetic"]

@@ -1,0 +1,46 @@
+"""A federated algorithm is a static bundle of optax transformations."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optax
+
+from jaxfl.aggregation import weighted_mean
+from jaxfl.client import LocalTraining, validate_local_training
+
+
+class Algorithm(NamedTuple):
+  """Everything that defines a federated algorithm; no state, no code paths per algorithm.
+
+  Attributes:
+    name: label for logs and tables.
+    local: local training (client optimizer, batch size, local steps or epochs).
+    server_optimizer: optax transformation on the pseudo-gradient (the aggregated
+      ``global - local`` delta). It may be ``GradientTransformationExtraArgs`` and then
+      receives ``client_updates`` (f32[C, *s], None when chunked), ``client_weights``
+      (f32[C]), ``key`` and ``round`` as keyword arguments. FedAvg = ``optax.sgd(1.0)``.
+    aggregator: maps stacked client updates and weights to one update (see
+      :mod:`jaxfl.aggregation`).
+    uplink: optional per-client transformation of the delta before upload (compression,
+      sparse masks, clipping); ``init(delta)`` every round, ``update(delta, state, params)``.
+    weighting: ``"examples"`` (weights = client sizes, McMahan et al.) or ``"uniform"``
+      (the LMLS-lab papers' unweighted mean).
+    sparse_uplink: count only non-zero uploaded entries in the ledger.
+  """
+
+  name: str
+  local: LocalTraining
+  server_optimizer: optax.GradientTransformation
+  aggregator: optax.GradientTransformationExtraArgs = weighted_mean()
+  uplink: optax.GradientTransformation | None = None
+  weighting: str = "examples"
+  sparse_uplink: bool = False
+
+
+def validate_algorithm(algo: Algorithm) -> None:
+  if not isinstance(algo, Algorithm):
+    raise TypeError(f"`algorithm` must be a jaxfl.algorithms.Algorithm, got {type(algo).__name__}.")
+  validate_local_training(algo.local)
+  if algo.weighting not in ("examples", "uniform"):
+    raise ValueError(f"`weighting` must be 'examples' or 'uniform', got {algo.weighting!r}.")

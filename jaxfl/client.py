@@ -1,0 +1,150 @@
+"""Local training as a pure function: (global params, one client's data, rng) -> update.
+
+The function is written for a single client and knows nothing about devices; the round
+``jax.vmap`` s it over the cohort. Data sampling follows the papers' Keras pipeline: a
+client's examples are reshuffled every local epoch, batches do not span epochs (so the last
+batch of an epoch can be short), and steps past a client's step budget are masked out, so
+ragged clients share one static shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxfl import tree as jtree
+from jaxfl.models import Model
+
+LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+  """Weighted mean cross-entropy from logits; zero-weight (padded) examples are ignored."""
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  total = jnp.sum(weights)
+  return jnp.sum(per_example * weights) / jnp.maximum(total, 1.0)
+
+
+class ClientOutput(NamedTuple):
+  """What one client returns.
+
+  Attributes:
+    delta: ``global_params - local_params`` (fedjax sign: FedAvg is server SGD with lr 1).
+    model_state: the client's non-trainable collections after training (BN statistics).
+    metrics: dict of scalars: ``loss`` (mean over the client's steps), ``grad_norm`` (mean
+      global gradient norm), ``examples`` (examples processed), ``steps`` (steps taken).
+  """
+
+  delta: Any
+  model_state: Any
+  metrics: dict
+
+
+class LocalTraining(NamedTuple):
+  """Static description of local training.
+
+  Attributes:
+    optimizer: the client optax transformation (fresh state every round).
+    batch_size: minibatch size B.
+    local_steps: fixed number of local steps tau (the papers' ``average_interval``).
+    local_epochs: alternatively, epochs over the client's own data; a client with n
+      examples then takes ``ceil(local_epochs * ceil(n / B))`` steps. Exactly one of
+      ``local_steps`` / ``local_epochs`` is set.
+    max_steps: cap on the number of steps in epoch mode (static scan length). Default: the
+      step count of the largest client.
+    unroll: ``lax.scan`` unroll factor over local steps.
+    loss_fn: ``loss_fn(logits, labels, weights) -> scalar``.
+  """
+
+  optimizer: optax.GradientTransformation
+  batch_size: int = 32
+  local_steps: int | None = 5
+  local_epochs: float | None = None
+  max_steps: int | None = None
+  unroll: int | bool = 1
+  loss_fn: LossFn = softmax_cross_entropy
+
+
+def validate_local_training(lt: LocalTraining) -> None:
+  if not isinstance(lt.batch_size, int) or lt.batch_size < 1:
+    raise ValueError(f"`batch_size` must be a positive int, got {lt.batch_size!r}.")
+  if (lt.local_steps is None) == (lt.local_epochs is None):
+    raise ValueError("Set exactly one of `local_steps` and `local_epochs`, got "
+                     f"local_steps={lt.local_steps!r}, local_epochs={lt.local_epochs!r}.")
+  if lt.local_steps is not None and (not isinstance(lt.local_steps, int) or lt.local_steps < 1):
+    raise ValueError(f"`local_steps` must be a positive int, got {lt.local_steps!r}.")
+  if lt.local_epochs is not None and not lt.local_epochs > 0:
+    raise ValueError(f"`local_epochs` must be > 0, got {lt.local_epochs!r}.")
+  if lt.max_steps is not None and lt.max_steps < 1:
+    raise ValueError(f"`max_steps` must be >= 1, got {lt.max_steps!r}.")
+
+
+def num_steps(lt: LocalTraining, max_client_size: int) -> int:
+  """Static scan length for clients of at most ``max_client_size`` examples."""
+  if lt.local_steps is not None:
+    return lt.local_steps
+  batches = -(-max_client_size // lt.batch_size)
+  steps = int(-(-(lt.local_epochs * batches) // 1))
+  return min(steps, lt.max_steps) if lt.max_steps else steps
+
+
+def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
+  """Builds ``client_update(params, model_state, x, y, indices, size, key) -> ClientOutput``.
+
+  ``x``/``y`` are the whole training set (shared, not per client); ``indices`` (i32[n_max])
+  and ``size`` (i32[]) describe one client, as stored in :class:`jaxfl.data.FederatedData`.
+  """
+  validate_local_training(lt)
+  steps = num_steps(lt, max_client_size)
+  bsz = lt.batch_size
+  n_max = max_client_size
+
+  def client_update(params, model_state, x, y, indices, size, key):
+    size = jnp.maximum(size, 1)
+    batches_per_epoch = (size + bsz - 1) // bsz
+    if lt.local_steps is not None:
+      active_steps = jnp.asarray(lt.local_steps, jnp.int32)
+    else:
+      active_steps = jnp.ceil(lt.local_epochs * batches_per_epoch).astype(jnp.int32)
+    valid_slot = jnp.arange(n_max) < size
+    shuffle_key, dropout_key = jax.random.split(key)
+
+    def loss_fn(p, ms, xb, yb, wb, rng):
+      logits, new_ms = model.apply(p, ms, xb, train=True, rng=rng)
+      return lt.loss_fn(logits, yb, wb), new_ms
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    opt_state0 = lt.optimizer.init(params)
+
+    def step(carry, s):
+      p, opt_state, ms = carry
+      epoch = s // batches_per_epoch
+      b = s % batches_per_epoch
+      # Reshuffle the client's real examples every epoch; padding slots sort last.
+      u = jax.random.uniform(jax.random.fold_in(shuffle_key, epoch), (n_max,))
+      order = jnp.argsort(jnp.where(valid_slot, u, 2.0))
+      pos = b * bsz + jnp.arange(bsz)
+      weight = (pos < size).astype(jnp.float32)
+      rows = indices[order[jnp.minimum(pos, n_max - 1)]]
+      xb, yb = x[rows], y[rows]
+      (loss, new_ms), grads = grad_fn(p, ms, xb, yb, weight, jax.random.fold_in(dropout_key, s))
+      updates, new_opt_state = lt.optimizer.update(grads, opt_state, p)
+      new_p = optax.apply_updates(p, updates)
+      active = s < active_steps
+      carry = jtree.select_tree(active, (new_p, new_opt_state, new_ms), (p, opt_state, ms))
+      act = active.astype(jnp.float32)
+      return carry, (loss * act, jtree.global_norm(grads) * act, jnp.sum(weight) * act)
+
+    (local, _, new_ms), (losses, gnorms, examples) = jax.lax.scan(
+        step, (params, opt_state0, model_state), jnp.arange(steps), unroll=lt.unroll)
+    delta = jax.tree.map(lambda g, l: g - l, params, local)
+    n = jnp.maximum(jnp.minimum(active_steps, steps), 1).astype(jnp.float32)
+    metrics = {"loss": jnp.sum(losses) / n, "grad_norm": jnp.sum(gnorms) / n,
+               "examples": jnp.sum(examples), "steps": jnp.minimum(active_steps, steps)}
+    return ClientOutput(delta, new_ms, metrics)
+
+  return client_update

@@ -1,0 +1,287 @@
+"""One federated round as one jit-compiled, pure function.
+
+``round_fn(state, data, key) -> (state, metrics)``:
+
+1. sample the cohort in-graph (uniform without replacement, from ``key``);
+2. ``vmap`` the client update over the cohort, the client axis sharded over the
+   ``"clients"`` mesh (padded to a multiple of the device count with zero-weight clients;
+   optionally ``lax.map`` over chunks of vmapped clients to bound memory);
+3. quarantine clients with non-finite updates (weight 0, update zeroed);
+4. aggregate (``Algorithm.aggregator``), average BN statistics with the same weights;
+5. feed the pseudo-gradient to the server optax chain and apply it;
+6. account communication per leaf.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxfl import comm
+from jaxfl import sharding as jshard
+from jaxfl import tree as jtree
+from jaxfl.algorithms._base import Algorithm, validate_algorithm
+from jaxfl.client import make_client_update
+from jaxfl.models import Model
+
+NAN_POLICIES = ("drop", "raise")
+
+
+class ServerState(NamedTuple):
+  """Everything a run needs to continue exactly (checkpointed as a whole).
+
+  Attributes:
+    params: global model parameters x_t.
+    model_state: non-trainable collections (BN statistics), averaged every round.
+    opt_state: server optimizer state (includes layer-wise transform states).
+    aggregator_state: aggregator state.
+    round: i32[] rounds completed.
+    uplink_elements: per-leaf f32[] cumulative uploaded elements (the ledger).
+    cohort: i32[C] the last cohort's client ids.
+  """
+
+  params: Any
+  model_state: Any
+  opt_state: Any
+  aggregator_state: Any
+  round: jax.Array
+  uplink_elements: Any
+  cohort: jax.Array
+
+
+class DeviceData(NamedTuple):
+  """The training set on device: shared examples plus per-client index arrays."""
+
+  x: jax.Array
+  y: jax.Array
+  client_indices: jax.Array
+  client_sizes: jax.Array
+
+
+class Round(NamedTuple):
+  """A built round: ``init(key) -> ServerState``, ``step(state, data, key)``."""
+
+  init: Any
+  step: Any
+  mesh: Any
+  cohort_size: int
+  padded_cohort_size: int
+
+
+def device_data(data, mesh=None) -> DeviceData:
+  """Puts a :class:`jaxfl.data.FederatedData` on device (replicated over ``mesh``)."""
+  host = DeviceData(np.asarray(data.x), np.asarray(data.y), np.asarray(data.client_indices),
+                    np.asarray(data.client_sizes))
+  return jshard.put_replicated(host, mesh)
+
+
+def _rows_finite(stacked):
+  """bool[C]: True where every entry of a client's slice of every leaf is finite."""
+  out = True
+  for x in jax.tree.leaves(stacked):
+    out = out & jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+  return out
+
+
+def _sample_uniform(key, num_clients, cohort):
+  return jax.random.choice(key, num_clients, (cohort,), replace=False).astype(jnp.int32)
+
+
+def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_client_size: int,
+                clients_per_round: int, mesh=None, clients_per_chunk: int | None = None,
+                nan_policy: str = "drop", dropout_rate: float = 0.0,
+                donate: bool = True) -> Round:
+  """Builds the jitted round for an algorithm, a model and a population shape.
+
+  Args:
+    algorithm: the :class:`Algorithm`.
+    model: the :class:`jaxfl.models.Model`.
+    num_clients: population size N.
+    max_client_size: padded examples per client (``FederatedData.max_client_size``).
+    clients_per_round: cohort size C (<= N).
+    mesh: a ``("clients",)`` mesh (:func:`jaxfl.sharding.client_mesh`) or None (1 device).
+    clients_per_chunk: if set, clients are trained ``clients_per_chunk`` at a time
+      (``lax.map`` over vmapped chunks) and their updates are summed on the fly, so memory
+      grows with the chunk, not the cohort. Requires the weighted-mean aggregator; the
+      server transform then gets ``client_updates=None``.
+    nan_policy: ``"drop"`` quarantines clients whose update is not finite (weight 0; counted
+      in ``metrics["nonfinite_clients"]``); ``"raise"`` does the same in-graph and the driver
+      raises after the round.
+    dropout_rate: probability that a sampled client drops out (uploads nothing).
+    donate: donate the state buffers to the round (in-place update).
+  """
+  validate_algorithm(algorithm)
+  if not isinstance(model, Model):
+    raise TypeError(f"`model` must be a jaxfl.models.Model, got {type(model).__name__}.")
+  for name, v in (("num_clients", num_clients), ("max_client_size", max_client_size),
+                  ("clients_per_round", clients_per_round)):
+    if not isinstance(v, int | np.integer) or v < 1:
+      raise ValueError(f"`{name}` must be a positive int, got {v!r}.")
+  if clients_per_round > num_clients:
+    raise ValueError(f"`clients_per_round`={clients_per_round} exceeds the population "
+                     f"num_clients={num_clients}.")
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"`nan_policy` must be one of {NAN_POLICIES}, got {nan_policy!r}.")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate!r}.")
+  c_pad = jshard.padded_cohort_size(clients_per_round, mesh)
+  chunk = c_pad
+  if clients_per_chunk is not None:
+    if not isinstance(clients_per_chunk, int) or clients_per_chunk < 1:
+      raise ValueError(f"`clients_per_chunk` must be a positive int, got {clients_per_chunk!r}.")
+    if algorithm.aggregator.update.__qualname__.split(".")[0] != "weighted_mean":
+      raise ValueError("`clients_per_chunk` needs the weighted-mean aggregator (robust "
+                       "aggregators need every client update at once).")
+    d = 1 if mesh is None else mesh.devices.size
+    chunk = -(-min(clients_per_chunk, c_pad) // d) * d
+    c_pad = -(-c_pad // chunk) * chunk
+  n_chunks = c_pad // chunk
+
+  client_update = make_client_update(model, algorithm.local, max_client_size)
+  server_tx = optax.with_extra_args_support(algorithm.server_optimizer)
+  aggregator = algorithm.aggregator
+  uplink = algorithm.uplink
+
+  def init(key) -> ServerState:
+    params, model_state = model.init(key)
+    return ServerState(
+        params=params, model_state=model_state, opt_state=server_tx.init(params),
+        aggregator_state=aggregator.init(params), round=jnp.zeros([], jnp.int32),
+        uplink_elements=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
+        cohort=jnp.zeros([clients_per_round], jnp.int32))
+
+  def run_clients(state, data, ids, keys, real, upload_mask):
+    """Trains and post-processes one (chunk of a) cohort; all outputs lead with [chunk]."""
+    ids = jshard.constrain_clients(ids, mesh)
+    keys = jshard.constrain_clients(keys, mesh)
+    train_keys, uplink_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+    del uplink_keys
+    out = jax.vmap(client_update, in_axes=(None, None, None, None, 0, 0, 0))(
+        state.params, state.model_state, data.x, data.y, data.client_indices[ids],
+        data.client_sizes[ids], train_keys)
+    delta = out.delta
+    if uplink is not None:
+      delta = jax.vmap(lambda d: uplink.update(d, uplink.init(d), state.params)[0])(delta)
+    if upload_mask is not None:
+      delta = jax.tree.map(lambda d, m: d * m.astype(d.dtype), delta, upload_mask)
+    finite = (_rows_finite(delta) & _rows_finite(out.model_state)
+              & jnp.isfinite(out.metrics["loss"]))
+    delta = jax.tree.map(
+        lambda d: jnp.where(finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), delta)
+    size = data.client_sizes[ids].astype(jnp.float32)
+    base = size if algorithm.weighting == "examples" else jnp.ones_like(size)
+    weights = base * real * finite
+    sent = jax.vmap(lambda d: comm.uplink_elements(d, algorithm.sparse_uplink))(delta)
+    sent = jax.tree.map(lambda s: s * real, sent)
+    return out, delta, weights, finite, sent
+
+  def step(state: ServerState, data: DeviceData, key) -> tuple[ServerState, dict]:
+    k_sample, k_drop, k_clients, k_agg, k_server = jax.random.split(key, 5)
+    cohort = _sample_uniform(k_sample, num_clients, clients_per_round)
+    ids = jnp.concatenate([cohort, jnp.zeros([c_pad - clients_per_round], jnp.int32)])
+    real = (jnp.arange(c_pad) < clients_per_round).astype(jnp.float32)
+    if dropout_rate > 0:
+      real = real * (jax.random.uniform(k_drop, (c_pad,)) >= dropout_rate)
+    keys = jax.random.split(k_clients, c_pad)
+    upload_mask = comm.find_uplink_mask(state.opt_state)
+
+    if n_chunks == 1:
+      out, deltas, weights, finite, sent = run_clients(state, data, ids, keys, real, upload_mask)
+      aggregate, agg_state = aggregator.update(deltas, state.aggregator_state, state.params,
+                                               weights=weights, key=k_agg)
+      client_ms = jtree.weighted_mean(out.model_state, weights)
+      metrics_c = out.metrics
+      sent_total = jax.tree.map(lambda s: jnp.sum(s), sent)
+      client_updates = deltas
+    else:
+      def body(acc, xs):
+        ids_c, keys_c, real_c = xs
+        out, deltas, weights, finite, sent = run_clients(state, data, ids_c, keys_c, real_c,
+                                                         upload_mask)
+        wsum = lambda t: jax.tree.map(
+            lambda d: jnp.sum(d * weights.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype),
+                              axis=0), t)
+        acc = jax.tree.map(jnp.add, acc, (wsum(deltas), wsum(out.model_state), jnp.sum(weights),
+                                          jax.tree.map(jnp.sum, sent)))
+        return acc, (out.metrics, weights, finite)
+
+      zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
+      acc0 = (zeros(state.params), zeros(state.model_state), jnp.zeros([], jnp.float32),
+              jax.tree.map(lambda _: jnp.zeros([], jnp.float32), state.params))
+      xs = (ids.reshape(n_chunks, chunk), keys.reshape((n_chunks, chunk) + keys.shape[1:]),
+            real.reshape(n_chunks, chunk))
+      (dsum, msum, wtot, sent_total), (metrics_c, weights, finite) = jax.lax.scan(body, acc0, xs)
+      metrics_c = jax.tree.map(lambda m: m.reshape(c_pad), metrics_c)
+      weights, finite = weights.reshape(c_pad), finite.reshape(c_pad)
+      inv = jnp.where(wtot > 0, 1.0 / jnp.where(wtot > 0, wtot, 1.0), 0.0)
+      aggregate = jax.tree.map(lambda s: s * inv.astype(s.dtype), dsum)
+      client_ms = jax.tree.map(lambda s: s * inv.astype(s.dtype), msum)
+      agg_state = state.aggregator_state
+      client_updates = None
+
+    total_w = jnp.sum(weights)
+    model_state = jtree.select_tree(total_w > 0, client_ms, state.model_state)
+    updates, opt_state = server_tx.update(
+        aggregate, state.opt_state, state.params, client_updates=client_updates,
+        client_weights=weights, key=k_server, round=state.round)
+    params = optax.apply_updates(state.params, updates)
+    params = jshard.constrain_replicated(params, mesh)
+
+    participants = real * finite
+    n_part = jnp.maximum(jnp.sum(participants), 1.0)
+    n_real = jnp.maximum(jnp.sum(real), 1.0)
+    up_elems = sum(jax.tree.leaves(sent_total))
+    size = float(jtree.num_params(state.params))
+    itemsize = float(np.dtype(jax.tree.leaves(state.params)[0].dtype).itemsize)
+    metrics = {
+        "train_loss": jnp.sum(metrics_c["loss"] * participants) / n_part,
+        "grad_norm": jnp.sum(metrics_c["grad_norm"] * participants) / n_part,
+        "examples": jnp.sum(metrics_c["examples"] * real),
+        "participants": jnp.sum(participants),
+        "nonfinite_clients": jnp.sum(real * (1.0 - finite)),
+        "update_norm": jtree.global_norm(updates),
+        "uplink_elements": up_elems,
+        "uplink_bytes": up_elems * itemsize * (2.0 if algorithm.sparse_uplink else 1.0),
+        "downlink_bytes": jnp.sum(real) * size * itemsize,
+        "rel_uplink": up_elems / (n_real * size),
+    }
+    new_state = ServerState(
+        params=params, model_state=model_state, opt_state=opt_state, aggregator_state=agg_state,
+        round=optax.safe_increment(state.round),
+        uplink_elements=jax.tree.map(jnp.add, state.uplink_elements, sent_total), cohort=cohort)
+    return new_state, metrics
+
+  jit_step = jax.jit(step, donate_argnums=(0,) if donate else ())
+  return Round(init, jit_step, mesh, clients_per_round, c_pad)
+
+
+def make_evaluate(model: Model, batch_size: int = 500):
+  """A jitted ``evaluate(params, model_state, x, y) -> {"accuracy", "loss"}`` over a test set.
+
+  The test set is padded to a multiple of ``batch_size`` and scanned in batches, so one
+  compilation serves every round.
+  """
+
+  def evaluate(params, model_state, x, y):
+    n = x.shape[0]
+    nb = -(-n // batch_size)
+    pad = nb * batch_size - n
+    xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape(
+        (nb, batch_size) + x.shape[1:])
+    yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)]).reshape(nb, batch_size)
+    wp = (jnp.arange(nb * batch_size) < n).reshape(nb, batch_size).astype(jnp.float32)
+
+    def one(batch):
+      xb, yb, wb = batch
+      logits, _ = model.apply(params, model_state, xb, train=False)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+      return jnp.sum((jnp.argmax(logits, -1) == yb) * wb), jnp.sum(ce * wb)
+
+    correct, loss = jax.lax.map(one, (xp, yp, wp))
+    return {"accuracy": jnp.sum(correct) / n, "loss": jnp.sum(loss) / n}
+
+  return jax.jit(evaluate)

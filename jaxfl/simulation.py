@@ -1,0 +1,222 @@
+"""``jaxfl.simulate``: the driver loop around the compiled round."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jaxfl import checkpoint as jckpt
+from jaxfl import comm
+from jaxfl import sharding as jshard
+from jaxfl.algorithms._base import Algorithm, validate_algorithm
+from jaxfl.data import FederatedData
+from jaxfl.models import Model
+from jaxfl.round import NAN_POLICIES, ServerState, build_round, device_data, make_evaluate
+
+
+class NonFiniteUpdateError(FloatingPointError):
+  """Raised with ``nan_policy="raise"`` when a client sent a non-finite update."""
+
+
+class SimulationResult(NamedTuple):
+  """Outcome of :func:`simulate`.
+
+  Attributes:
+    history: one dict per round (``round``, ``train_loss``, ``uplink_bytes``, ...) with
+      ``test_accuracy``/``test_loss`` on evaluated rounds.
+    state: final :class:`jaxfl.round.ServerState`.
+    summary: final/best accuracy, relative uplink cost, totals, timings.
+  """
+
+  history: list[dict]
+  state: Any
+  summary: dict
+
+
+def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed):
+  validate_algorithm(algorithm)
+  if not isinstance(model, Model):
+    raise TypeError(f"`model` must be a jaxfl.models.Model, got {type(model).__name__}.")
+  if not isinstance(data, FederatedData):
+    raise TypeError(f"`data` must be a jaxfl.data.FederatedData, got {type(data).__name__}.")
+  if not isinstance(rounds, int | np.integer) or rounds < 0:
+    raise ValueError(f"`rounds` must be a non-negative int, got {rounds!r}.")
+  if not isinstance(clients_per_round, int | np.integer) or clients_per_round < 1:
+    raise ValueError(f"`clients_per_round` must be a positive int, got {clients_per_round!r}.")
+  if clients_per_round > data.num_clients:
+    raise ValueError(f"`clients_per_round`={clients_per_round} exceeds the population of "
+                     f"{data.num_clients} clients.")
+  if not isinstance(eval_every, int | np.integer) or eval_every < 0:
+    raise ValueError(f"`eval_every` must be a non-negative int (0 = only at the end), "
+                     f"got {eval_every!r}.")
+  if not isinstance(seed, int | np.integer):
+    raise ValueError(f"`seed` must be an int, got {seed!r}.")
+  if model.input_shape and tuple(model.input_shape) != tuple(data.example_shape):
+    raise ValueError(f"`model` expects examples of shape {tuple(model.input_shape)} but `data` "
+                     f"has {tuple(data.example_shape)}.")
+  if np.any(data.client_sizes < 1):
+    raise ValueError(f"`data` has empty clients: {np.flatnonzero(data.client_sizes < 1)[:10]}.")
+  if data.y.min() < 0 or data.y.max() >= data.num_classes:
+    raise ValueError(f"`data` labels must lie in [0, {data.num_classes}), got "
+                     f"[{data.y.min()}, {data.y.max()}].")
+
+
+def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds: int,
+             clients_per_round: int, seed: int = 0, eval_every: int = 1,
+             devices=None, clients_per_chunk: int | None = None, nan_policy: str = "drop",
+             dropout_rate: float = 0.0, checkpoint_dir: str | None = None,
+             checkpoint_every: int = 0, output_dir: str | None = None, plot: bool = False,
+             progress: bool = True, init_params=None) -> SimulationResult:
+  """Runs a federated simulation: one compiled round, a Python loop over rounds only.
+
+  Args:
+    algorithm: a :class:`jaxfl.algorithms.Algorithm` (``jaxfl.algorithms.fedavg()``, ...).
+    model: a :class:`jaxfl.models.Model`.
+    data: a :class:`jaxfl.data.FederatedData`.
+    rounds: number of rounds R (>= 0).
+    clients_per_round: cohort size, sampled uniformly without replacement every round.
+    seed: seeds model init (``fold_in(key(seed), 0)``) and round keys
+      (``fold_in(key(seed) + 1, r)``); same seed, same history bit for bit.
+    eval_every: evaluate on the test set every k rounds (and always after the last).
+    devices: devices of the client mesh (default: all local devices).
+    clients_per_chunk: train the cohort in chunks of this many clients (memory bound).
+    nan_policy: ``"drop"`` or ``"raise"`` (see :func:`jaxfl.round.build_round`).
+    dropout_rate: probability that a sampled client drops out.
+    checkpoint_dir: if set, resume from the newest checkpoint there and save to it.
+    checkpoint_every: save every k rounds (0 = only at the end when ``checkpoint_dir``).
+    output_dir: write ``history.json``, ``history.csv``, ``summary.json`` (and
+      ``accuracy.png`` with ``plot=True``).
+    progress: show a progress bar.
+    init_params: optional initial params (e.g. pre-trained) replacing ``model.init``'s.
+  """
+  _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed)
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"`nan_policy` must be one of {NAN_POLICIES}, got {nan_policy!r}.")
+  if checkpoint_every < 0:
+    raise ValueError(f"`checkpoint_every` must be >= 0, got {checkpoint_every!r}.")
+  devices = jax.devices() if devices is None else list(devices)
+  mesh = jshard.client_mesh(devices) if len(devices) > 1 else None
+  rnd = build_round(algorithm, model, num_clients=data.num_clients,
+                    max_client_size=data.max_client_size, clients_per_round=clients_per_round,
+                    mesh=mesh, clients_per_chunk=clients_per_chunk, nan_policy=nan_policy,
+                    dropout_rate=dropout_rate)
+  evaluate = make_evaluate(model)
+  root = jax.random.key(seed)
+  state = rnd.init(jax.random.fold_in(root, 0))
+  if init_params is not None:
+    state = state._replace(params=init_params)
+  state = jax.tree.map(np.asarray, state)  # fresh host buffers: the round donates its input
+  history: list[dict] = []
+  start = 0
+  if checkpoint_dir:
+    found = jckpt.latest(checkpoint_dir)
+    if found:
+      path, start = found
+      state, history = jckpt.restore(path, state)
+  state = jshard.put_replicated(state, mesh)
+  dd = device_data(data, mesh)
+  x_test, y_test = jshard.put_replicated((data.x_test, data.y_test), mesh)
+  round_keys = jax.random.fold_in(root, 1)
+
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=rounds, initial=min(start, rounds), desc=algorithm.name, leave=False)
+  t0 = time.perf_counter()
+  compile_s = None
+  for r in range(start, rounds):
+    state, metrics = rnd.step(state, dd, jax.random.fold_in(round_keys, r))
+    row = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+    if compile_s is None:
+      compile_s = time.perf_counter() - t0
+    if row["nonfinite_clients"] > 0 and nan_policy == "raise":
+      raise NonFiniteUpdateError(
+          f"Round {r + 1}: {int(row['nonfinite_clients'])} client(s) sent non-finite updates "
+          "(they were excluded from the aggregate). Use nan_policy='drop' to continue.")
+    if (eval_every and (r + 1) % eval_every == 0) or r + 1 == rounds:
+      ev = jax.device_get(evaluate(state.params, state.model_state, x_test, y_test))
+      row["test_accuracy"], row["test_loss"] = float(ev["accuracy"]), float(ev["loss"])
+    history.append(row)
+    if bar is not None:
+      bar.update(1)
+      if "test_accuracy" in row:
+        bar.set_postfix(acc=f"{row['test_accuracy']:.4f}", loss=f"{row['train_loss']:.3f}")
+    if checkpoint_dir and ((checkpoint_every and (r + 1) % checkpoint_every == 0)
+                           or r + 1 == rounds):
+      jckpt.save(checkpoint_dir, jax.device_get(state), history, r + 1)
+  if bar is not None:
+    bar.close()
+  total_s = time.perf_counter() - t0
+  summary = summarize(history, algorithm.name, data.name)
+  summary.update(seconds=total_s, compile_seconds=compile_s, devices=len(devices),
+                 seed=seed, clients_per_round=clients_per_round, num_clients=data.num_clients)
+  if output_dir:
+    write_outputs(output_dir, history, summary, plot)
+  return SimulationResult(history, state, summary)
+
+
+def summarize(history: list[dict], method: str = "", dataset: str = "") -> dict:
+  """Final/best accuracy, relative uplink cost and byte totals of a history."""
+  accs = [h["test_accuracy"] for h in history if "test_accuracy" in h]
+  return {
+      "method": method, "dataset": dataset, "rounds": len(history),
+      "final_acc": accs[-1] if accs else None, "best_acc": max(accs) if accs else None,
+      "final_train_loss": history[-1]["train_loss"] if history else None,
+      "rel_uplink_cost": comm.relative_uplink_cost(history),
+      "uplink_bytes": float(sum(h["uplink_bytes"] for h in history)),
+      "downlink_bytes": float(sum(h["downlink_bytes"] for h in history)),
+      "nonfinite_clients": float(sum(h["nonfinite_clients"] for h in history)),
+  }
+
+
+def write_outputs(output_dir: str, history: list[dict], summary: dict, plot: bool = False) -> None:
+  """Writes history (JSON + CSV), summary JSON and optionally an accuracy plot."""
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, "history.json"), "w") as f:
+    json.dump(history, f, indent=1)
+  keys = sorted({k for h in history for k in h}, key=lambda k: (k != "round", k))
+  with open(os.path.join(output_dir, "history.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+  with open(os.path.join(output_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  if plot:
+    plot_histories({summary.get("method", "run"): history},
+                   os.path.join(output_dir, "accuracy.png"))
+
+
+def plot_histories(histories: dict[str, list[dict]], path: str, x: str = "round") -> None:
+  """Test accuracy vs ``x`` (``"round"`` or ``"uplink_bytes"`` cumulative) per method."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, hist in histories.items():
+    pts = [(h["round"], h["test_accuracy"]) for h in hist if "test_accuracy" in h]
+    if x == "uplink_bytes":
+      cum = np.cumsum([h["uplink_bytes"] for h in hist])
+      pts = [(cum[h["round"] - 1] / 1e6, h["test_accuracy"]) for h in hist
+             if "test_accuracy" in h]
+    if pts:
+      xs, ys = zip(*pts)
+      ax.plot(xs, ys, label=name)
+  ax.set_xlabel("uplink MB" if x == "uplink_bytes" else "round")
+  ax.set_ylabel("test accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+__all__ = ["NonFiniteUpdateError", "ServerState", "SimulationResult", "plot_histories",
+           "simulate", "summarize", "write_outputs"]

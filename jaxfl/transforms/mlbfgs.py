@@ -1,0 +1,726 @@
+r"""Momentum L-BFGS (mL-BFGS) with a block-diagonal Hessian, as optax transformations.
+
+Stochastic L-BFGS is unstable because consecutive curvature pairs :math:`(s, y)` are dominated
+by minibatch noise. mL-BFGS (Niu et al., 2023) takes the pairs from *momentum-averaged*
+parameters and gradients every :math:`T` steps, smooths consecutive pairs with a second
+momentum, damps them Powell-style so that :math:`s^\top\hat y / s^\top s \in [\sigma_L,
+\sigma_H]`, keeps one L-BFGS history per *block* of parameters (so blocks can live on different
+devices), and feeds the globally normalised two-loop direction to heavy-ball SGD.
+
+Public names:
+
+* :func:`scale_by_mlbfgs` -- the direction only (a ``GradientTransformation``).
+* :func:`mlbfgs` -- ``chain(scale_by_mlbfgs, trace(momentum), scale_by_learning_rate(lr))``.
+* :func:`plain_stochastic_lbfgs` -- the same machinery with no momentum on the pairs and no
+  damping (the unstable baseline of the paper).
+* :class:`MLBFGSState` -- the state.
+* :func:`resnet_block_labels`, :func:`top_level_block_labels` -- block layouts.
+* :func:`block_sharding` -- a ``NamedSharding`` that lays blocks and their histories across
+  devices.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+BlockLabels = PyTree | Callable[[PyTree], PyTree] | None
+
+
+class MLBFGSState(NamedTuple):
+  """State of :func:`scale_by_mlbfgs`.
+
+  Block-stacked arrays have a leading axis of length ``B`` (number of blocks, padded up to a
+  multiple of the device count when a ``sharding`` is given) and a trailing axis of length
+  ``n`` (the size of the largest block; smaller blocks are zero-padded). Their dtype is the
+  *state dtype* (float32 unless params are float64 or ``state_dtype`` says otherwise).
+
+  Attributes:
+    count: Updates applied so far, i32[]. Step :math:`t` of the paper is ``count + 1``.
+    param_avg: Parameter momentum :math:`P_t`, f[B, n].
+    grad_avg: Gradient momentum :math:`G_t`, f[B, n].
+    param_snap: :math:`P` at the previous pair extraction, f[B, n].
+    grad_snap: :math:`G` at the previous pair extraction, f[B, n].
+    s_hist: Ring buffer of :math:`s_k`, f[B, M, n]; slot of pair ``k`` is ``k % M``.
+    y_hist: Ring buffer of damped :math:`\\hat y_k`, f[B, M, n].
+    rho: :math:`\\rho_k = s_k^\\top \\hat y_k` per block and slot, f[B, M].
+    valid: Slot holds a usable pair (written and :math:`\\rho > 0`), bool[B, M].
+    h0: Initial inverse-Hessian scale :math:`s^\\top\\hat y / \\hat y^\\top \\hat y` from the
+      newest valid pair, f[B].
+    num_pairs: Pairs extracted so far, i32[]; the next write slot is ``num_pairs % M`` and
+      L-BFGS directions are used once it is > 0 (before that: SGD with weight decay).
+  """
+
+  count: jax.Array
+  param_avg: jax.Array
+  grad_avg: jax.Array
+  param_snap: jax.Array
+  grad_snap: jax.Array
+  s_hist: jax.Array
+  y_hist: jax.Array
+  rho: jax.Array
+  valid: jax.Array
+  h0: jax.Array
+  num_pairs: jax.Array
+
+
+# ------------------------------------------------------------------------------------------
+# Block layouts.
+
+
+class _Layout(NamedTuple):
+  """Static description of how leaves map into the block-stacked ``[B, n]`` matrix."""
+
+  treedef: Any
+  leaf_block: tuple[int, ...]  # block index per leaf, -1 = pass-through
+  leaf_offset: tuple[int, ...]  # offset of the leaf inside its block
+  leaf_shape: tuple[tuple[int, ...], ...]
+  block_ids: tuple[Hashable, ...]  # real blocks only
+  num_blocks: int  # including padding blocks
+  block_size: int  # n = largest block size (>= 1)
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def _resolve_labels(block_labels: BlockLabels, params: PyTree) -> list[Hashable | None]:
+  treedef = jax.tree.structure(params)
+  if block_labels is None:
+    return [0] * treedef.num_leaves
+  labels = block_labels(params) if callable(block_labels) else block_labels
+  label_def = jax.tree.structure(labels, is_leaf=_is_none)
+  if label_def != treedef:
+    raise ValueError(
+        f"`block_labels` must have the structure of params; got {label_def}, params have "
+        f"{treedef}.")
+  leaves = jax.tree.leaves(labels, is_leaf=_is_none)
+  for leaf in leaves:
+    if leaf is not None and not isinstance(leaf, Hashable):
+      raise ValueError(f"`block_labels` leaves must be hashable block ids or None; got {leaf!r}.")
+  return leaves
+
+
+def _make_layout(block_labels: BlockLabels, block_order: Sequence[Hashable] | None,
+                 params: PyTree, device_count: int) -> _Layout:
+  leaves, treedef = jax.tree.flatten(params)
+  labels = _resolve_labels(block_labels, params)
+  if block_order is None:
+    order: list[Hashable] = []
+    for label in labels:
+      if label is not None and label not in order:
+        order.append(label)
+  else:
+    order = list(block_order)
+    unknown = sorted({repr(lb) for lb in labels if lb is not None and lb not in order})
+    if unknown:
+      raise ValueError(
+          f"`block_labels` contains unknown block label(s) {', '.join(unknown)}; "
+          f"`block_order` is {order!r}.")
+  index = {label: i for i, label in enumerate(order)}
+  sizes = [0] * len(order)
+  leaf_block, leaf_offset, leaf_shape = [], [], []
+  for leaf, label in zip(leaves, labels):
+    shape = tuple(int(d) for d in np.shape(leaf))
+    leaf_shape.append(shape)
+    if label is None:
+      leaf_block.append(-1)
+      leaf_offset.append(0)
+      continue
+    b = index[label]
+    leaf_block.append(b)
+    leaf_offset.append(sizes[b])
+    sizes[b] += math.prod(shape)
+  num_blocks = max(len(order), 1)
+  num_blocks = -(-num_blocks // device_count) * device_count
+  return _Layout(treedef, tuple(leaf_block), tuple(leaf_offset), tuple(leaf_shape),
+                 tuple(order), num_blocks, max(sizes + [1]))
+
+
+def _to_blocks(layout: _Layout, tree: PyTree, dtype) -> jax.Array:
+  """Packs the blocked leaves of ``tree`` into a zero-padded ``[B, n]`` matrix."""
+  leaves = jax.tree.leaves(tree)
+  parts: list[list[jax.Array]] = [[] for _ in range(layout.num_blocks)]
+  for leaf, b in zip(leaves, layout.leaf_block):
+    if b >= 0:
+      parts[b].append(jnp.ravel(leaf).astype(dtype))
+  rows = []
+  for p in parts:
+    used = sum(int(x.size) for x in p)
+    if used < layout.block_size:
+      p = p + [jnp.zeros((layout.block_size - used,), dtype)]
+    rows.append(jnp.concatenate(p) if len(p) > 1 else p[0])
+  return jnp.stack(rows)
+
+
+def _from_blocks(layout: _Layout, mat: jax.Array, leaf: int) -> jax.Array:
+  """The slice of ``mat`` belonging to blocked leaf number ``leaf``, reshaped."""
+  shape = layout.leaf_shape[leaf]
+  off = layout.leaf_offset[leaf]
+  return mat[layout.leaf_block[leaf], off:off + math.prod(shape)].reshape(shape)
+
+
+def top_level_block_labels(params: PyTree) -> PyTree:
+  """One block per top-level key of a params dict (e.g. per Flax submodule)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: str(path[0].key), params)
+
+
+def resnet_block_labels(params: PyTree, layout: str = "one") -> PyTree:
+  """Block labels in the authors' layouts (ALGORITHMS.md §4.4) for ResNet-style params.
+
+  Residual blocks are the top-level entries whose name contains ``"block"`` (Flax names them
+  ``_BasicBlock_<i>``, ``BottleneckBlock_<i>``, ...); everything else (stem conv and BN, head)
+  is the "outside".
+
+  Args:
+    params: A params dict as returned by ``Model.init``.
+    layout: ``"one"`` -- one block with every residual-block parameter; stem and head are
+      not preconditioned (label ``None``), as ``get_pblocks`` for ResNet-18/CIFAR.
+      ``"stage"`` -- one block per stage (consecutive residual blocks with the same number of
+      output channels, keyed ``"stage<C>"``), stem and head ``None``, as
+      ``get_pblocks_resnet50``. ``"single"`` -- every parameter in one block (as DeiT).
+
+  Returns:
+    A label tree with the structure of ``params`` for ``scale_by_mlbfgs(block_labels=...)``.
+
+  Raises:
+    ValueError: For an unknown ``layout`` or params without residual blocks.
+  """
+  if layout not in ("one", "stage", "single"):
+    raise ValueError(f"`layout` must be 'one', 'stage' or 'single', got {layout!r}.")
+  if layout == "single":
+    return jax.tree.map(lambda _: "all", params)
+  if not isinstance(params, dict):
+    raise ValueError(f"`params` must be a dict of submodules, got {type(params).__name__}.")
+  body = [k for k in params if re.search("block", str(k), re.IGNORECASE)]
+  if not body:
+    raise ValueError(f"No residual blocks (keys containing 'block') in params keys "
+                     f"{sorted(map(str, params))}.")
+
+  def stage_of(key):
+    kernels = [x for x in jax.tree.leaves(params[key]) if np.ndim(x) >= 2]
+    return f"stage{int(np.shape(kernels[-1])[-1])}" if kernels else "stage0"
+
+  labels = {}
+  for key, sub in params.items():
+    if key in body:
+      label = "body" if layout == "one" else stage_of(key)
+      labels[key] = jax.tree.map(lambda _, lb=label: lb, sub)
+    else:
+      labels[key] = jax.tree.map(lambda _: None, sub)
+  return labels
+
+
+def block_sharding(devices: Sequence[jax.Device] | None = None,
+                   axis_name: str = "blocks") -> jax.sharding.NamedSharding:
+  """A sharding that splits block-stacked arrays over a 1-D mesh of ``devices``.
+
+  Pass it as ``scale_by_mlbfgs(..., sharding=block_sharding())``: the block axis of every
+  block-stacked state array (histories included) is split over the devices, so each device
+  stores and runs the two-loop recursion for ``B / D`` blocks. Blocks are padded with empty
+  blocks up to a multiple of ``D``.
+
+  Args:
+    devices: Devices of the mesh; default ``jax.devices()``.
+    axis_name: Name of the mesh axis.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+
+
+# ------------------------------------------------------------------------------------------
+# The numerical pieces (all batched over the leading block axis).
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.sum(a * b, axis=-1)
+
+
+def damp_pair(s: jax.Array, y: jax.Array, damping, sigma_lo, sigma_hi, eps) -> jax.Array:
+  r"""Powell-style damping of a curvature pair towards the identity, batched over blocks.
+
+  .. math::
+    \tau = \frac{s^\top y}{s^\top s + \epsilon},\quad
+    \phi = \begin{cases} \frac{1-\sigma_L}{1-\tau} & \tau < \sigma_L\\
+                         \frac{\sigma_H-1}{\tau-1} & \tau > \sigma_H\\ 1 & \text{else}
+           \end{cases},\quad \phi \leftarrow \min(\phi, 1-\epsilon_d),\quad
+    \hat y = \phi y + (1-\phi) s.
+
+  For :math:`\sigma_L \le 1 \le \sigma_H` this gives :math:`s^\top\hat y / s^\top s \in
+  [\sigma_L, \sigma_H]`.
+
+  Args:
+    s: f[..., n].
+    y: f[..., n].
+    damping: :math:`\epsilon_d`, the minimum mix-in of ``s``.
+    sigma_lo: :math:`\sigma_L`.
+    sigma_hi: :math:`\sigma_H`.
+    eps: :math:`\epsilon` of the denominator.
+
+  Returns:
+    :math:`\hat y`, same shape as ``y``.
+  """
+  dt = s.dtype
+  tau = _dot(s, y) / (_dot(s, s) + jnp.asarray(eps, dt))
+  one = jnp.ones_like(tau)
+  lo, hi = jnp.asarray(sigma_lo, dt), jnp.asarray(sigma_hi, dt)
+  phi_lo = (1 - lo) / jnp.where(tau < lo, 1 - tau, one)
+  phi_hi = (hi - 1) / jnp.where(tau > hi, tau - 1, one)
+  phi = jnp.where(tau < lo, phi_lo, jnp.where(tau > hi, phi_hi, one))
+  phi = jnp.minimum(phi, 1 - jnp.asarray(damping, dt))
+  return phi[..., None] * y + (1 - phi)[..., None] * s
+
+
+def two_loop(q: jax.Array, s_hist: jax.Array, y_hist: jax.Array, rho: jax.Array,
+             valid: jax.Array, h0: jax.Array, newest: jax.Array) -> jax.Array:
+  r"""L-BFGS two-loop recursion :math:`H q` over ring buffers, batched over blocks.
+
+  Slots are visited newest to oldest (first loop) and oldest to newest (second loop),
+  starting at slot ``newest`` and wrapping around; slots with ``valid == False`` contribute
+  nothing (:math:`\alpha = \beta = 0`), whatever they hold.
+
+  Args:
+    q: f[B, n] vectors to precondition.
+    s_hist: f[B, M, n] parameter differences.
+    y_hist: f[B, M, n] (damped) gradient differences.
+    rho: f[B, M], :math:`s^\top y` per slot.
+    valid: bool[B, M].
+    h0: f[B] initial scale :math:`H_0 = h_0 I`.
+    newest: i32[] slot holding the newest pair.
+
+  Returns:
+    f[B, n], :math:`H q` per block.
+  """
+  m = s_hist.shape[1]
+  inv_rho = jnp.where(valid, 1 / jnp.where(valid, rho, 1), 0).astype(q.dtype)
+
+  def slot(j):
+    ok = jax.lax.dynamic_index_in_dim(valid, j, axis=1, keepdims=False)[:, None]
+    s = jnp.where(ok, jax.lax.dynamic_index_in_dim(s_hist, j, axis=1, keepdims=False), 0)
+    y = jnp.where(ok, jax.lax.dynamic_index_in_dim(y_hist, j, axis=1, keepdims=False), 0)
+    return s, y, jax.lax.dynamic_index_in_dim(inv_rho, j, axis=1, keepdims=False)
+
+  def backward(i, carry):
+    q, alpha = carry
+    j = (newest - i) % m
+    s, y, ir = slot(j)
+    a = _dot(s, q) * ir
+    return q - a[:, None] * y, jax.lax.dynamic_update_index_in_dim(alpha, a, j, axis=1)
+
+  q, alpha = jax.lax.fori_loop(0, m, backward, (q, jnp.zeros(rho.shape, q.dtype)))
+  r = h0[:, None].astype(q.dtype) * q
+
+  def forward(i, r):
+    j = (newest + 1 + i) % m
+    s, y, ir = slot(j)
+    b = _dot(y, r) * ir
+    a = jax.lax.dynamic_index_in_dim(alpha, j, axis=1, keepdims=False)
+    return r + (a - b)[:, None] * s
+
+  return jax.lax.fori_loop(0, m, forward, r)
+
+
+# ------------------------------------------------------------------------------------------
+# The transformations.
+
+
+def _check_static(name: str, value: Any, lo: float | None = None, hi: float | None = None,
+                  lo_open: bool = False, hi_open: bool = False) -> None:
+  """Range check for numeric hyperparameters given as Python numbers (skipped if traced)."""
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
+    return
+  if lo is not None and (value < lo or (lo_open and value == lo)):
+    raise ValueError(f"`{name}` must be {'>' if lo_open else '>='} {lo}, got {value}.")
+  if hi is not None and (value > hi or (hi_open and value == hi)):
+    raise ValueError(f"`{name}` must be {'<' if hi_open else '<='} {hi}, got {value}.")
+
+
+def scale_by_mlbfgs(
+    block_labels: BlockLabels = None,
+    *,
+    beta_p: jax.typing.ArrayLike = 0.999,
+    beta_g: jax.typing.ArrayLike = 0.999,
+    pair_momentum: jax.typing.ArrayLike = 0.9,
+    update_every: int = 50,
+    history: int = 10,
+    damping: jax.typing.ArrayLike = 0.01,
+    sigma_lo: jax.typing.ArrayLike = 0.01,
+    sigma_hi: jax.typing.ArrayLike = 1.5,
+    eps: jax.typing.ArrayLike = 1e-12,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    use_damping: bool = True,
+    normalize: bool = True,
+    reference_mode: bool = False,
+    block_order: Sequence[Hashable] | None = None,
+    state_dtype: Any = None,
+    sharding: jax.sharding.NamedSharding | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditions gradients with block-wise momentum L-BFGS (the direction only).
+
+  Per block :math:`b` and step :math:`t` (``count + 1``), with :math:`\tilde g_t = g_t +
+  \lambda\theta_t` (:math:`\lambda` = ``weight_decay``):
+
+  .. math::
+    \begin{align*}
+    P_t &= \beta_p P_{t-1} + (1-\beta_p)\theta_t, \qquad
+    G_t = \beta_g G_{t-1} + (1-\beta_g)\tilde g_t \qquad (P_1=\theta_1,\ G_1=\tilde g_1)\\
+    \text{if } t = kT,\ k\ge2:\quad s_k &= P_{kT}-P_{(k-1)T},\quad y_k = G_{kT}-G_{(k-1)T}\\
+    s_k &\leftarrow (1-\gamma)s_k + \gamma s_{k-1},\quad
+    y_k \leftarrow (1-\gamma)y_k + \gamma\hat y_{k-1}\quad (k > 2)\\
+    \hat y_k &= \mathrm{damp}(s_k, y_k),\quad \rho_k = s_k^\top\hat y_k,\quad
+    h_0 = \rho_k / (\hat y_k^\top\hat y_k + \epsilon)\\
+    d_b &= H_b\,(g_b + \lambda\theta_b)\ \text{(two-loop over the last } M
+      \text{ pairs)},\qquad u = d / \lVert d\rVert_2 \ \text{(norm over all blocks)}
+    \end{align*}
+
+  (:func:`damp_pair` gives :math:`\mathrm{damp}`.) Before the first pair exists (:math:`t <
+  2T`) the output is :math:`g + \lambda\theta` for every leaf, so that with
+  :func:`optax.trace` it is SGD-momentum with weight decay. Leaves labelled ``None`` are not
+  preconditioned: they always get :math:`g + \lambda\theta` (not normalised). Pairs with
+  :math:`\rho_k \le 0` (only possible without damping, or when :math:`s_k = 0`) are stored
+  but marked invalid and skipped.
+
+  ``reference_mode=True`` reproduces the authors' ``slimblock.py`` (ALGORITHMS.md §4.3):
+  unnormalised momenta :math:`P \leftarrow \beta_p P + \theta`, :math:`G \leftarrow \beta_g
+  G + \tilde g` with :math:`\tilde g = (1+\lambda)g`; :math:`G` is reset to :math:`\tilde
+  g_t` after every extraction (the snapshot keeps the pre-reset value); ``None`` leaves get
+  :math:`g / \lVert d\rVert` (no weight decay) once L-BFGS has started.
+
+  State dtype: float32, or the widest float dtype of params if wider (float64 under x64), or
+  ``state_dtype``. Outputs are cast back to each update leaf's dtype, so bf16 params get bf16
+  updates from float32 statistics.
+
+  Under :func:`optax.inject_hyperparams`, ``update_every``, ``history``, ``state_dtype`` (a
+  callable type), a callable ``block_labels`` and ``block_order`` must be in ``static_args``;
+  booleans are static automatically; all float hyperparameters may be injected or scheduled.
+
+  Args:
+    block_labels: Label tree with the structure of params (or a function of params returning
+      one) mapping each leaf to a hashable block id, or ``None`` to leave the leaf
+      unpreconditioned. ``None`` (the default) puts all leaves in one block.
+    beta_p: Parameter momentum :math:`\beta_p`.
+    beta_g: Gradient momentum :math:`\beta_g`.
+    pair_momentum: Second momentum :math:`\gamma` over consecutive pairs.
+    update_every: Pair-extraction period :math:`T` (static, >= 1).
+    history: Memory :math:`M`, pairs kept per block (static, >= 1).
+    damping: :math:`\epsilon_d` in [0, 1): minimum weight of :math:`s` in :math:`\hat y`.
+    sigma_lo: Lower curvature bound :math:`\sigma_L` (<= 1).
+    sigma_hi: Upper curvature bound :math:`\sigma_H` (>= 1).
+    eps: :math:`\epsilon` in the damping and :math:`h_0` denominators.
+    weight_decay: :math:`\lambda`, added to the gradient (coupled, as in SGD).
+    use_damping: ``False`` stores raw :math:`y_k` (plain stochastic L-BFGS).
+    normalize: Divide the direction by its global norm (authors' default ``True``).
+    reference_mode: Reproduce the code quirks of the authors' implementation (see above).
+    block_order: Optional explicit list of block ids; fixes their order on the block axis and
+      makes any other label an error.
+    state_dtype: dtype of the statistics and histories (see above).
+    sharding: A ``NamedSharding`` whose spec splits the leading (block) axis, e.g.
+      :func:`block_sharding`; block-stacked state is laid across its devices.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+  Raises:
+    ValueError: For ``update_every < 1``, ``history < 1``, out-of-range constant
+      hyperparameters, label trees that do not match params, or labels not in
+      ``block_order``.
+
+  References:
+    Niu, Fabian, Lee, Soltanolkotabi, Avestimehr, `mL-BFGS: A Momentum-based L-BFGS for
+    Distributed Large-Scale Neural Network Optimization
+    <https://openreview.net/forum?id=9jnsPp8DP3>`_, TMLR 2023.
+  """
+  if not isinstance(update_every, (int, np.integer)) or update_every < 1:
+    raise ValueError(f"`update_every` must be an int >= 1, got {update_every!r}.")
+  if not isinstance(history, (int, np.integer)) or history < 1:
+    raise ValueError(f"`history` must be an int >= 1, got {history!r}.")
+  _check_static("beta_p", beta_p, 0.0, 1.0, hi_open=True)
+  _check_static("beta_g", beta_g, 0.0, 1.0, hi_open=True)
+  _check_static("pair_momentum", pair_momentum, 0.0, 1.0, hi_open=True)
+  _check_static("damping", damping, 0.0, 1.0, hi_open=True)
+  _check_static("sigma_lo", sigma_lo, 0.0, 1.0)
+  _check_static("sigma_hi", sigma_hi, 1.0)
+  _check_static("eps", eps, 0.0)
+  _check_static("weight_decay", weight_decay, 0.0)
+  if sharding is not None and not isinstance(sharding, jax.sharding.NamedSharding):
+    raise ValueError(f"`sharding` must be a NamedSharding, got {type(sharding).__name__}.")
+  if sharding is not None and (not sharding.spec or sharding.spec[0] is None):
+    raise ValueError(f"`sharding` must split the leading (block) axis, got spec "
+                     f"{sharding.spec}.")
+  t_period, mem = int(update_every), int(history)
+  if sharding is not None:
+    axes = sharding.spec[0]
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    device_count = math.prod(sharding.mesh.shape[a] for a in axes)
+  else:
+    device_count = 1
+
+  def dtype_of(params):
+    if state_dtype is not None:
+      return jnp.dtype(state_dtype)
+    dts = [jnp.asarray(x).dtype for x in jax.tree.leaves(params)]
+    return jnp.result_type(jnp.float32, *[d for d in dts if jnp.issubdtype(d, jnp.floating)])
+
+  def constrain(x):
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+  def layout_of(params):
+    return _make_layout(block_labels, block_order, params, device_count)
+
+  def init_fn(params):
+    lay = layout_of(params)
+    dt = dtype_of(params)
+    b, n = lay.num_blocks, lay.block_size
+    vec = lambda: constrain(jnp.zeros((b, n), dt))
+    return MLBFGSState(
+        count=jnp.zeros([], jnp.int32),
+        param_avg=vec(), grad_avg=vec(), param_snap=vec(), grad_snap=vec(),
+        s_hist=constrain(jnp.zeros((b, mem, n), dt)),
+        y_hist=constrain(jnp.zeros((b, mem, n), dt)),
+        rho=constrain(jnp.zeros((b, mem), dt)),
+        valid=constrain(jnp.zeros((b, mem), jnp.bool_)),
+        h0=constrain(jnp.zeros((b,), dt)),
+        num_pairs=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("scale_by_mlbfgs needs `params` in update (weight decay and momenta).")
+    lay = layout_of(params)
+    dt = state.param_avg.dtype
+    cast = lambda v: jnp.asarray(v, dt)
+    wd = cast(weight_decay)
+    g = constrain(_to_blocks(lay, updates, dt))
+    p = constrain(_to_blocks(lay, params, dt))
+    t = state.count + 1
+    first = state.count == 0
+
+    # Momenta on params and gradients.
+    bp, bg = cast(beta_p), cast(beta_g)
+    if reference_mode:
+      g_mom = g * (1 + wd)
+      new_p = bp * state.param_avg + p
+      new_g = bg * state.grad_avg + g_mom
+    else:
+      g_mom = g + wd * p
+      new_p = bp * state.param_avg + (1 - bp) * p
+      new_g = bg * state.grad_avg + (1 - bg) * g_mom
+    param_avg = jnp.where(first, p, new_p)
+    grad_avg = jnp.where(first, g_mom, new_g)
+
+    # Pair extraction every T steps.
+    def extract(args):
+      (param_avg, grad_avg, param_snap, grad_snap, s_hist, y_hist, rho, valid, h0,
+       num_pairs) = args
+      make_pair = t >= 2 * t_period
+      s = param_avg - param_snap
+      y = grad_avg - grad_snap
+      newest = (num_pairs - 1) % mem
+      has_prev = num_pairs > 0
+      gam = cast(pair_momentum)
+      s_prev = jax.lax.dynamic_index_in_dim(s_hist, newest, axis=1, keepdims=False)
+      y_prev = jax.lax.dynamic_index_in_dim(y_hist, newest, axis=1, keepdims=False)
+      s = jnp.where(has_prev, (1 - gam) * s + gam * s_prev, s)
+      y = jnp.where(has_prev, (1 - gam) * y + gam * y_prev, y)
+      y_hat = damp_pair(s, y, damping, sigma_lo, sigma_hi, eps) if use_damping else y
+      r = _dot(s, y_hat)
+      ok = (r > 0) & jnp.isfinite(r)
+      ptr = num_pairs % mem
+      put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(
+          buf, jnp.where(make_pair, v, jax.lax.dynamic_index_in_dim(
+              buf, ptr, axis=1, keepdims=False)), ptr, axis=1)
+      s_hist = put(s_hist, s)
+      y_hist = put(y_hist, y_hat)
+      rho = put(rho, r)
+      valid = put(valid, ok)
+      h0_new = r / (_dot(y_hat, y_hat) + cast(eps))
+      h0 = jnp.where(make_pair & ok, h0_new, h0)
+      num_pairs = jnp.where(make_pair, num_pairs + 1, num_pairs)
+      grad_snap = grad_avg
+      if reference_mode:
+        grad_avg = g_mom
+      return (param_avg, grad_avg, param_avg, grad_snap, s_hist, y_hist, rho, valid, h0,
+              num_pairs)
+
+    carry = (param_avg, grad_avg, state.param_snap, state.grad_snap, state.s_hist,
+             state.y_hist, state.rho, state.valid, state.h0, state.num_pairs)
+    carry = jax.lax.cond(t % t_period == 0, extract, lambda a: a, carry)
+    (param_avg, grad_avg, param_snap, grad_snap, s_hist, y_hist, rho, valid, h0,
+     num_pairs) = carry
+    started = num_pairs > 0
+
+    # Direction.
+    q = g + wd * p
+
+    def lbfgs_dir(q):
+      d = two_loop(q, s_hist, y_hist, rho, valid, h0, (num_pairs - 1) % mem)
+      nrm = jnp.sqrt(jnp.sum(d * d))
+      scale = jnp.where(nrm > 0, 1 / jnp.where(nrm > 0, nrm, 1), 1) if normalize else cast(1)
+      return constrain(d * scale), scale
+
+    d, scale = jax.lax.cond(started, lbfgs_dir, lambda q: (q, cast(1)), q)
+
+    leaves = jax.tree.leaves(updates)
+    p_leaves = jax.tree.leaves(params)
+    out = []
+    for i, (u, w) in enumerate(zip(leaves, p_leaves)):
+      if lay.leaf_block[i] >= 0:
+        out.append(_from_blocks(lay, d, i).astype(u.dtype))
+      else:
+        u32, w32 = u.astype(dt), w.astype(dt)
+        sgd = u32 + wd * w32
+        if reference_mode:
+          v = jnp.where(started, u32 * scale, sgd)
+        else:
+          v = sgd
+        out.append(v.astype(u.dtype))
+    new_state = MLBFGSState(
+        count=optax.safe_increment(state.count),
+        param_avg=constrain(param_avg), grad_avg=constrain(grad_avg),
+        param_snap=constrain(param_snap), grad_snap=constrain(grad_snap),
+        s_hist=constrain(s_hist), y_hist=constrain(y_hist), rho=constrain(rho),
+        valid=constrain(valid), h0=constrain(h0), num_pairs=num_pairs)
+    return jax.tree.unflatten(lay.treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def mlbfgs(
+    learning_rate: optax.ScalarOrSchedule,
+    block_labels: BlockLabels = None,
+    *,
+    momentum: jax.typing.ArrayLike = 0.9,
+    beta_p: jax.typing.ArrayLike = 0.999,
+    beta_g: jax.typing.ArrayLike = 0.999,
+    pair_momentum: jax.typing.ArrayLike = 0.9,
+    update_every: int = 50,
+    history: int = 10,
+    damping: jax.typing.ArrayLike = 0.01,
+    sigma_lo: jax.typing.ArrayLike = 0.01,
+    sigma_hi: jax.typing.ArrayLike = 1.5,
+    eps: jax.typing.ArrayLike = 1e-12,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    use_damping: bool = True,
+    normalize: bool = True,
+    reference_mode: bool = False,
+    block_order: Sequence[Hashable] | None = None,
+    state_dtype: Any = None,
+    sharding: jax.sharding.NamedSharding | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""mL-BFGS: :func:`scale_by_mlbfgs` followed by heavy-ball momentum and the learning rate.
+
+  .. math::
+    v_t = \mu v_{t-1} + u_t,\qquad \theta_{t+1} = \theta_t - \eta_t v_t,
+
+  with :math:`u_t` the output of :func:`scale_by_mlbfgs` (SGD direction :math:`g +
+  \lambda\theta` before the first curvature pair, normalised L-BFGS direction after).
+  Defaults are the paper runs' (``run-SLIM.sh``: lr 0.1 with cosine decay, momentum 0.9,
+  :math:`\beta_p = \beta_g = 0.999`, :math:`\gamma = 0.9`, :math:`T = 50`, :math:`M = 10`,
+  :math:`\epsilon_d = 0.01`, :math:`\sigma_L = 0.01`, :math:`\sigma_H = 1.5`,
+  :math:`\epsilon = 10^{-12}`; weight decay 2e-4 or 5e-4 there, 0 here).
+
+  Args:
+    learning_rate: :math:`\eta`, a scalar or an optax schedule.
+    block_labels: See :func:`scale_by_mlbfgs`.
+    momentum: Heavy-ball momentum :math:`\mu` on the direction.
+    beta_p: See :func:`scale_by_mlbfgs` (and likewise for the remaining arguments).
+    beta_g: Gradient momentum.
+    pair_momentum: Second momentum over pairs.
+    update_every: Pair-extraction period (static).
+    history: Pairs per block (static).
+    damping: Minimum mix-in of ``s``.
+    sigma_lo: Lower curvature bound.
+    sigma_hi: Upper curvature bound.
+    eps: Denominator epsilon.
+    weight_decay: Coupled weight decay.
+    use_damping: Damp pairs.
+    normalize: Globally normalise the direction.
+    reference_mode: Authors' code quirks.
+    block_order: Explicit block order.
+    state_dtype: Statistics dtype.
+    sharding: Block sharding.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; ``update`` requires ``params``. Under
+    :func:`optax.inject_hyperparams` pass
+    ``static_args=("update_every", "history", "state_dtype", "block_order")`` (and
+    ``"block_labels"`` if it is a function).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from jaxfl.transforms.mlbfgs import mlbfgs
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = mlbfgs(0.1, update_every=2, history=3)
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["w"].shape
+    (3,)
+
+  References:
+    Niu et al., `mL-BFGS: A Momentum-based L-BFGS for Distributed Large-Scale Neural
+    Network Optimization <https://openreview.net/forum?id=9jnsPp8DP3>`_, TMLR 2023.
+  """
+  _check_static("momentum", momentum, 0.0, 1.0, hi_open=True)
+  return optax.chain(
+      scale_by_mlbfgs(
+          block_labels, beta_p=beta_p, beta_g=beta_g, pair_momentum=pair_momentum,
+          update_every=update_every, history=history, damping=damping, sigma_lo=sigma_lo,
+          sigma_hi=sigma_hi, eps=eps, weight_decay=weight_decay, use_damping=use_damping,
+          normalize=normalize, reference_mode=reference_mode, block_order=block_order,
+          state_dtype=state_dtype, sharding=sharding),
+      optax.trace(decay=momentum),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def plain_stochastic_lbfgs(
+    learning_rate: optax.ScalarOrSchedule,
+    block_labels: BlockLabels = None,
+    *,
+    momentum: jax.typing.ArrayLike = 0.0,
+    update_every: int = 1,
+    history: int = 10,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    normalize: bool = True,
+    eps: jax.typing.ArrayLike = 1e-12,
+    state_dtype: Any = None,
+    sharding: jax.sharding.NamedSharding | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Plain stochastic L-BFGS: raw minibatch pairs, no momentum on pairs, no damping.
+
+  The baseline mL-BFGS fixes: :math:`s_k = \\theta_{kT} - \\theta_{(k-1)T}` and :math:`y_k =
+  g_{kT} - g_{(k-1)T}` from *different* minibatches, stored as they are (pairs with
+  :math:`s^\\top y \\le 0` are skipped, the usual safeguard). It is :func:`mlbfgs` with
+  ``beta_p = beta_g = pair_momentum = 0``, ``use_damping=False`` and (by default) no
+  heavy-ball momentum.
+
+  Args:
+    learning_rate: Scalar or schedule.
+    block_labels: See :func:`scale_by_mlbfgs`.
+    momentum: Heavy-ball momentum (default 0).
+    update_every: Pair period :math:`T` (default 1: a pair every step).
+    history: Pairs kept.
+    weight_decay: Coupled weight decay.
+    normalize: Globally normalise the direction.
+    eps: Denominator epsilon of :math:`h_0`.
+    state_dtype: Statistics dtype.
+    sharding: Block sharding.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` needing ``params`` in ``update``.
+  """
+  return mlbfgs(learning_rate, block_labels, momentum=momentum, beta_p=0.0, beta_g=0.0,
+                pair_momentum=0.0, update_every=update_every, history=history, damping=0.0,
+                eps=eps, weight_decay=weight_decay, use_damping=False, normalize=normalize,
+                state_dtype=state_dtype, sharding=sharding)
