@@ -129,7 +129,9 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
       order = jnp.argsort(jnp.where(valid_slot, u, 2.0))
       pos = b * bsz + jnp.arange(bsz)
       weight = (pos < size).astype(jnp.float32)
-      rows = indices[order[jnp.minimum(pos, n_max - 1)]]
+      # Positions past the client's size wrap onto its own real examples (weight 0): padding
+      # slots are never read, and BatchNorm only ever sees real data.
+      rows = indices[order[pos % size]]
       xb, yb = x[rows], y[rows]
       (loss, new_ms), grads = grad_fn(p, ms, xb, yb, weight, jax.random.fold_in(dropout_key, s))
       updates, new_opt_state = lt.optimizer.update(grads, opt_state, p)

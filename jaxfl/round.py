@@ -144,7 +144,8 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
   client_update = make_client_update(model, algorithm.local, max_client_size)
   server_tx = optax.with_extra_args_support(algorithm.server_optimizer)
   aggregator = algorithm.aggregator
-  uplink = algorithm.uplink
+  uplink = (None if algorithm.uplink is None
+            else optax.with_extra_args_support(algorithm.uplink))
 
   def init(key) -> ServerState:
     params, model_state = model.init(key)
@@ -159,13 +160,13 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     ids = jshard.constrain_clients(ids, mesh)
     keys = jshard.constrain_clients(keys, mesh)
     train_keys, uplink_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    del uplink_keys
     out = jax.vmap(client_update, in_axes=(None, None, None, None, 0, 0, 0))(
         state.params, state.model_state, data.x, data.y, data.client_indices[ids],
         data.client_sizes[ids], train_keys)
     delta = out.delta
     if uplink is not None:
-      delta = jax.vmap(lambda d: uplink.update(d, uplink.init(d), state.params)[0])(delta)
+      delta = jax.vmap(lambda d, k: uplink.update(d, uplink.init(d), state.params, key=k)[0])(
+          delta, uplink_keys)
     if upload_mask is not None:
       delta = jax.tree.map(lambda d, m: d * m.astype(d.dtype), delta, upload_mask)
     finite = (_rows_finite(delta) & _rows_finite(out.model_state)
@@ -184,9 +185,13 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     cohort = _sample_uniform(k_sample, num_clients, clients_per_round)
     ids = jnp.concatenate([cohort, jnp.zeros([c_pad - clients_per_round], jnp.int32)])
     real = (jnp.arange(c_pad) < clients_per_round).astype(jnp.float32)
+    # Per-slot keys by fold_in, so a client's randomness does not depend on how far the
+    # cohort is padded (device count, chunking).
+    slots = jnp.arange(c_pad)
     if dropout_rate > 0:
-      real = real * (jax.random.uniform(k_drop, (c_pad,)) >= dropout_rate)
-    keys = jax.random.split(k_clients, c_pad)
+      drop_u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k_drop, i)))(slots)
+      real = real * (drop_u >= dropout_rate)
+    keys = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(slots)
     upload_mask = comm.find_uplink_mask(state.opt_state)
 
     if n_chunks == 1:

@@ -1,5 +1,38 @@
-"""Test configuration: numerics flags set before any JAX computation."""
+"""Test configuration and small shared builders."""
 
 import jax
+import numpy as np
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def tiny_data(num_clients=6, dim=5, num_classes=3, sizes=None, seed=0):
+  """A small federated dataset with ragged clients (fresh random values per seed)."""
+  import jaxfl
+
+  rng = np.random.default_rng(seed)
+  sizes = list(sizes or rng.integers(2, 9, num_clients))
+  m = int(sum(sizes))
+  ds = jaxfl.data.ArrayDataset("tiny", rng.normal(size=(m, dim)).astype(np.float32),
+                               rng.integers(0, num_classes, m).astype(np.int32),
+                               rng.normal(size=(20, dim)).astype(np.float32),
+                               rng.integers(0, num_classes, 20).astype(np.int32), num_classes)
+  parts = np.split(rng.permutation(m), np.cumsum(sizes)[:-1])
+  return jaxfl.data.from_client_indices(ds, parts, "tiny")
+
+
+def tiny_model(dim=5, num_classes=3):
+  import jaxfl
+
+  return jaxfl.models.mlp((dim,), num_classes, hidden=(7,))
+
+
+@pytest.fixture
+def data():
+  return tiny_data()
+
+
+@pytest.fixture
+def model():
+  return tiny_model()

@@ -23,7 +23,8 @@ class Algorithm(NamedTuple):
     aggregator: maps stacked client updates and weights to one update (see
       :mod:`jaxfl.aggregation`).
     uplink: optional per-client transformation of the delta before upload (compression,
-      sparse masks, clipping); ``init(delta)`` every round, ``update(delta, state, params)``.
+      sparse masks, clipping); ``init(delta)`` every round, ``update(delta, state, params)``;
+      an ``ExtraArgs`` transformation also receives ``key=`` (a per-client PRNG key).
     weighting: ``"examples"`` (weights = client sizes, McMahan et al.) or ``"uniform"``
       (the LMLS-lab papers' unweighted mean).
     sparse_uplink: count only non-zero uploaded entries in the ledger.

@@ -1,0 +1,5 @@
+import sys
+
+from jaxfl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""Sharded over 2 and 4 forced CPU devices equals 1 device (in a subprocess, since the device
+count is fixed when JAX starts)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import jax, numpy as np, sys
+    sys.path.insert(0, sys.argv[1])
+    from conftest import tiny_data, tiny_model
+    import jaxfl
+    assert jax.device_count() == 4, jax.devices()
+    data, model = tiny_data(num_clients=9, seed=2), tiny_model()
+    algo = jaxfl.algorithms.fedavgm(client_lr=0.1, local_steps=3, batch_size=3, server_lr=0.5)
+    out = {}
+    for n in (1, 2, 4):
+      for cohort in (5, 8):  # 5 does not divide 2 or 4
+        res = jaxfl.simulate(algo, model, data, rounds=3, clients_per_round=cohort, seed=0,
+                             devices=jax.devices()[:n], progress=False, eval_every=3)
+        out[(n, cohort)] = res
+    for cohort in (5, 8):
+      ref = out[(1, cohort)]
+      for n in (2, 4):
+        res = out[(n, cohort)]
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     ref.state.params, res.state.params)
+        assert [h["participants"] for h in res.history] == [float(cohort)] * 3
+        np.testing.assert_allclose([h["train_loss"] for h in res.history],
+                                   [h["train_loss"] for h in ref.history], rtol=1e-5)
+    # the client axis really is split over the devices inside the round
+    from jaxfl.round import build_round, device_data
+    mesh = jaxfl.sharding.client_mesh(jax.devices())
+    rnd = build_round(algo, model, num_clients=9, max_client_size=data.max_client_size,
+                      clients_per_round=5, mesh=mesh, donate=False)
+    assert rnd.padded_cohort_size == 8
+    hlo = rnd.step.lower(rnd.init(jax.random.key(0)), device_data(data, mesh),
+                         jax.random.key(1)).compile().as_text()
+    assert "all-reduce" in hlo
+    print("SHARDED_OK")
+""")
+
+
+def test_sharded_equals_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  here = os.path.dirname(__file__)
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, here], env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert "SHARDED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
