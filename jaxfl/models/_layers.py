@@ -52,5 +52,6 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
     y = conv2d(x, kernel.astype(x.dtype), self.strides, self.padding, self.impl)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
+      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
     return y
