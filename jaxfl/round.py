@@ -92,7 +92,8 @@ def _sample_uniform(key, num_clients, cohort):
 
 
 def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_client_size: int,
-                clients_per_round: int, mesh=None, clients_per_chunk: int | None = None,
+                clients_per_round: int, mesh=None,
+                clients_per_chunk: int | str | None = "auto", stream_aggregate: bool = False,
                 nan_policy: str = "drop", dropout_rate: float = 0.0,
                 donate: bool = True) -> Round:
   """Builds the jitted round for an algorithm, a model and a population shape.
@@ -104,10 +105,16 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     max_client_size: padded examples per client (``FederatedData.max_client_size``).
     clients_per_round: cohort size C (<= N).
     mesh: a ``("clients",)`` mesh (:func:`jaxfl.sharding.client_mesh`) or None (1 device).
-    clients_per_chunk: if set, clients are trained ``clients_per_chunk`` at a time
-      (``lax.map`` over vmapped chunks) and their updates are summed on the fly, so memory
-      grows with the chunk, not the cohort. Requires the weighted-mean aggregator; the
-      server transform then gets ``client_updates=None``.
+    clients_per_chunk: clients trained at once: the cohort runs as ``lax.map`` over chunks
+      of this many vmapped clients (rounded up to a multiple of the device count). ``None``
+      vmaps the whole cohort. ``"auto"`` (default) picks by backend from measurements
+      (experiments/results/bench_round_*.json): on CPU one client per device per step,
+      because XLA:CPU runs batched matmuls (vmapped per-client weights) at about a third of
+      the unbatched rate; on GPU/TPU the whole cohort is vmapped.
+    stream_aggregate: with chunks, sum the weighted updates chunk by chunk instead of keeping
+      every client's update, so memory grows with the chunk, not the cohort (cohorts of
+      thousands). Requires the weighted-mean aggregator; the server transform then gets
+      ``client_updates=None``.
     nan_policy: ``"drop"`` quarantines clients whose update is not finite (weight 0; counted
       in ``metrics["nonfinite_clients"]``); ``"raise"`` does the same in-graph and the driver
       raises after the round.
@@ -130,12 +137,17 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate!r}.")
   c_pad = jshard.padded_cohort_size(clients_per_round, mesh)
   chunk = c_pad
+  if clients_per_chunk == "auto":
+    clients_per_chunk = 1 if jax.default_backend() == "cpu" else None
+  if stream_aggregate:
+    if algorithm.aggregator.update.__qualname__.split(".")[0] != "weighted_mean":
+      raise ValueError("`stream_aggregate` needs the weighted-mean aggregator (robust "
+                       "aggregators need every client update at once).")
+    clients_per_chunk = clients_per_chunk or c_pad
   if clients_per_chunk is not None:
     if not isinstance(clients_per_chunk, int) or clients_per_chunk < 1:
-      raise ValueError(f"`clients_per_chunk` must be a positive int, got {clients_per_chunk!r}.")
-    if algorithm.aggregator.update.__qualname__.split(".")[0] != "weighted_mean":
-      raise ValueError("`clients_per_chunk` needs the weighted-mean aggregator (robust "
-                       "aggregators need every client update at once).")
+      raise ValueError("`clients_per_chunk` must be a positive int, None or 'auto', got "
+                       f"{clients_per_chunk!r}.")
     d = 1 if mesh is None else mesh.devices.size
     chunk = -(-min(clients_per_chunk, c_pad) // d) * d
     c_pad = -(-c_pad // chunk) * chunk
@@ -194,8 +206,17 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     keys = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(slots)
     upload_mask = comm.find_uplink_mask(state.opt_state)
 
-    if n_chunks == 1:
-      out, deltas, weights, finite, sent = run_clients(state, data, ids, keys, real, upload_mask)
+    chunked_xs = (ids.reshape(n_chunks, chunk), keys.reshape((n_chunks, chunk) + keys.shape[1:]),
+                  real.reshape(n_chunks, chunk))
+    if n_chunks == 1 or not stream_aggregate:
+      if n_chunks == 1:
+        out, deltas, weights, finite, sent = run_clients(state, data, ids, keys, real,
+                                                         upload_mask)
+      else:
+        _, ys = jax.lax.scan(
+            lambda _, xs: (None, run_clients(state, data, *xs, upload_mask)), None, chunked_xs)
+        out, deltas, weights, finite, sent = jax.tree.map(
+            lambda a: a.reshape((c_pad,) + a.shape[2:]), ys)
       aggregate, agg_state = aggregator.update(deltas, state.aggregator_state, state.params,
                                                weights=weights, key=k_agg)
       client_ms = jtree.weighted_mean(out.model_state, weights)
@@ -217,9 +238,8 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
       zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
       acc0 = (zeros(state.params), zeros(state.model_state), jnp.zeros([], jnp.float32),
               jax.tree.map(lambda _: jnp.zeros([], jnp.float32), state.params))
-      xs = (ids.reshape(n_chunks, chunk), keys.reshape((n_chunks, chunk) + keys.shape[1:]),
-            real.reshape(n_chunks, chunk))
-      (dsum, msum, wtot, sent_total), (metrics_c, weights, finite) = jax.lax.scan(body, acc0, xs)
+      (dsum, msum, wtot, sent_total), (metrics_c, weights, finite) = jax.lax.scan(
+          body, acc0, chunked_xs)
       metrics_c = jax.tree.map(lambda m: m.reshape(c_pad), metrics_c)
       weights, finite = weights.reshape(c_pad), finite.reshape(c_pad)
       inv = jnp.where(wtot > 0, 1.0 / jnp.where(wtot > 0, wtot, 1.0), 0.0)

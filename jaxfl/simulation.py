@@ -69,7 +69,8 @@ def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every,
 
 def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds: int,
              clients_per_round: int, seed: int = 0, eval_every: int = 1,
-             devices=None, clients_per_chunk: int | None = None, nan_policy: str = "drop",
+             devices=None, clients_per_chunk: int | str | None = "auto",
+             stream_aggregate: bool = False, nan_policy: str = "drop",
              dropout_rate: float = 0.0, checkpoint_dir: str | None = None,
              checkpoint_every: int = 0, output_dir: str | None = None, plot: bool = False,
              progress: bool = True, init_params=None) -> SimulationResult:
@@ -85,7 +86,10 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
       (``fold_in(key(seed) + 1, r)``); same seed, same history bit for bit.
     eval_every: evaluate on the test set every k rounds (and always after the last).
     devices: devices of the client mesh (default: all local devices).
-    clients_per_chunk: train the cohort in chunks of this many clients (memory bound).
+    clients_per_chunk: clients trained at once (see :func:`jaxfl.round.build_round`;
+      ``"auto"`` picks by backend, ``None`` vmaps the whole cohort).
+    stream_aggregate: sum updates chunk by chunk (memory grows with the chunk, not the
+      cohort).
     nan_policy: ``"drop"`` or ``"raise"`` (see :func:`jaxfl.round.build_round`).
     dropout_rate: probability that a sampled client drops out.
     checkpoint_dir: if set, resume from the newest checkpoint there and save to it.
@@ -104,7 +108,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
   mesh = jshard.client_mesh(devices) if len(devices) > 1 else None
   rnd = build_round(algorithm, model, num_clients=data.num_clients,
                     max_client_size=data.max_client_size, clients_per_round=clients_per_round,
-                    mesh=mesh, clients_per_chunk=clients_per_chunk, nan_policy=nan_policy,
+                    mesh=mesh, clients_per_chunk=clients_per_chunk,
+                    stream_aggregate=stream_aggregate, nan_policy=nan_policy,
                     dropout_rate=dropout_rate)
   evaluate = make_evaluate(model)
   root = jax.random.key(seed)

@@ -32,12 +32,19 @@ SCRIPT = textwrap.dedent("""
     # the client axis really is split over the devices inside the round
     from jaxfl.round import build_round, device_data
     mesh = jaxfl.sharding.client_mesh(jax.devices())
-    rnd = build_round(algo, model, num_clients=9, max_client_size=data.max_client_size,
-                      clients_per_round=5, mesh=mesh, donate=False)
-    assert rnd.padded_cohort_size == 8
-    hlo = rnd.step.lower(rnd.init(jax.random.key(0)), device_data(data, mesh),
-                         jax.random.key(1)).compile().as_text()
-    assert "all-reduce" in hlo
+    for chunk, collective in ((None, "all-reduce"), ("auto", "all-gather")):
+      rnd = build_round(algo, model, num_clients=9, max_client_size=data.max_client_size,
+                        clients_per_round=5, mesh=mesh, donate=False, clients_per_chunk=chunk)
+      assert rnd.padded_cohort_size == 8
+      hlo = rnd.step.lower(rnd.init(jax.random.key(0)), device_data(data, mesh),
+                           jax.random.key(1)).compile().as_text()
+      assert collective in hlo, chunk
+    # full vmap and one-client-per-device lax.map agree, sharded
+    res = [jaxfl.simulate(algo, model, data, rounds=2, clients_per_round=5, seed=0,
+                          progress=False, clients_per_chunk=c) for c in (None, "auto", 3)]
+    for r in res[1:]:
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   res[0].state.params, r.state.params)
     print("SHARDED_OK")
 """)
 

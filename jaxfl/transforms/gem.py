@@ -513,7 +513,7 @@ def _full_mask(mask: PyTree | None, like: PyTree) -> PyTree:
     raise ValueError(f"`mask` does not match the structure/shapes of params: {err}") from err
 
 
-def gem_mask(mask: PyTree | None = None) -> optax.GradientTransformation:
+def gem_mask(mask: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
   r"""Zeroes the updates of frozen entries; chain it *after* the optimizer.
 
   .. math::
@@ -530,7 +530,7 @@ def gem_mask(mask: PyTree | None = None) -> optax.GradientTransformation:
       structure of params, e.g. from :func:`build_mask`; ``None`` means all True.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`GemMaskState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`GemMaskState`.
 
   References:
     Kang, Kim, Avestimehr and Lee, `GEM: Gradient-to-weight ratio and Entropy-guided Masking
@@ -540,15 +540,15 @@ def gem_mask(mask: PyTree | None = None) -> optax.GradientTransformation:
   def init_fn(params):
     return GemMaskState(mask=_full_mask(mask, params))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     new = jax.tree.map(lambda m, u: jnp.where(m, u, jnp.zeros_like(u)), state.mask, updates)
     return new, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def masked_uplink(mask: PyTree) -> optax.GradientTransformation:
+def masked_uplink(mask: PyTree) -> optax.GradientTransformationExtraArgs:
   r"""Uplink transform: a client sends only the masked entries of its delta.
 
   .. math::
@@ -563,7 +563,7 @@ def masked_uplink(mask: PyTree) -> optax.GradientTransformation:
     mask: tree of bools with the structure of params (see :func:`build_mask`).
 
   Returns:
-    A stateless ``optax.GradientTransformation`` (state ``optax.EmptyState``).
+    A stateless ``optax.GradientTransformationExtraArgs`` (state ``optax.EmptyState``).
   """
   if mask is None:
     raise ValueError("`mask` is required for masked_uplink.")
@@ -573,10 +573,10 @@ def masked_uplink(mask: PyTree) -> optax.GradientTransformation:
     _full_mask(const, delta)  # structure/shape check only
     return optax.EmptyState()
 
-  def update_fn(delta, state, params=None):
-    del params
+  def update_fn(delta, state, params=None, **extra_args):
+    del params, extra_args
     full = _full_mask(const, delta)
     sent = jax.tree.map(lambda m, u: jnp.where(m, u, jnp.zeros_like(u)), full, delta)
     return sent, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -92,6 +92,11 @@ def _is_none(x) -> bool:
   return x is None
 
 
+def _shape(x) -> tuple[int, ...]:
+  """Shape of an array, ``ShapeDtypeStruct`` or scalar."""
+  return tuple(int(d) for d in (x.shape if hasattr(x, "shape") else np.shape(x)))
+
+
 def _resolve_labels(block_labels: BlockLabels, params: PyTree) -> list[Hashable | None]:
   treedef = jax.tree.structure(params)
   if block_labels is None:
@@ -129,7 +134,7 @@ def _make_layout(block_labels: BlockLabels, block_order: Sequence[Hashable] | No
   sizes = [0] * len(order)
   leaf_block, leaf_offset, leaf_shape = [], [], []
   for leaf, label in zip(leaves, labels):
-    shape = tuple(int(d) for d in np.shape(leaf))
+    shape = _shape(leaf)
     leaf_shape.append(shape)
     if label is None:
       leaf_block.append(-1)
@@ -206,8 +211,8 @@ def resnet_block_labels(params: PyTree, layout: str = "one") -> PyTree:
                      f"{sorted(map(str, params))}.")
 
   def stage_of(key):
-    kernels = [x for x in jax.tree.leaves(params[key]) if np.ndim(x) >= 2]
-    return f"stage{int(np.shape(kernels[-1])[-1])}" if kernels else "stage0"
+    kernels = [x for x in jax.tree.leaves(params[key]) if len(_shape(x)) >= 2]
+    return f"stage{_shape(kernels[-1])[-1]}" if kernels else "stage0"
 
   labels = {}
   for key, sub in params.items():
@@ -302,32 +307,26 @@ def two_loop(q: jax.Array, s_hist: jax.Array, y_hist: jax.Array, rho: jax.Array,
     f[B, n], :math:`H q` per block.
   """
   m = s_hist.shape[1]
-  inv_rho = jnp.where(valid, 1 / jnp.where(valid, rho, 1), 0).astype(q.dtype)
-
-  def slot(j):
-    ok = jax.lax.dynamic_index_in_dim(valid, j, axis=1, keepdims=False)[:, None]
-    s = jnp.where(ok, jax.lax.dynamic_index_in_dim(s_hist, j, axis=1, keepdims=False), 0)
-    y = jnp.where(ok, jax.lax.dynamic_index_in_dim(y_hist, j, axis=1, keepdims=False), 0)
-    return s, y, jax.lax.dynamic_index_in_dim(inv_rho, j, axis=1, keepdims=False)
-
-  def backward(i, carry):
-    q, alpha = carry
-    j = (newest - i) % m
-    s, y, ir = slot(j)
-    a = _dot(s, q) * ir
-    return q - a[:, None] * y, jax.lax.dynamic_update_index_in_dim(alpha, a, j, axis=1)
-
-  q, alpha = jax.lax.fori_loop(0, m, backward, (q, jnp.zeros(rho.shape, q.dtype)))
+  # Visit slots oldest -> newest: gather them once in that order (static indices below let
+  # XLA fuse each dot product / axpy into one pass over the slot).
+  order = (newest + 1 + jnp.arange(m)) % m
+  ok = jnp.take(valid, order, axis=1)
+  s_ord = jnp.take(s_hist, order, axis=1)
+  y_ord = jnp.take(y_hist, order, axis=1)
+  inv_rho = jnp.where(ok, 1 / jnp.where(ok, jnp.take(rho, order, axis=1), 1), 0).astype(q.dtype)
+  alpha = [None] * m
+  for j in reversed(range(m)):  # newest -> oldest
+    s = jnp.where(ok[:, j, None], s_ord[:, j], 0)
+    y = jnp.where(ok[:, j, None], y_ord[:, j], 0)
+    alpha[j] = _dot(s, q) * inv_rho[:, j]
+    q = q - alpha[j][:, None] * y
   r = h0[:, None].astype(q.dtype) * q
-
-  def forward(i, r):
-    j = (newest + 1 + i) % m
-    s, y, ir = slot(j)
-    b = _dot(y, r) * ir
-    a = jax.lax.dynamic_index_in_dim(alpha, j, axis=1, keepdims=False)
-    return r + (a - b)[:, None] * s
-
-  return jax.lax.fori_loop(0, m, forward, r)
+  for j in range(m):  # oldest -> newest
+    s = jnp.where(ok[:, j, None], s_ord[:, j], 0)
+    y = jnp.where(ok[:, j, None], y_ord[:, j], 0)
+    b = _dot(y, r) * inv_rho[:, j]
+    r = r + (alpha[j] - b)[:, None] * s
+  return r
 
 
 # ------------------------------------------------------------------------------------------
@@ -468,7 +467,8 @@ def scale_by_mlbfgs(
   def dtype_of(params):
     if state_dtype is not None:
       return jnp.dtype(state_dtype)
-    dts = [jnp.asarray(x).dtype for x in jax.tree.leaves(params)]
+    dts = [jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.asarray(x).dtype
+           for x in jax.tree.leaves(params)]
     return jnp.result_type(jnp.float32, *[d for d in dts if jnp.issubdtype(d, jnp.floating)])
 
   def constrain(x):
@@ -489,7 +489,7 @@ def scale_by_mlbfgs(
         y_hist=constrain(jnp.zeros((b, mem, n), dt)),
         rho=constrain(jnp.zeros((b, mem), dt)),
         valid=constrain(jnp.zeros((b, mem), jnp.bool_)),
-        h0=constrain(jnp.zeros((b,), dt)),
+        h0=constrain(jnp.ones((b,), dt)),
         num_pairs=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -1,0 +1,213 @@
+"""Benchmark: jaxfl's vectorized round vs a sequential per-client simulator, and the FLOP bound.
+
+Side by side, in one process, on the same data and model:
+  (a) jaxfl's round: one jit-compiled function, clients vmapped (conv as patches @ kernel);
+  (b) a lean sequential simulator, as FedJAX's for_each_client / pfl-research / Flower run on
+      one device: a Python loop over the cohort, each client calling one jitted local-SGD
+      step per minibatch (XLA's native conv, data on device, no per-client recompiles), then a
+      jitted average.
+FLOPs per round come from XLA's cost analysis of the compiled round; the machine's sustained
+rate is measured here (a large f32 matmul), so ``x_of_bound`` = vectorized time / (FLOPs /
+rate).
+
+  python experiments/bench_round.py --workload digits --cohort 10 --rounds 10 --json out.json
+  python experiments/bench_round.py --workload pfl_cifar10 --rounds 5 --json out.json
+  python experiments/bench_round.py --workload fashion_mnist --rounds 5 --devices 2
+
+``--devices N`` splits one CPU into N XLA devices (set before JAX starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+WORKLOADS = {
+    # name: (dataset, clients, cohort, model, batch, local_steps, local_epochs)
+    "digits": ("digits", 100, 10, "small_cnn", 32, 5, None),
+    "pfl_cifar10": ("random", 1000, 50, "cnn", 10, None, 1.0),
+    "fashion_mnist": ("fashion_mnist", 128, 32, "cnn", 32, 10, None),
+}
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--workload", choices=sorted(WORKLOADS), default="digits")
+  p.add_argument("--cohort", type=int, default=None, help="clients per round (default: workload's)")
+  p.add_argument("--rounds", type=int, default=5, help="measured rounds (after compile)")
+  p.add_argument("--devices", type=int, default=1, help="virtual CPU devices for the client axis")
+  p.add_argument("--mode", choices=["auto", "vmap", "map"], default="auto",
+                 help="auto: jaxfl's default for the backend; vmap: whole cohort vmapped; "
+                      "map: lax.map over one client per device")
+  p.add_argument("--clients-per-chunk", type=int, default=None, help="overrides --mode")
+  p.add_argument("--stream", action="store_true", help="stream_aggregate (memory-bounded)")
+  p.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of local steps")
+  p.add_argument("--skip-sequential", action="store_true")
+  p.add_argument("--json", default=None, help="write the result row here")
+  return p.parse_args()
+
+
+def main():
+  args = parse()
+  if args.devices > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}")
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  import jaxfl
+  from jaxfl.round import build_round, device_data
+
+  name, n_clients, cohort, model_name, batch, steps, epochs = WORKLOADS[args.workload]
+  cohort = args.cohort or cohort
+  if name == "random":
+    data = jaxfl.data.random_images(n_clients, 50, (32, 32, 3), 10, seed=0)
+  else:
+    alpha = 0.1 if args.workload == "fashion_mnist" else 0.5
+    data = jaxfl.data.load(name, n_clients, jaxfl.data.dirichlet(alpha), seed=0)
+  mk = lambda impl: jaxfl.models.get_model(model_name, data.example_shape, data.num_classes,
+                                           conv_impl=impl)
+  model_vec, model_seq = mk("patches"), mk("xla")
+  algo = jaxfl.algorithms.fedavg(client_lr=0.05, batch_size=batch, local_steps=steps,
+                                 local_epochs=epochs)
+  algo = algo._replace(local=algo.local._replace(unroll=args.unroll))
+  devices = jax.devices()[: args.devices]
+  mesh = jaxfl.sharding.client_mesh(devices) if len(devices) > 1 else None
+
+  # (a) vectorized round
+  chunk = args.clients_per_chunk or {"auto": "auto", "vmap": None, "map": 1}[args.mode]
+  rnd = build_round(algo, model_vec, num_clients=data.num_clients,
+                    max_client_size=data.max_client_size, clients_per_round=cohort, mesh=mesh,
+                    clients_per_chunk=chunk, stream_aggregate=args.stream)
+  dd = device_data(data, mesh)
+  state = jaxfl.sharding.put_replicated(jax.tree.map(np.asarray, rnd.init(jax.random.key(0))), mesh)
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  compiled = rnd.step.lower(state, dd, key).compile()
+  compile_s = time.perf_counter() - t0
+  # XLA's cost analysis counts a loop body once, so FLOPs come from the fully vmapped
+  # lowering of the same round (compiled, never run).
+  flop_rnd = build_round(algo, model_vec, num_clients=data.num_clients,
+                         max_client_size=data.max_client_size, clients_per_round=cohort,
+                         clients_per_chunk=None, donate=False)
+  cost = flop_rnd.step.lower(flop_rnd.init(jax.random.key(0)), device_data(data),
+                             key).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops = float(cost.get("flops", float("nan")))
+  state, m = rnd.step(state, dd, key)  # warm-up
+  jax.block_until_ready(m)
+  times, examples = [], []
+  for r in range(args.rounds):
+    t = time.perf_counter()
+    state, m = rnd.step(state, dd, jax.random.fold_in(key, r))
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+    examples.append(float(m["examples"]))
+  vec = statistics.median(times)
+
+  # (b) sequential per-client simulator (same sampling rule: per-epoch shuffles, short last batch)
+  seq = None
+  if not args.skip_sequential:
+    x_all, y_all = jnp.asarray(data.x), jnp.asarray(data.y)
+    opt = algo.local.optimizer
+    params0, _ = model_seq.init(jax.random.key(0))
+
+    @jax.jit
+    def local_step(p, s, rows, w):
+      def loss(p):
+        logits, _ = model_seq.apply(p, {}, x_all[rows], train=True)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y_all[rows])
+        return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+      g = jax.grad(loss)(p)
+      u, s = opt.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    @jax.jit
+    def average(global_p, locals_, weights):
+      w = weights / jnp.sum(weights)
+      return jax.tree.map(lambda g, *ls: sum(wi * l for wi, l in zip(w, ls)), global_p, *locals_)
+
+    rng = np.random.default_rng(0)
+
+    def client_batches(cid):
+      idx = data.client_indices[cid, : data.client_sizes[cid]]
+      n = len(idx)
+      nb = -(-n // batch)
+      total = steps if steps else int(np.ceil(epochs * nb))
+      out = []
+      for s in range(total):
+        if s % nb == 0:
+          perm = rng.permutation(idx)
+        pos = (s % nb) * batch + np.arange(batch)
+        out.append((perm[pos % n], (pos < n).astype(np.float32)))
+      return out
+
+    def seq_round(p):
+      ids = rng.choice(data.num_clients, cohort, replace=False)
+      locals_, ws = [], []
+      for cid in ids:
+        lp, ls = p, opt.init(p)
+        for rows, w in client_batches(cid):
+          lp, ls = local_step(lp, ls, rows, w)
+        locals_.append(lp)
+        ws.append(float(data.client_sizes[cid]))
+      return average(p, locals_, jnp.asarray(ws))
+
+    p = seq_round(params0)  # warm-up / compile
+    jax.block_until_ready(p)
+    stimes = []
+    for _ in range(args.rounds):
+      t = time.perf_counter()
+      p = seq_round(p)
+      jax.block_until_ready(p)
+      stimes.append(time.perf_counter() - t)
+    seq = statistics.median(stimes)
+
+  # sustained FLOP rate of this machine: large f32 matmul
+  a = jax.random.normal(jax.random.key(0), (2048, 2048))
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(a))
+  mtimes = []
+  for _ in range(5):
+    t = time.perf_counter()
+    jax.block_until_ready(mm(a))
+    mtimes.append(time.perf_counter() - t)
+  rate = 2 * 2048 ** 3 / min(mtimes)
+  bound = flops / rate if flops == flops else float("nan")
+  row = {
+      "workload": args.workload, "cohort": cohort, "clients": data.num_clients,
+      "model": model_name, "batch_size": batch, "local_steps": steps, "local_epochs": epochs,
+      "vectorized_s_per_round": vec, "sequential_s_per_round": seq,
+      "speedup": (seq / vec) if seq else None,
+      "flops_per_round": flops, "matmul_gflops": rate / 1e9,
+      "flop_bound_s_per_round": bound, "x_of_bound": vec / bound if bound == bound else None,
+      "compile_s": compile_s, "client_updates_per_s": cohort / vec,
+      "examples_per_s": statistics.median(examples) / vec, "devices": len(devices),
+      "mode": args.mode, "clients_per_chunk": args.clients_per_chunk,
+      "stream_aggregate": args.stream, "unroll": args.unroll,
+      "jax_version": jax.__version__, "backend": jax.default_backend(),
+      "machine": f"{platform.machine()} {os.cpu_count()} cores",
+  }
+  cols = ["workload", "cohort", "devices", "mode", "vectorized_s_per_round", "sequential_s_per_round",
+          "speedup", "x_of_bound", "compile_s", "client_updates_per_s"]
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  print("| " + " | ".join(cols) + " |")
+  print("|" + "---|" * len(cols))
+  print("| " + " | ".join(fmt(row[c]) for c in cols) + " |")
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(row, f, indent=1)
+  return row
+
+
+if __name__ == "__main__":
+  main()
