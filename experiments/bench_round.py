@@ -93,9 +93,10 @@ def main():
   t0 = time.perf_counter()
   compiled = rnd.step.lower(state, dd, key).compile()
   compile_s = time.perf_counter() - t0
-  # XLA's cost analysis counts a loop body once, so FLOPs come from the fully vmapped
-  # lowering of the same round (compiled, never run).
-  flop_rnd = build_round(algo, model_vec, num_clients=data.num_clients,
+  # XLA's cost analysis counts a loop body once, so FLOPs come from the fully vmapped,
+  # fully unrolled lowering of the same round (compiled, never run).
+  flop_algo = algo._replace(local=algo.local._replace(unroll=True))
+  flop_rnd = build_round(flop_algo, model_vec, num_clients=data.num_clients,
                          max_client_size=data.max_client_size, clients_per_round=cohort,
                          clients_per_chunk=None, donate=False)
   cost = flop_rnd.step.lower(flop_rnd.init(jax.random.key(0)), device_data(data),
