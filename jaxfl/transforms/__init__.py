@@ -1,1 +1,47 @@
-"""Optax transformations: client, uplink, aggregation and server roles."""
+"""Optax transformations in the four roles of a round.
+
+* client optimizers: :func:`mlbfgs`, :func:`add_proximal_term` (+ any optax optimizer);
+* uplink transforms (per client, inside vmap): :func:`masked_uplink`, ``compression``;
+* server transforms on the pseudo-gradient: ``fedluar`` (+ any optax optimizer);
+* parameter masks for sparse fine-tuning: :func:`gem_mask`, :func:`build_mask`.
+"""
+
+from jaxfl.transforms.fedprox import ProximalState as ProximalState
+from jaxfl.transforms.fedprox import add_proximal_term as add_proximal_term
+from jaxfl.transforms.gem import ALLOCATIONS as ALLOCATIONS
+from jaxfl.transforms.gem import METHODS as METHODS
+from jaxfl.transforms.gem import GemMaskState as GemMaskState
+from jaxfl.transforms.gem import allocate_budget as allocate_budget
+from jaxfl.transforms.gem import build_mask as build_mask
+from jaxfl.transforms.gem import calibration_gradients as calibration_gradients
+from jaxfl.transforms.gem import eligible_leaves as eligible_leaves
+from jaxfl.transforms.gem import gem_mask as gem_mask
+from jaxfl.transforms.gem import gradient_weight_ratio as gradient_weight_ratio
+from jaxfl.transforms.gem import layer_entropy as layer_entropy
+from jaxfl.transforms.gem import mask_count as mask_count
+from jaxfl.transforms.gem import mask_density as mask_density
+from jaxfl.transforms.gem import masked_uplink as masked_uplink
+from jaxfl.transforms.gem import resolve_budget as resolve_budget
+from jaxfl.transforms.gem import topk_mask as topk_mask
+from jaxfl.transforms.mlbfgs import MLBFGSState as MLBFGSState
+from jaxfl.transforms.mlbfgs import block_sharding as block_sharding
+from jaxfl.transforms.mlbfgs import damp_pair as damp_pair
+from jaxfl.transforms.mlbfgs import mlbfgs as mlbfgs
+from jaxfl.transforms.mlbfgs import plain_stochastic_lbfgs as plain_stochastic_lbfgs
+from jaxfl.transforms.mlbfgs import resnet_block_labels as resnet_block_labels
+from jaxfl.transforms.mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
+from jaxfl.transforms.mlbfgs import top_level_block_labels as top_level_block_labels
+from jaxfl.transforms.mlbfgs import two_loop as two_loop
+from jaxfl.transforms.sparse_delta import SparseDelta as SparseDelta
+from jaxfl.transforms.sparse_delta import apply_sparse_delta as apply_sparse_delta
+from jaxfl.transforms.sparse_delta import load_sparse_delta as load_sparse_delta
+from jaxfl.transforms.sparse_delta import save_sparse_delta as save_sparse_delta
+from jaxfl.transforms.sparse_delta import sparse_delta as sparse_delta
+
+__all__ = ["ALLOCATIONS", "METHODS", "GemMaskState", "MLBFGSState", "ProximalState",
+           "SparseDelta", "add_proximal_term", "allocate_budget", "apply_sparse_delta",
+           "block_sharding", "build_mask", "calibration_gradients", "damp_pair",
+           "eligible_leaves", "gem_mask", "gradient_weight_ratio", "layer_entropy",
+           "load_sparse_delta", "mask_count", "mask_density", "masked_uplink", "mlbfgs",
+           "plain_stochastic_lbfgs", "resnet_block_labels", "resolve_budget", "save_sparse_delta",
+           "scale_by_mlbfgs", "sparse_delta", "top_level_block_labels", "topk_mask", "two_loop"]

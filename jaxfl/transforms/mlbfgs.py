@@ -51,7 +51,9 @@ class MLBFGSState(NamedTuple):
     grad_snap: :math:`G` at the previous pair extraction, f[B, n].
     s_hist: Ring buffer of :math:`s_k`, f[B, M, n]; slot of pair ``k`` is ``k % M``.
     y_hist: Ring buffer of damped :math:`\\hat y_k`, f[B, M, n].
-    rho: :math:`\\rho_k = s_k^\\top \\hat y_k` per block and slot, f[B, M].
+    sy: Gram matrix ``sy[b, i, k]`` = :math:`s_i^\\top \\hat y_k` between slots, f[B, M, M];
+      its diagonal is :math:`\\rho_k`. Updated only when a pair is written.
+    yy: Gram matrix ``yy[b, i, k]`` = :math:`\\hat y_i^\\top \\hat y_k`, f[B, M, M].
     valid: Slot holds a usable pair (written and :math:`\\rho > 0`), bool[B, M].
     h0: Initial inverse-Hessian scale :math:`s^\\top\\hat y / \\hat y^\\top \\hat y` from the
       newest valid pair, f[B].
@@ -66,7 +68,8 @@ class MLBFGSState(NamedTuple):
   grad_snap: jax.Array
   s_hist: jax.Array
   y_hist: jax.Array
-  rho: jax.Array
+  sy: jax.Array
+  yy: jax.Array
   valid: jax.Array
   h0: jax.Array
   num_pairs: jax.Array
@@ -286,47 +289,65 @@ def damp_pair(s: jax.Array, y: jax.Array, damping, sigma_lo, sigma_hi, eps) -> j
   return phi[..., None] * y + (1 - phi)[..., None] * s
 
 
-def two_loop(q: jax.Array, s_hist: jax.Array, y_hist: jax.Array, rho: jax.Array,
-             valid: jax.Array, h0: jax.Array, newest: jax.Array) -> jax.Array:
+def two_loop(q: jax.Array, s_hist: jax.Array, y_hist: jax.Array, valid: jax.Array,
+             h0: jax.Array, newest: jax.Array, sy: jax.Array | None = None,
+             yy: jax.Array | None = None) -> jax.Array:
   r"""L-BFGS two-loop recursion :math:`H q` over ring buffers, batched over blocks.
 
-  Slots are visited newest to oldest (first loop) and oldest to newest (second loop),
-  starting at slot ``newest`` and wrapping around; slots with ``valid == False`` contribute
-  nothing (:math:`\alpha = \beta = 0`), whatever they hold.
+  The recursion is the textbook one (newest to oldest :math:`\alpha_i = s_i^\top q_i /
+  \rho_i`, :math:`q_{i-1} = q_i - \alpha_i y_i`; :math:`r = h_0 q`; oldest to newest
+  :math:`\beta_i = y_i^\top r / \rho_i`, :math:`r \mathrel{+}= (\alpha_i - \beta_i) s_i`),
+  carried out on coefficients: every inner product it needs is an entry of :math:`S^\top q`,
+  :math:`Y^\top q`, :math:`S^\top Y` or :math:`Y^\top Y`, and the result is :math:`h_0 q +
+  Y c_y + S c_s`. A step therefore reads each history buffer twice as two matrix-vector
+  products instead of :math:`4M` dependent vector passes (same arithmetic, about 10x faster
+  on CPU for M = 10). Slots are ordered by age starting after ``newest`` and wrapping
+  around; slots with ``valid == False`` get zero coefficients (they must hold finite values,
+  which the transform guarantees).
 
   Args:
     q: f[B, n] vectors to precondition.
     s_hist: f[B, M, n] parameter differences.
     y_hist: f[B, M, n] (damped) gradient differences.
-    rho: f[B, M], :math:`s^\top y` per slot.
     valid: bool[B, M].
     h0: f[B] initial scale :math:`H_0 = h_0 I`.
     newest: i32[] slot holding the newest pair.
+    sy: Optional f[B, M, M] with ``sy[b, i, k]`` = :math:`s_i^\top y_k`; computed if absent.
+    yy: Optional f[B, M, M] with ``yy[b, i, k]`` = :math:`y_i^\top y_k`; computed if absent.
 
   Returns:
     f[B, n], :math:`H q` per block.
   """
   m = s_hist.shape[1]
-  # Visit slots oldest -> newest: gather them once in that order (static indices below let
-  # XLA fuse each dot product / axpy into one pass over the slot).
-  order = (newest + 1 + jnp.arange(m)) % m
-  ok = jnp.take(valid, order, axis=1)
-  s_ord = jnp.take(s_hist, order, axis=1)
-  y_ord = jnp.take(y_hist, order, axis=1)
-  inv_rho = jnp.where(ok, 1 / jnp.where(ok, jnp.take(rho, order, axis=1), 1), 0).astype(q.dtype)
-  alpha = [None] * m
-  for j in reversed(range(m)):  # newest -> oldest
-    s = jnp.where(ok[:, j, None], s_ord[:, j], 0)
-    y = jnp.where(ok[:, j, None], y_ord[:, j], 0)
-    alpha[j] = _dot(s, q) * inv_rho[:, j]
-    q = q - alpha[j][:, None] * y
-  r = h0[:, None].astype(q.dtype) * q
-  for j in range(m):  # oldest -> newest
-    s = jnp.where(ok[:, j, None], s_ord[:, j], 0)
-    y = jnp.where(ok[:, j, None], y_ord[:, j], 0)
-    b = _dot(y, r) * inv_rho[:, j]
-    r = r + (alpha[j] - b)[:, None] * s
-  return r
+  if sy is None:
+    sy = jnp.einsum("bin,bkn->bik", s_hist, y_hist)
+  if yy is None:
+    yy = jnp.einsum("bin,bkn->bik", y_hist, y_hist)
+  # Chronological order: position i holds physical slot perm[i] (oldest first).
+  perm = (newest + 1 + jnp.arange(m)) % m
+  ok = jnp.take(valid, perm, axis=1)
+  both = ok[:, :, None] & ok[:, None, :]
+  sy = jnp.where(both, jnp.take(jnp.take(sy, perm, axis=1), perm, axis=2), 0)
+  yy = jnp.where(both, jnp.take(jnp.take(yy, perm, axis=1), perm, axis=2), 0)
+  sq = jnp.where(ok, jnp.take(jnp.einsum("bmn,bn->bm", s_hist, q), perm, axis=1), 0)
+  yq = jnp.where(ok, jnp.take(jnp.einsum("bmn,bn->bm", y_hist, q), perm, axis=1), 0)
+  rho = jnp.diagonal(sy, axis1=1, axis2=2)
+  inv_rho = jnp.where(ok, 1 / jnp.where(ok, rho, 1), 0)
+  h0 = h0.astype(q.dtype)
+  alpha = jnp.zeros_like(sq)
+  for i in reversed(range(m)):  # newest -> oldest; alpha_k = 0 for k <= i so far
+    a = (sq[:, i] - jnp.sum(alpha * sy[:, i, :], axis=1)) * inv_rho[:, i]
+    alpha = alpha.at[:, i].set(a)
+  c_y = -h0[:, None] * alpha  # r = h0 q + Y c_y + S c_s
+  c_s = jnp.zeros_like(sq)
+  for i in range(m):  # oldest -> newest; y_i^T s_k = sy[k, i]
+    y_r = h0 * yq[:, i] + jnp.sum(c_y * yy[:, i, :], axis=1) + jnp.sum(c_s * sy[:, :, i], axis=1)
+    c_s = c_s.at[:, i].set(alpha[:, i] - y_r * inv_rho[:, i])
+  inv_perm = (jnp.arange(m) - newest - 1) % m  # physical slot -> chronological position
+  c_y = jnp.take(c_y, inv_perm, axis=1)
+  c_s = jnp.take(c_s, inv_perm, axis=1)
+  return (h0[:, None] * q + jnp.einsum("bm,bmn->bn", c_y, y_hist)
+          + jnp.einsum("bm,bmn->bn", c_s, s_hist))
 
 
 # ------------------------------------------------------------------------------------------
@@ -487,7 +508,8 @@ def scale_by_mlbfgs(
         param_avg=vec(), grad_avg=vec(), param_snap=vec(), grad_snap=vec(),
         s_hist=constrain(jnp.zeros((b, mem, n), dt)),
         y_hist=constrain(jnp.zeros((b, mem, n), dt)),
-        rho=constrain(jnp.zeros((b, mem), dt)),
+        sy=constrain(jnp.zeros((b, mem, mem), dt)),
+        yy=constrain(jnp.zeros((b, mem, mem), dt)),
         valid=constrain(jnp.zeros((b, mem), jnp.bool_)),
         h0=constrain(jnp.ones((b,), dt)),
         num_pairs=jnp.zeros([], jnp.int32))
@@ -518,52 +540,71 @@ def scale_by_mlbfgs(
     param_avg = jnp.where(first, p, new_p)
     grad_avg = jnp.where(first, g_mom, new_g)
 
-    # Pair extraction every T steps.
-    def extract(args):
-      (param_avg, grad_avg, param_snap, grad_snap, s_hist, y_hist, rho, valid, h0,
-       num_pairs) = args
+    # Pair extraction every T steps. The branch returns only vector-sized values (the new
+    # pair and its Gram rows); the ring buffers are written below with a one-slot
+    # dynamic_update_slice, so that no branch has to pass the [B, M, n] buffers through.
+    ptr = state.num_pairs % mem
+    newest = (state.num_pairs - 1) % mem
+    s_hist, y_hist = state.s_hist, state.y_hist
+    take = lambda buf: jax.lax.dynamic_index_in_dim(buf, ptr, axis=1, keepdims=False)
+
+    def extract(_):
       make_pair = t >= 2 * t_period
-      s = param_avg - param_snap
-      y = grad_avg - grad_snap
-      newest = (num_pairs - 1) % mem
-      has_prev = num_pairs > 0
+      s = param_avg - state.param_snap
+      y = grad_avg - state.grad_snap
       gam = cast(pair_momentum)
       s_prev = jax.lax.dynamic_index_in_dim(s_hist, newest, axis=1, keepdims=False)
       y_prev = jax.lax.dynamic_index_in_dim(y_hist, newest, axis=1, keepdims=False)
+      has_prev = state.num_pairs > 0
       s = jnp.where(has_prev, (1 - gam) * s + gam * s_prev, s)
       y = jnp.where(has_prev, (1 - gam) * y + gam * y_prev, y)
       y_hat = damp_pair(s, y, damping, sigma_lo, sigma_hi, eps) if use_damping else y
       r = _dot(s, y_hat)
-      ok = (r > 0) & jnp.isfinite(r)
-      ptr = num_pairs % mem
-      put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(
-          buf, jnp.where(make_pair, v, jax.lax.dynamic_index_in_dim(
-              buf, ptr, axis=1, keepdims=False)), ptr, axis=1)
-      s_hist = put(s_hist, s)
-      y_hist = put(y_hist, y_hat)
-      rho = put(rho, r)
-      valid = put(valid, ok)
-      h0_new = r / (_dot(y_hat, y_hat) + cast(eps))
-      h0 = jnp.where(make_pair & ok, h0_new, h0)
-      num_pairs = jnp.where(make_pair, num_pairs + 1, num_pairs)
-      grad_snap = grad_avg
-      if reference_mode:
-        grad_avg = g_mom
-      return (param_avg, grad_avg, param_avg, grad_snap, s_hist, y_hist, rho, valid, h0,
-              num_pairs)
+      finite = jnp.isfinite(r)[:, None]
+      s, y_hat = jnp.where(finite, s, 0), jnp.where(finite, y_hat, 0)  # keep buffers finite
+      r = jnp.where(finite[:, 0], r, 0)
+      ok = r > 0
+      yy_new = _dot(y_hat, y_hat)
+      # Gram rows/columns of the new slot against the buffers (the slot itself patched).
+      onehot = jnp.arange(mem) == ptr
+      s_row = jnp.where(onehot, r[:, None], jnp.einsum("bn,bkn->bk", s, y_hist))
+      s_col = jnp.where(onehot, r[:, None], jnp.einsum("bkn,bn->bk", s_hist, y_hat))
+      y_row = jnp.where(onehot, yy_new[:, None], jnp.einsum("bkn,bn->bk", y_hist, y_hat))
+      h0 = jnp.where(make_pair & ok, r / (yy_new + cast(eps)), state.h0)
+      g_avg = g_mom if reference_mode else grad_avg
+      return (make_pair, s, y_hat, ok, s_row, s_col, y_row, h0, param_avg, grad_avg, g_avg)
 
-    carry = (param_avg, grad_avg, state.param_snap, state.grad_snap, state.s_hist,
-             state.y_hist, state.rho, state.valid, state.h0, state.num_pairs)
-    carry = jax.lax.cond(t % t_period == 0, extract, lambda a: a, carry)
-    (param_avg, grad_avg, param_snap, grad_snap, s_hist, y_hist, rho, valid, h0,
-     num_pairs) = carry
+    def keep(_):
+      b = s_hist.shape[0]
+      row = lambda mat: jax.lax.dynamic_index_in_dim(mat, ptr, axis=1, keepdims=False)
+      col = lambda mat: jax.lax.dynamic_index_in_dim(mat, ptr, axis=2, keepdims=False)
+      return (jnp.asarray(False), take(s_hist), take(y_hist), take(state.valid),
+              row(state.sy), col(state.sy), row(state.yy), state.h0, state.param_snap,
+              state.grad_snap, grad_avg.reshape(b, -1))
+
+    (write, s_new, y_new, ok_new, s_row, s_col, y_row, h0, param_snap, grad_snap,
+     grad_avg) = jax.lax.cond(t % t_period == 0, extract, keep, None)
+    put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(
+        buf, jnp.where(write, v, take(buf)), ptr, axis=1)
+    s_hist = put(s_hist, s_new)
+    y_hist = put(y_hist, y_new)
+    valid = put(state.valid, ok_new)
+
+    def set_line(mat, v, axis):
+      old = jax.lax.dynamic_index_in_dim(mat, ptr, axis=axis, keepdims=False)
+      return jax.lax.dynamic_update_index_in_dim(
+          mat, jnp.expand_dims(jnp.where(write, v, old), axis), ptr, axis=axis)
+
+    sy = set_line(set_line(state.sy, s_row, 1), s_col, 2)
+    yy = set_line(set_line(state.yy, y_row, 1), y_row, 2)
+    num_pairs = jnp.where(write, state.num_pairs + 1, state.num_pairs)
     started = num_pairs > 0
 
     # Direction.
     q = g + wd * p
 
     def lbfgs_dir(q):
-      d = two_loop(q, s_hist, y_hist, rho, valid, h0, (num_pairs - 1) % mem)
+      d = two_loop(q, s_hist, y_hist, valid, h0, (num_pairs - 1) % mem, sy, yy)
       nrm = jnp.sqrt(jnp.sum(d * d))
       scale = jnp.where(nrm > 0, 1 / jnp.where(nrm > 0, nrm, 1), 1) if normalize else cast(1)
       return constrain(d * scale), scale
@@ -588,7 +629,7 @@ def scale_by_mlbfgs(
         count=optax.safe_increment(state.count),
         param_avg=constrain(param_avg), grad_avg=constrain(grad_avg),
         param_snap=constrain(param_snap), grad_snap=constrain(grad_snap),
-        s_hist=constrain(s_hist), y_hist=constrain(y_hist), rho=constrain(rho),
+        s_hist=constrain(s_hist), y_hist=constrain(y_hist), sy=constrain(sy), yy=constrain(yy),
         valid=constrain(valid), h0=constrain(h0), num_pairs=num_pairs)
     return jax.tree.unflatten(lay.treedef, out), new_state
 

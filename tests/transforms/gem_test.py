@@ -6,6 +6,7 @@ Expected values come from NumPy references written here, independently of the co
 import importlib.util
 import math
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -385,7 +386,7 @@ def test_masked_uplink_under_vmap():
 
   def client(delta):
     state = up.init(delta)
-    sent, _ = up.update(delta, state, params=params)
+    sent, _ = up.update(delta, state, params=params, round=0)  # extra args accepted
     return sent
 
   sent = jax.jit(jax.vmap(client))(deltas)
@@ -427,6 +428,7 @@ def test_glue_path_smoke_on_mock_data(tmp_path):
   path = pathlib.Path(__file__).parents[2] / "experiments" / "gem_glue.py"
   spec = importlib.util.spec_from_file_location("gem_glue", path)
   mod = importlib.util.module_from_spec(spec)
+  sys.modules["gem_glue"] = mod  # flax dataclasses look their module up in sys.modules
   spec.loader.exec_module(mod)
   out = mod.main(["--mock", "16", "--steps", "2", "--batch", "4", "--calib-batches", "2",
                   "--max-len", "16", "--out-dir", str(tmp_path)])
