@@ -36,6 +36,9 @@ def _build(args):
     kw["server_lr"] = args.server_lr
   if args.algorithm == "fedprox":
     kw["mu"] = args.mu
+  if args.algorithm in jaxfl.algorithms.LAYERWISE_ALGORITHMS:  # the papers' protocol: fixed tau
+    kw.pop("local_epochs")
+    kw.pop("weighting")
   algo = jaxfl.algorithms.get_algorithm(args.algorithm, **kw)
   return data, model, algo
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_data, tiny_model
 
 import jaxfl
-from jaxfl.client import LocalTraining, make_client_update
+from jaxfl.client import make_client_update
 from jaxfl.round import build_round, device_data
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import tiny_data, tiny_model
+from conftest import tiny_data
 
 import jaxfl
 
@@ -31,6 +31,7 @@ def test_same_seed_bit_identical_different_seed_differs(data, model):
 
 def test_different_seed_gives_different_cohorts(data, model):
   import jax
+
   from jaxfl.round import build_round, device_data
   rnd = build_round(_algo(), model, num_clients=data.num_clients,
                     max_client_size=data.max_client_size, clients_per_round=3, donate=False)

@@ -10,6 +10,14 @@ from jaxfl.algorithms._fedopt import fedopt as fedopt
 from jaxfl.algorithms._fedopt import fedprox as fedprox
 from jaxfl.algorithms._fedopt import fedyogi as fedyogi
 from jaxfl.algorithms._fedopt import get_algorithm as get_algorithm
+from jaxfl.algorithms.layerwise import LAYERWISE_ALGORITHMS as LAYERWISE_ALGORITHMS
+from jaxfl.algorithms.layerwise import fedacg as fedacg
+from jaxfl.algorithms.layerwise import feddropoutavg as feddropoutavg
+from jaxfl.algorithms.layerwise import fedluar as fedluar
+from jaxfl.algorithms.layerwise import fedpaq as fedpaq
 
-__all__ = ["ALGORITHMS", "Algorithm", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedopt",
-           "fedprox", "fedyogi", "get_algorithm"]
+ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
+
+__all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "fedacg", "fedadagrad", "fedadam",
+           "fedavg", "fedavgm", "feddropoutavg", "fedluar", "fedopt", "fedpaq", "fedprox",
+           "fedyogi", "get_algorithm"]

@@ -19,8 +19,8 @@ import optax
 from jaxfl.aggregation import weighted_mean
 from jaxfl.algorithms._base import Algorithm
 from jaxfl.algorithms._fedopt import _local
+from jaxfl.transforms import _fedluar as luar_lib
 from jaxfl.transforms import compression
-from jaxfl.transforms import fedluar as luar_lib
 
 __all__ = ["LAYERWISE_ALGORITHMS", "feddropoutavg", "fedacg", "fedluar", "fedpaq"]
 
@@ -108,7 +108,7 @@ def fedacg(*, server_momentum: float = 0.7, beta: float = 0.01, num_recycle: int
   :math:`(\\beta/2)\\lVert w - x_t\\rVert^2` towards the current global model (the original
   FedACG broadcasts the look-ahead :math:`x + \\lambda m`; the reference code does not).
   With ``num_recycle > 0`` recycled layers get :math:`x \\leftarrow x + \\hat\\Delta` and their
-  momentum buffer is left unchanged (:func:`jaxfl.transforms.fedluar.fedluar_bypass`).
+  momentum buffer is left unchanged (:func:`jaxfl.transforms.fedluar_bypass`).
   """
   if not 0.0 <= server_momentum < 1.0:
     raise ValueError(f"`server_momentum` must be in [0, 1), got {server_momentum!r}.")

@@ -6,6 +6,31 @@
 * parameter masks for sparse fine-tuning: :func:`gem_mask`, :func:`build_mask`.
 """
 
+from jaxfl.transforms._fedluar import FedLUARBypassState as FedLUARBypassState
+from jaxfl.transforms._fedluar import FedLUARState as FedLUARState
+from jaxfl.transforms._fedluar import fedluar as fedluar
+from jaxfl.transforms._fedluar import fedluar_bypass as fedluar_bypass
+from jaxfl.transforms._fedluar import recycle_mask as recycle_mask
+from jaxfl.transforms._mlbfgs import MLBFGSState as MLBFGSState
+from jaxfl.transforms._mlbfgs import block_sharding as block_sharding
+from jaxfl.transforms._mlbfgs import damp_pair as damp_pair
+from jaxfl.transforms._mlbfgs import mlbfgs as mlbfgs
+from jaxfl.transforms._mlbfgs import plain_stochastic_lbfgs as plain_stochastic_lbfgs
+from jaxfl.transforms._mlbfgs import resnet_block_labels as resnet_block_labels
+from jaxfl.transforms._mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
+from jaxfl.transforms._mlbfgs import top_level_block_labels as top_level_block_labels
+from jaxfl.transforms._mlbfgs import two_loop as two_loop
+from jaxfl.transforms._sparse_delta import SparseDelta as SparseDelta
+from jaxfl.transforms._sparse_delta import apply_sparse_delta as apply_sparse_delta
+from jaxfl.transforms._sparse_delta import load_sparse_delta as load_sparse_delta
+from jaxfl.transforms._sparse_delta import save_sparse_delta as save_sparse_delta
+from jaxfl.transforms._sparse_delta import sparse_delta as sparse_delta
+from jaxfl.transforms.compression import content_key as content_key
+from jaxfl.transforms.compression import qsgd as qsgd
+from jaxfl.transforms.compression import qsgd_bits_per_element as qsgd_bits_per_element
+from jaxfl.transforms.compression import qsgd_quantize as qsgd_quantize
+from jaxfl.transforms.compression import qsgd_uplink_bytes as qsgd_uplink_bytes
+from jaxfl.transforms.compression import random_dropout as random_dropout
 from jaxfl.transforms.fedprox import ProximalState as ProximalState
 from jaxfl.transforms.fedprox import add_proximal_term as add_proximal_term
 from jaxfl.transforms.gem import ALLOCATIONS as ALLOCATIONS
@@ -23,22 +48,11 @@ from jaxfl.transforms.gem import mask_density as mask_density
 from jaxfl.transforms.gem import masked_uplink as masked_uplink
 from jaxfl.transforms.gem import resolve_budget as resolve_budget
 from jaxfl.transforms.gem import topk_mask as topk_mask
-from jaxfl.transforms.mlbfgs import MLBFGSState as MLBFGSState
-from jaxfl.transforms.mlbfgs import block_sharding as block_sharding
-from jaxfl.transforms.mlbfgs import damp_pair as damp_pair
-from jaxfl.transforms.mlbfgs import mlbfgs as mlbfgs
-from jaxfl.transforms.mlbfgs import plain_stochastic_lbfgs as plain_stochastic_lbfgs
-from jaxfl.transforms.mlbfgs import resnet_block_labels as resnet_block_labels
-from jaxfl.transforms.mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
-from jaxfl.transforms.mlbfgs import top_level_block_labels as top_level_block_labels
-from jaxfl.transforms.mlbfgs import two_loop as two_loop
-from jaxfl.transforms.sparse_delta import SparseDelta as SparseDelta
-from jaxfl.transforms.sparse_delta import apply_sparse_delta as apply_sparse_delta
-from jaxfl.transforms.sparse_delta import load_sparse_delta as load_sparse_delta
-from jaxfl.transforms.sparse_delta import save_sparse_delta as save_sparse_delta
-from jaxfl.transforms.sparse_delta import sparse_delta as sparse_delta
 
-__all__ = ["ALLOCATIONS", "METHODS", "GemMaskState", "MLBFGSState", "ProximalState",
+__all__ = ["ALLOCATIONS", "METHODS", "FedLUARBypassState", "FedLUARState", "GemMaskState",
+           "MLBFGSState", "ProximalState", "content_key", "fedluar", "fedluar_bypass", "qsgd",
+           "qsgd_bits_per_element", "qsgd_quantize", "qsgd_uplink_bytes", "random_dropout",
+           "recycle_mask",
            "SparseDelta", "add_proximal_term", "allocate_budget", "apply_sparse_delta",
            "block_sharding", "build_mask", "calibration_gradients", "damp_pair",
            "eligible_leaves", "gem_mask", "gradient_weight_ratio", "layer_entropy",

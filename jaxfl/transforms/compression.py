@@ -169,7 +169,7 @@ def random_dropout(rate: float = 0.75, *, candidates: Callable[[Any], Any] | Any
     Gunesli et al., `FedDropoutAvg: Generalizable federated learning for histopathology image
     classification <https://arxiv.org/abs/2111.13230>`_, 2021.
   """
-  if not 0.0 <= rate < 1.0:
+  if isinstance(rate, int | float) and not 0.0 <= rate < 1.0:  # traced under inject_hyperparams
     raise ValueError(f"`rate` must be in [0, 1), got {rate!r}.")
 
   def init_fn(params):

@@ -10,7 +10,9 @@ import optax
 import pytest
 
 from jaxfl import aggregation
-from jaxfl.transforms import compression, fedluar, fedprox, gem, mlbfgs
+from jaxfl.transforms import _fedluar as fedluar
+from jaxfl.transforms import _mlbfgs as mlbfgs
+from jaxfl.transforms import compression, fedprox, gem
 
 
 def _params(dtype=jnp.float32, seed=0):

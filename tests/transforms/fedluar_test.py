@@ -12,7 +12,7 @@ from scipy import stats
 import jaxfl
 from jaxfl.algorithms import layerwise
 from jaxfl.round import build_round
-from jaxfl.transforms.fedluar import fedluar, fedluar_bypass
+from jaxfl.transforms._fedluar import fedluar, fedluar_bypass
 
 EPS = 1e-6
 
@@ -291,6 +291,7 @@ def _round_setup(algo, rounds_seed=0):
   return data, model, rnd
 
 
+@pytest.mark.slow
 def test_engine_round_skips_recycled_uploads_and_applies_reference_math():
   algo = layerwise.fedluar(2, local_steps=2, client_lr=0.05)
   data, _, rnd = _round_setup(algo)
@@ -328,6 +329,7 @@ def test_engine_round_skips_recycled_uploads_and_applies_reference_math():
   assert rels[0] == 1.0 and min(rels[1:]) < 1.0
 
 
+@pytest.mark.slow
 def test_simulate_fedluar_on_digits_uploads_less():
   data = jaxfl.data.load("digits", 8, jaxfl.data.dirichlet(0.5), seed=0)
   model = jaxfl.models.small_cnn(data.example_shape, data.num_classes)
@@ -338,3 +340,49 @@ def test_simulate_fedluar_on_digits_uploads_less():
   assert res.summary["rel_uplink_cost"] < 1.0
   np.testing.assert_allclose(res.summary["rel_uplink_cost"], np.mean(rel))
   assert np.isfinite(res.summary["final_acc"])
+
+
+def test_aggregate_transform_stores_processed_update_but_scores_raw_mean():
+  from jaxfl.transforms import compression
+
+  rng = np.random.default_rng(9)
+  params = _f32(_params(rng))
+  tx = fedluar(1, aggregate_transform=compression.qsgd_quantize(2))
+  state = tx.init(params)
+  ref = Reference(params)
+  for t in range(4):
+    g = _f32(jax.tree.map(lambda p: rng.normal(size=np.shape(p)) * 0.1, params))
+    recycled = _recycled_names(state, params)
+    stored_before = _flat(state.stored)
+    ref.step(_flat(g), _flat(params), recycled)
+    out, state = jax.jit(tx.update)(g, state, params, key=jax.random.key(t))
+    o, st, gf = _flat(out), _flat(state.stored), _flat(g)
+    for k in ref.kernels:
+      if k in recycled:
+        np.testing.assert_array_equal(o[k], stored_before[k])
+      else:
+        np.testing.assert_array_equal(st[k], o[k])  # stored = quantised output
+        norm = np.linalg.norm(gf[k])
+        xi = np.abs(o[k]) * 2 / norm  # QSGD(2) levels of the raw aggregate
+        np.testing.assert_allclose(xi, np.round(xi), atol=1e-4)
+        assert not np.allclose(o[k], gf[k])
+    np.testing.assert_allclose(np.asarray(state.score),
+                               [ref.score[k] for k in _names(params) if k in ref.kernels],
+                               rtol=1e-5)
+
+
+def test_layerwise_factories():
+  a = layerwise.fedluar(2)
+  assert a.weighting == "uniform" and a.name == "fedluar" and a.local.local_steps == 20
+  assert layerwise.fedluar(2, server_lr=0.9).name == "fedopt+fedluar"
+  assert layerwise.fedluar(2, quantize_levels=16).uplink is not None
+  assert layerwise.feddropoutavg().sparse_uplink
+  assert layerwise.fedacg(num_recycle=2).name == "fedacg+fedluar"
+  with pytest.raises(ValueError, match="num_recycle"):
+    layerwise.fedluar(-2)
+  with pytest.raises(ValueError, match="levels"):
+    layerwise.fedpaq(0)
+  with pytest.raises(ValueError, match="server_momentum"):
+    layerwise.fedacg(server_momentum=1.0)
+  with pytest.raises(ValueError, match="beta"):
+    layerwise.fedacg(beta=-1.0)

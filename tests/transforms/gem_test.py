@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
+from jaxfl.transforms import _sparse_delta as sd
 from jaxfl.transforms import gem
-from jaxfl.transforms import sparse_delta as sd
 
 # ------------------------------------------------------------------------------------------
 # NumPy references.

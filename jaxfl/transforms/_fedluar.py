@@ -90,7 +90,7 @@ def _sample_recycle(key, score, num_recycle: int, selection: str):
 
 
 def _mask_tree(treedef, cand_idx, n_leaves, recycle):
-  flat = [jnp.ones([], bool)] * n_leaves
+  flat = [jnp.ones([], bool) for _ in range(n_leaves)]  # distinct buffers (donation-safe)
   for k, i in enumerate(cand_idx):
     flat[i] = jnp.logical_not(recycle[k])
   return treedef.unflatten(flat)
@@ -158,7 +158,7 @@ def fedluar(num_recycle: int, *, selection: str = "inverse_score", recycle: bool
     raise ValueError(f"`num_recycle` must be >= 0, got {num_recycle}.")
   if selection not in SELECTIONS:
     raise ValueError(f"`selection` must be one of {SELECTIONS}, got {selection!r}.")
-  if not eps >= 0:
+  if isinstance(eps, int | float) and not eps >= 0:  # traced under inject_hyperparams
     raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
   num_recycle = int(num_recycle)
   inner = None if aggregate_transform is None else optax.with_extra_args_support(
@@ -175,7 +175,7 @@ def fedluar(num_recycle: int, *, selection: str = "inverse_score", recycle: bool
 
   def init_fn(params):
     leaves, treedef, cand_idx = layout(params)
-    stored = [jnp.zeros([], jnp.float32)] * len(leaves)
+    stored = [jnp.zeros([], jnp.float32) for _ in leaves]
     for i in cand_idx:
       stored[i] = jnp.zeros(jnp.shape(leaves[i]), jnp.asarray(leaves[i]).dtype)
     recycle0 = jnp.zeros([len(cand_idx)], bool)

@@ -699,7 +699,7 @@ def mlbfgs(
 
   Examples:
     >>> import jax.numpy as jnp, optax
-    >>> from jaxfl.transforms.mlbfgs import mlbfgs
+    >>> from jaxfl.transforms import mlbfgs
     >>> params = {"w": jnp.ones(3)}
     >>> tx = mlbfgs(0.1, update_every=2, history=3)
     >>> state = tx.init(params)
