@@ -15,18 +15,19 @@ import optax
 from jaxfl import tree as jtree
 
 
+def _empty_init(params):
+  del params
+  return optax.EmptyState()
+
+
 def weighted_mean() -> optax.GradientTransformationExtraArgs:
   r"""FedAvg aggregation :math:`\bar\Delta = \sum_i w_i \Delta_i / \sum_i w_i`."""
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
 
   def update_fn(client_updates, state, params=None, *, weights, **extra):
     del params, extra
     return jtree.weighted_mean(client_updates, weights), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
 
 def _masked_sorted(u, include):
@@ -44,10 +45,6 @@ def trimmed_mean(trim_fraction: float = 0.1) -> optax.GradientTransformationExtr
   if not 0.0 <= trim_fraction < 0.5:
     raise ValueError(f"`trim_fraction` must be in [0, 0.5), got {trim_fraction!r}.")
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(client_updates, state, params=None, *, weights, **extra):
     del params, extra
     include = weights > 0
@@ -63,15 +60,11 @@ def trimmed_mean(trim_fraction: float = 0.1) -> optax.GradientTransformationExtr
 
     return jax.tree.map(agg, client_updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
 
 def coordinate_median() -> optax.GradientTransformationExtraArgs:
   """Coordinate-wise median over participating clients (Yin et al., 2018)."""
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
 
   def update_fn(client_updates, state, params=None, *, weights, **extra):
     del params, extra
@@ -86,7 +79,7 @@ def coordinate_median() -> optax.GradientTransformationExtraArgs:
 
     return jax.tree.map(agg, client_updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
 
 def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTransformationExtraArgs:
@@ -100,10 +93,6 @@ def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTr
     raise ValueError(f"`clip_norm` must be > 0, got {clip_norm!r}.")
   if noise_multiplier < 0:
     raise ValueError(f"`noise_multiplier` must be >= 0, got {noise_multiplier!r}.")
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
 
   def update_fn(client_updates, state, params=None, *, weights, key=None, **extra):
     del params, extra
@@ -124,7 +113,7 @@ def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTr
       mean = jax.tree.unflatten(treedef, leaves)
     return mean, state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
 
 AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean,
