@@ -12,6 +12,10 @@ quantised elements weighted by bits/32 (QSGD: 1 sign bit + ceil(log2(s+1)) bits)
 counts non-zeros. ``uplink_bytes``: dense f32 = 4 B/element, sparse = 8 B per non-zero (index +
 value), QSGD = bits/8 per element + one f32 norm per uploaded tensor.
 
+FedLAMA(tau'=tau, phi=2) runs the same rounds as FedAvg(tau); LBGM uses threshold 0.95 and one
+look-back update per client; PruneFL keeps 70% of every kernel, reconfigured every R/4 rounds
+(the reference: every 50 of 200).
+
 Usage::
 
   python experiments/layerwise_comm.py                       # Fashion-MNIST (the committed run)
@@ -31,6 +35,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxfl
@@ -48,8 +53,8 @@ RESULTS = os.path.join(HERE, "results")
 # CPU (see docs/layerwise.md); the CIFAR-10 preset is the authors' configuration.
 PRESETS = {
     "fashion_mnist": dict(dataset="fashion_mnist", model="cnn", num_clients=128, cohort=32,
-                          alpha=0.1, rounds=10, tau=2, lr=0.02, batch=32, num_recycle=2,
-                          levels=16, server_lr_fedopt=0.9, weight_decay=0.0, eval_every=5),
+                          alpha=0.1, rounds=30, tau=5, lr=0.02, batch=32, num_recycle=2,
+                          levels=16, server_lr_fedopt=0.9, weight_decay=0.0, eval_every=3),
     "digits": dict(dataset="digits", model="small_cnn", num_clients=128, cohort=32, alpha=0.1,
                    rounds=40, tau=5, lr=0.02, batch=32, num_recycle=2, levels=16,
                    server_lr_fedopt=0.9, weight_decay=0.0, eval_every=2),
@@ -61,8 +66,8 @@ PRESETS = {
                              weight_decay=2e-4, eval_every=10),
 }
 
-METHODS = ("fedavg", "fedluar", "fedpaq", "fedluar+fedpaq", "feddropoutavg", "fedopt+fedluar",
-           "fedavg_2tau")
+METHODS = ("fedavg", "fedavg_2tau", "fedlama", "fedluar", "fedpaq", "fedluar+fedpaq",
+           "feddropoutavg", "fedopt+fedluar", "lbgm", "prunefl")
 ABLATIONS = ("fedluar_uniform", "fedluar_drop")
 EXTRA = ("fedacg", "fedacg+fedluar", "fedprox+fedluar")  # via --methods
 
@@ -78,6 +83,12 @@ def build_algorithm(method: str, cfg: dict, seed: int):
                                                              "local_steps": 2 * cfg["tau"]})
   if method == "fedluar":
     return lw.fedluar(d, seed=seed, **common)
+  if method == "fedlama":  # tau' = tau, phi = 2, reassignment after round 5 (repo defaults)
+    return lw.fedlama(2, **common)
+  if method == "lbgm":
+    return lw.lbgm(0.95, **common)
+  if method == "prunefl":  # the reference reconfigures every 50 of 200 rounds: R/4 here
+    return lw.prunefl(0.7, max(1, cfg["rounds"] // 4), **common)
   if method == "fedluar_uniform":
     return lw.fedluar(d, selection="uniform", seed=seed, name=method, **common)
   if method == "fedluar_drop":
@@ -161,9 +172,9 @@ def run_comparison(cfg: dict, methods, seed: int, data, model, tag: str, on_row=
 
 
 def bench(cfg: dict, data, model, seed: int, rounds: int = 6) -> dict:
-  """Median s/round (after compile) of FedAvg and FedLUAR, interleaved in one process."""
-  algos = {"fedavg": build_algorithm("fedavg", cfg, seed),
-           "fedluar": build_algorithm("fedluar", cfg, seed)}
+  """Median s/round (after compile) of FedAvg, FedLUAR and FedLAMA, interleaved in one
+  process (rotating order)."""
+  algos = {m: build_algorithm(m, cfg, seed) for m in ("fedavg", "fedluar", "fedlama")}
   dd = device_data(data)
   built, states, times = {}, {}, {k: [] for k in algos}
   for name, algo in algos.items():
@@ -174,7 +185,7 @@ def bench(cfg: dict, data, model, seed: int, rounds: int = 6) -> dict:
     states[name], m = built[name].step(states[name], dd, jax.random.key(0))  # compile
     jax.block_until_ready(m)
   for r in range(rounds):
-    order = list(algos) if r % 2 == 0 else list(algos)[::-1]
+    order = list(algos)[r % 3:] + list(algos)[:r % 3]
     for name in order:
       t0 = time.perf_counter()
       states[name], m = built[name].step(states[name], dd, jax.random.key(r + 1))
@@ -190,13 +201,16 @@ def bench(cfg: dict, data, model, seed: int, rounds: int = 6) -> dict:
   out = {}
   for name in algos:
     tx = optax.with_extra_args_support(algos[name].server_optimizer)
-    upd = jax.jit(lambda g, s, p, k, tx=tx: tx.update(g, s, p, key=k))
+    cu = jax.tree.map(lambda x: jnp.stack([x] * cfg["cohort"]), g)
+    w = jnp.ones([cfg["cohort"]])
+    upd = jax.jit(lambda g, s, p, k, cu, tx=tx: tx.update(g, s, p, key=k, client_updates=cu,
+                                                          client_weights=w))
     s = tx.init(params)
-    jax.block_until_ready(upd(g, s, params, jax.random.key(0)))
+    jax.block_until_ready(upd(g, s, params, jax.random.key(0), cu))
     ts = []
     for i in range(50):
       t0 = time.perf_counter()
-      jax.block_until_ready(upd(g, s, params, jax.random.key(i)))
+      jax.block_until_ready(upd(g, s, params, jax.random.key(i), cu))
       ts.append(time.perf_counter() - t0)
     out[name] = statistics.median(ts)
   return {"dataset": cfg["dataset"], "cohort": cfg["cohort"], "tau": cfg["tau"],
@@ -205,6 +219,8 @@ def bench(cfg: dict, data, model, seed: int, rounds: int = 6) -> dict:
           "overhead_ratio_min": min(times["fedluar"]) / min(times["fedavg"]),
           "overhead_ratio_paired_median": statistics.median(
               a / b for a, b in zip(times["fedluar"], times["fedavg"])),
+          "fedlama_overhead_ratio": med["fedlama"] / med["fedavg"],
+          "fedlama_overhead_ratio_min": min(times["fedlama"]) / min(times["fedavg"]),
           "server_update_s": out, "device": str(jax.devices()[0].platform),
           "cpu_count": os.cpu_count()}
 
@@ -236,6 +252,7 @@ def main(argv=None):
   p.add_argument("--methods", default=None, help="comma-separated subset")
   p.add_argument("--rounds", type=int, default=None)
   p.add_argument("--tau", type=int, default=None)
+  p.add_argument("--model", default=None, choices=["cnn", "small_cnn"])
   p.add_argument("--lr", type=float, default=None)
   p.add_argument("--num-recycle", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
@@ -254,7 +271,7 @@ def main(argv=None):
     cfg.update(rounds=2, tau=1, cohort=4, batch=8, eval_every=1)
   if args.quick:
     cfg.update(rounds=4, eval_every=2)
-  for k in ("rounds", "tau", "lr", "num_recycle"):
+  for k in ("rounds", "tau", "lr", "num_recycle", "model"):
     v = getattr(args, k)
     if v is not None:
       cfg[k] = v
@@ -292,7 +309,8 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, bstem + ".json"), "w") as f:
       json.dump(b, f, indent=1)
     print(f"bench: fedavg {b['round_s']['fedavg']:.3f}s/round, fedluar "
-          f"{b['round_s']['fedluar']:.3f}s/round, overhead x{b['overhead_ratio']:.3f} (min "
+          f"{b['round_s']['fedluar']:.3f}s/round, fedlama {b['round_s']['fedlama']:.3f}s/round "
+          f"(x{b['fedlama_overhead_ratio']:.3f}), fedluar overhead x{b['overhead_ratio']:.3f} (min "
           f"x{b['overhead_ratio_min']:.3f}, paired x{b['overhead_ratio_paired_median']:.3f}); server "
           f"update {b['server_update_s']}", flush=True)
 

@@ -25,8 +25,9 @@ def save(directory: str, state, history: list[dict], round_index: int) -> str:
   ckpt = _checkpointer()
   ckpt.save(path, jax.tree.map(np.asarray, state), force=True)
   ckpt.wait_until_finished()
-  with open(path + ".history.json", "w") as f:
-    json.dump(history, f)
+  if jax.process_index() == 0:  # multi-process: orbax coordinates the save, one writes history
+    with open(path + ".history.json", "w") as f:
+      json.dump(history, f)
   return path
 
 

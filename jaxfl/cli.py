@@ -77,6 +77,8 @@ def _add_run_args(p):
 
 
 def cmd_run(args) -> int:
+  import jax
+
   import jaxfl
 
   data, model, algo = _build(args)
@@ -86,7 +88,8 @@ def cmd_run(args) -> int:
                        checkpoint_dir=args.checkpoint_dir,
                        checkpoint_every=args.checkpoint_every, output_dir=args.out,
                        plot=args.plot, progress=not args.no_progress)
-  print(json.dumps(res.summary, indent=1))
+  if jax.process_index() == 0:  # multi-process runs (jaxfl.launch): report once
+    print(json.dumps(res.summary, indent=1))
   return 0
 
 

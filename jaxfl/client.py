@@ -37,11 +37,14 @@ class ClientOutput(NamedTuple):
     model_state: the client's non-trainable collections after training (BN statistics).
     metrics: dict of scalars: ``loss`` (mean over the client's steps), ``grad_norm`` (mean
       global gradient norm), ``examples`` (examples processed), ``steps`` (steps taken).
+    grad_sum: with ``LocalTraining.track_grad_sum``, the sum of the (unmasked) minibatch
+      gradients over the local steps (PruneFL's importance); else None.
   """
 
   delta: Any
   model_state: Any
   metrics: dict
+  grad_sum: Any = None
 
 
 class LocalTraining(NamedTuple):
@@ -58,6 +61,7 @@ class LocalTraining(NamedTuple):
       step count of the largest client.
     unroll: ``lax.scan`` unroll factor over local steps.
     loss_fn: ``loss_fn(logits, labels, weights) -> scalar``.
+    track_grad_sum: also return the summed gradients (:attr:`ClientOutput.grad_sum`).
   """
 
   optimizer: optax.GradientTransformation
@@ -67,6 +71,7 @@ class LocalTraining(NamedTuple):
   max_steps: int | None = None
   unroll: int | bool = 1
   loss_fn: LossFn = softmax_cross_entropy
+  track_grad_sum: bool = False
 
 
 def validate_local_training(lt: LocalTraining) -> None:
@@ -93,17 +98,20 @@ def num_steps(lt: LocalTraining, max_client_size: int) -> int:
 
 
 def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
-  """Builds ``client_update(params, model_state, x, y, indices, size, key) -> ClientOutput``.
+  """Builds ``client_update(params, model_state, x, y, indices, size, key[, update_mask])``.
 
   ``x``/``y`` are the whole training set (shared, not per client); ``indices`` (i32[n_max])
   and ``size`` (i32[]) describe one client, as stored in :class:`jaxfl.data.FederatedData`.
+  ``update_mask`` (optional, a params-shaped tree of 0/1 arrays broadcastable to each leaf)
+  multiplies every optimizer update, so masked entries never move (PruneFL's pruned weights;
+  for SGD with momentum this equals masking the gradients). Returns a :class:`ClientOutput`.
   """
   validate_local_training(lt)
   steps = num_steps(lt, max_client_size)
   bsz = lt.batch_size
   n_max = max_client_size
 
-  def client_update(params, model_state, x, y, indices, size, key):
+  def client_update(params, model_state, x, y, indices, size, key, update_mask=None):
     size = jnp.maximum(size, 1)
     batches_per_epoch = (size + bsz - 1) // bsz
     if lt.local_steps is not None:
@@ -121,7 +129,7 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
     opt_state0 = lt.optimizer.init(params)
 
     def step(carry, s):
-      p, opt_state, ms = carry
+      p, opt_state, ms, gsum = carry
       epoch = s // batches_per_epoch
       b = s % batches_per_epoch
       # Reshuffle the client's real examples every epoch; padding slots sort last.
@@ -135,18 +143,23 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
       xb, yb = x[rows], y[rows]
       (loss, new_ms), grads = grad_fn(p, ms, xb, yb, weight, jax.random.fold_in(dropout_key, s))
       updates, new_opt_state = lt.optimizer.update(grads, opt_state, p)
+      if update_mask is not None:
+        updates = jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, update_mask)
       new_p = optax.apply_updates(p, updates)
       active = s < active_steps
-      carry = jtree.select_tree(active, (new_p, new_opt_state, new_ms), (p, opt_state, ms))
+      new_gsum = None if gsum is None else jax.tree.map(jnp.add, gsum, grads)
+      carry = jtree.select_tree(active, (new_p, new_opt_state, new_ms, new_gsum),
+                                (p, opt_state, ms, gsum))
       act = active.astype(jnp.float32)
       return carry, (loss * act, jtree.global_norm(grads) * act, jnp.sum(weight) * act)
 
-    (local, _, new_ms), (losses, gnorms, examples) = jax.lax.scan(
-        step, (params, opt_state0, model_state), jnp.arange(steps), unroll=lt.unroll)
+    gsum0 = jax.tree.map(jnp.zeros_like, params) if lt.track_grad_sum else None
+    (local, _, new_ms, gsum), (losses, gnorms, examples) = jax.lax.scan(
+        step, (params, opt_state0, model_state, gsum0), jnp.arange(steps), unroll=lt.unroll)
     delta = jax.tree.map(lambda g, l: g - l, params, local)
     n = jnp.maximum(jnp.minimum(active_steps, steps), 1).astype(jnp.float32)
     metrics = {"loss": jnp.sum(losses) / n, "grad_norm": jnp.sum(gnorms) / n,
                "examples": jnp.sum(examples), "steps": jnp.minimum(active_steps, steps)}
-    return ClientOutput(delta, new_ms, metrics)
+    return ClientOutput(delta, new_ms, metrics, gsum)
 
   return client_update

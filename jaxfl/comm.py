@@ -15,28 +15,40 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def uplink_elements(delta, sparse: bool = False):
-  """Per-leaf f32[] elements one client uploads for ``delta``."""
+def uplink_elements(delta, sparse: bool = False, mask=None):
+  """Per-leaf f32[] elements one client uploads for ``delta``.
 
-  def count(d):
+  With a shared ``mask`` (known to the server, e.g. PruneFL's), a sent leaf costs its mask's
+  ones and no indices.
+  """
+
+  def count(d, m=None):
     nnz = jnp.sum(d != 0).astype(jnp.float32)
-    return nnz if sparse else jnp.where(nnz > 0, float(d.size), 0.0)
+    if sparse:
+      return nnz
+    full = float(d.size) if m is None else jnp.sum(
+        jnp.broadcast_to(jnp.asarray(m, jnp.float32), d.shape))
+    return jnp.where(nnz > 0, full, 0.0)
 
-  return jax.tree.map(count, delta)
+  if mask is None:
+    return jax.tree.map(count, delta)
+  return jax.tree.map(count, delta, mask)
 
 
-def find_uplink_mask(opt_state):
+def find_uplink_mask(opt_state, field: str = "uplink_mask"):
   """Finds ``uplink_mask`` fields in a (possibly chained) optax state.
 
   A server transform that decides before a round which layers it will not use (FedLUAR's
   recycled layers) exposes ``uplink_mask``: a params-shaped tree of bool scalars, True =
   upload. Several masks are combined with AND. Returns None if there is none.
+  ``field="train_mask"`` finds element-wise training masks instead (PruneFL): params-shaped
+  trees of bool arrays broadcastable to each leaf, True = the entry is trained and sent.
   """
   masks = []
 
   def visit(s):
-    if hasattr(s, "uplink_mask") and s.uplink_mask is not None:
-      masks.append(s.uplink_mask)
+    if getattr(s, field, None) is not None:
+      masks.append(getattr(s, field))
     if isinstance(s, tuple):
       for c in s:
         visit(c)

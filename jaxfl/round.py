@@ -42,6 +42,10 @@ class ServerState(NamedTuple):
     round: i32[] rounds completed.
     uplink_elements: per-leaf f32[] cumulative uploaded elements (the ledger).
     cohort: i32[C] the last cohort's client ids.
+    cohort_params: with ``Algorithm.persistent_cohort``, the cohort's local parameters
+      (leading axis = padded cohort slot), else None.
+    client_states: with ``Algorithm.stateful_uplink``, every client's uplink-transform state
+      (leading axis = client id, N), e.g. LBGM's look-back update; else None.
   """
 
   params: Any
@@ -51,6 +55,28 @@ class ServerState(NamedTuple):
   round: jax.Array
   uplink_elements: Any
   cohort: jax.Array
+  cohort_params: Any = None
+  client_states: Any = None
+
+
+class _SlotInputs(NamedTuple):
+  """Per-slot inputs of the client step (leading axis = cohort slot)."""
+
+  ids: jax.Array
+  keys: jax.Array
+  real: jax.Array
+  start: Any  # persistent cohort: the slot's starting params; else None
+  cstate: Any  # stateful uplink: the client's uplink state; else None
+
+
+class _SlotOutputs(NamedTuple):
+  out: Any  # ClientOutput
+  delta: Any
+  weights: jax.Array
+  finite: jax.Array
+  sent: Any
+  local: Any
+  cstate: Any
 
 
 class DeviceData(NamedTuple):
@@ -159,26 +185,47 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
   uplink = (None if algorithm.uplink is None
             else optax.with_extra_args_support(algorithm.uplink))
 
+  persistent = algorithm.persistent_cohort
+  period = algorithm.cohort_period
+  stateful_uplink = algorithm.stateful_uplink
+  track_grads = algorithm.local.track_grad_sum
+
   def init(key) -> ServerState:
     params, model_state = model.init(key)
+    per_slot = lambda t, n: jax.tree.map(lambda p: jnp.broadcast_to(p[None], (n,) + p.shape), t)
     return ServerState(
         params=params, model_state=model_state, opt_state=server_tx.init(params),
         aggregator_state=aggregator.init(params), round=jnp.zeros([], jnp.int32),
         uplink_elements=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
-        cohort=jnp.zeros([clients_per_round], jnp.int32))
+        cohort=jnp.zeros([clients_per_round], jnp.int32),
+        cohort_params=per_slot(params, c_pad) if persistent else None,
+        client_states=per_slot(uplink.init(params), num_clients) if stateful_uplink else None)
 
-  def run_clients(state, data, ids, keys, real, upload_mask):
+  def run_clients(state, data, masks, xs: _SlotInputs) -> _SlotOutputs:
     """Trains and post-processes one (chunk of a) cohort; all outputs lead with [chunk]."""
-    ids = jshard.constrain_clients(ids, mesh)
-    keys = jshard.constrain_clients(keys, mesh)
+    upload_mask, train_mask = masks
+    ids = jshard.constrain_clients(xs.ids, mesh)
+    keys = jshard.constrain_clients(xs.keys, mesh)
     train_keys, uplink_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    out = jax.vmap(client_update, in_axes=(None, None, None, None, 0, 0, 0))(
-        state.params, state.model_state, data.x, data.y, data.client_indices[ids],
-        data.client_sizes[ids], train_keys)
-    delta = out.delta
+    start = state.params if xs.start is None else jshard.constrain_clients(xs.start, mesh)
+    out = jax.vmap(client_update, in_axes=(None if xs.start is None else 0,
+                                           None, None, None, 0, 0, 0, None))(
+        start, state.model_state, data.x, data.y, data.client_indices[ids],
+        data.client_sizes[ids], train_keys, train_mask)
+    delta, local = out.delta, None
+    if xs.start is not None:
+      local = jax.tree.map(jnp.subtract, start, out.delta)
+      # The server sees x_t - x^i: for layers kept locally since the last sync this adds the
+      # drift accumulated in earlier rounds; for layers that started from x_t it is exact.
+      delta = jax.tree.map(lambda g, s, d: (g[None] - s) + d, state.params, start, out.delta)
+    cstate = None
     if uplink is not None:
-      delta = jax.vmap(lambda d, k: uplink.update(d, uplink.init(d), state.params, key=k)[0])(
-          delta, uplink_keys)
+      if stateful_uplink:
+        delta, cstate = jax.vmap(lambda d, c, k: uplink.update(d, c, state.params, key=k))(
+            delta, xs.cstate, uplink_keys)
+      else:
+        delta = jax.vmap(lambda d, k: uplink.update(d, uplink.init(d), state.params,
+                                                    key=k)[0])(delta, uplink_keys)
     if upload_mask is not None:
       delta = jax.tree.map(lambda d, m: d * m.astype(d.dtype), delta, upload_mask)
     finite = (_rows_finite(delta) & _rows_finite(out.model_state)
@@ -187,14 +234,19 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
         lambda d: jnp.where(finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), delta)
     size = data.client_sizes[ids].astype(jnp.float32)
     base = size if algorithm.weighting == "examples" else jnp.ones_like(size)
-    weights = base * real * finite
-    sent = jax.vmap(lambda d: comm.uplink_elements(d, algorithm.sparse_uplink))(delta)
-    sent = jax.tree.map(lambda s: s * real, sent)
-    return out, delta, weights, finite, sent
+    weights = base * xs.real * finite
+    sent = jax.vmap(lambda d: comm.uplink_elements(d, algorithm.sparse_uplink, train_mask))(delta)
+    if getattr(cstate, "uplink_elements", None) is not None:  # the uplink counts itself
+      sent = jax.tree.map(lambda s, c: jnp.where(s > 0, c, 0.0), sent, cstate.uplink_elements)
+    sent = jax.tree.map(lambda s: s * xs.real, sent)
+    return _SlotOutputs(out, delta, weights, finite, sent, local, cstate)
 
   def step(state: ServerState, data: DeviceData, key) -> tuple[ServerState, dict]:
     k_sample, k_drop, k_clients, k_agg, k_server = jax.random.split(key, 5)
     cohort = _sample_uniform(k_sample, num_clients, clients_per_round)
+    new_cohort = jnp.mod(state.round, period) == 0
+    if period > 1:
+      cohort = jnp.where(new_cohort, cohort, state.cohort)
     ids = jnp.concatenate([cohort, jnp.zeros([c_pad - clients_per_round], jnp.int32)])
     real = (jnp.arange(c_pad) < clients_per_round).astype(jnp.float32)
     # Per-slot keys by fold_in, so a client's randomness does not depend on how far the
@@ -204,44 +256,50 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
       drop_u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k_drop, i)))(slots)
       real = real * (drop_u >= dropout_rate)
     keys = jax.vmap(lambda i: jax.random.fold_in(k_clients, i))(slots)
-    upload_mask = comm.find_uplink_mask(state.opt_state)
-
-    chunked_xs = (ids.reshape(n_chunks, chunk), keys.reshape((n_chunks, chunk) + keys.shape[1:]),
-                  real.reshape(n_chunks, chunk))
+    masks = (comm.find_uplink_mask(state.opt_state),
+             comm.find_uplink_mask(state.opt_state, "train_mask"))
+    upload_mask = masks[0]
+    start = cstate = None
+    if persistent:
+      start = jax.tree.map(
+          lambda g, c: jnp.where(new_cohort, jnp.broadcast_to(g[None], c.shape), c),
+          state.params, state.cohort_params)
+    if stateful_uplink:
+      cstate = jax.tree.map(lambda c: c[ids], state.client_states)
+    xs = _SlotInputs(ids, keys, real, start, cstate)
+    chunked_xs = jax.tree.map(lambda a: a.reshape((n_chunks, chunk) + a.shape[1:]), xs)
+    unchunk = lambda t: jax.tree.map(lambda a: a.reshape((c_pad,) + a.shape[2:]), t)
+    grad_sums = None
     if n_chunks == 1 or not stream_aggregate:
       if n_chunks == 1:
-        out, deltas, weights, finite, sent = run_clients(state, data, ids, keys, real,
-                                                         upload_mask)
+        res = run_clients(state, data, masks, xs)
       else:
-        _, ys = jax.lax.scan(
-            lambda _, xs: (None, run_clients(state, data, *xs, upload_mask)), None, chunked_xs)
-        out, deltas, weights, finite, sent = jax.tree.map(
-            lambda a: a.reshape((c_pad,) + a.shape[2:]), ys)
+        _, ys = jax.lax.scan(lambda _, x: (None, run_clients(state, data, masks, x)), None,
+                             chunked_xs)
+        res = unchunk(ys)
+      out, deltas, weights, finite, sent, local, cstate = res
       aggregate, agg_state = aggregator.update(deltas, state.aggregator_state, state.params,
                                                weights=weights, key=k_agg)
       client_ms = jtree.weighted_mean(out.model_state, weights)
       metrics_c = out.metrics
       sent_total = jax.tree.map(lambda s: jnp.sum(s), sent)
       client_updates = deltas
+      grad_sums = out.grad_sum
     else:
-      def body(acc, xs):
-        ids_c, keys_c, real_c = xs
-        out, deltas, weights, finite, sent = run_clients(state, data, ids_c, keys_c, real_c,
-                                                         upload_mask)
+      def body(acc, x):
+        r = run_clients(state, data, masks, x)
         wsum = lambda t: jax.tree.map(
-            lambda d: jnp.sum(d * weights.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype),
+            lambda d: jnp.sum(d * r.weights.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype),
                               axis=0), t)
-        acc = jax.tree.map(jnp.add, acc, (wsum(deltas), wsum(out.model_state), jnp.sum(weights),
-                                          jax.tree.map(jnp.sum, sent)))
-        return acc, (out.metrics, weights, finite)
+        acc = jax.tree.map(jnp.add, acc, (wsum(r.delta), wsum(r.out.model_state),
+                                          jnp.sum(r.weights), jax.tree.map(jnp.sum, r.sent)))
+        return acc, (r.out.metrics, r.weights, r.finite, r.local, r.cstate)
 
       zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
       acc0 = (zeros(state.params), zeros(state.model_state), jnp.zeros([], jnp.float32),
               jax.tree.map(lambda _: jnp.zeros([], jnp.float32), state.params))
-      (dsum, msum, wtot, sent_total), (metrics_c, weights, finite) = jax.lax.scan(
-          body, acc0, chunked_xs)
-      metrics_c = jax.tree.map(lambda m: m.reshape(c_pad), metrics_c)
-      weights, finite = weights.reshape(c_pad), finite.reshape(c_pad)
+      (dsum, msum, wtot, sent_total), ys = jax.lax.scan(body, acc0, chunked_xs)
+      metrics_c, weights, finite, local, cstate = unchunk(ys)
       inv = jnp.where(wtot > 0, 1.0 / jnp.where(wtot > 0, wtot, 1.0), 0.0)
       aggregate = jax.tree.map(lambda s: s * inv.astype(s.dtype), dsum)
       client_ms = jax.tree.map(lambda s: s * inv.astype(s.dtype), msum)
@@ -252,9 +310,28 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     model_state = jtree.select_tree(total_w > 0, client_ms, state.model_state)
     updates, opt_state = server_tx.update(
         aggregate, state.opt_state, state.params, client_updates=client_updates,
-        client_weights=weights, key=k_server, round=state.round)
+        client_weights=weights, key=k_server, round=state.round,
+        client_grad_sums=grad_sums if track_grads else None)
     params = optax.apply_updates(state.params, updates)
     params = jshard.constrain_replicated(params, mesh)
+    cohort_params = None
+    if persistent:
+      # Synchronised layers (and quarantined clients) restart from the new global model;
+      # the rest stay local on the client that holds the slot.
+      sync = (jax.tree.map(lambda _: True, params) if upload_mask is None else upload_mask)
+      fin = finite.astype(bool)
+      cohort_params = jax.tree.map(
+          lambda g, l, s: jnp.where(
+              s | ~fin.reshape((-1,) + (1,) * g.ndim), jnp.broadcast_to(g[None], l.shape), l),
+          params, local, sync)
+      cohort_params = jshard.constrain_clients(cohort_params, mesh)
+    client_states = state.client_states
+    if stateful_uplink:
+      # Commit the per-client uplink state of clients that took part (not padding, dropped
+      # or quarantined slots: their index points past the end and the write is dropped).
+      commit = jnp.where((real * finite) > 0, ids, num_clients)
+      client_states = jax.tree.map(lambda s, c: s.at[commit].set(c, mode="drop"),
+                                   state.client_states, cstate)
 
     participants = real * finite
     n_part = jnp.maximum(jnp.sum(participants), 1.0)
@@ -277,7 +354,8 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     new_state = ServerState(
         params=params, model_state=model_state, opt_state=opt_state, aggregator_state=agg_state,
         round=optax.safe_increment(state.round),
-        uplink_elements=jax.tree.map(jnp.add, state.uplink_elements, sent_total), cohort=cohort)
+        uplink_elements=jax.tree.map(jnp.add, state.uplink_elements, sent_total), cohort=cohort,
+        cohort_params=cohort_params, client_states=client_states)
     return new_state, metrics
 
   jit_step = jax.jit(step, donate_argnums=(0,) if donate else ())

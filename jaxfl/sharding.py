@@ -59,3 +59,20 @@ def put_replicated(x, mesh):
   if mesh is None:
     return jax.device_put(x)
   return jax.device_put(x, replicated(mesh))
+
+
+def to_host(tree):
+  """NumPy copy of a tree of arrays, whole on every process (also in multi-process runs).
+
+  ``jax.device_get`` cannot fetch an array sharded over other processes' devices (e.g. the
+  round's ``cohort``, laid along ``"clients"``); those leaves are all-gathered, so in a
+  multi-process run every process must call this together (``simulate`` does).
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils
+
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(get, tree)

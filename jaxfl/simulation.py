@@ -85,7 +85,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     seed: seeds model init (``fold_in(key(seed), 0)``) and round keys
       (``fold_in(key(seed) + 1, r)``); same seed, same history bit for bit.
     eval_every: evaluate on the test set every k rounds (and always after the last).
-    devices: devices of the client mesh (default: all local devices).
+    devices: devices of the client mesh (default: ``jax.devices()``, i.e. every process's
+      devices after :func:`jaxfl.launch.initialize`; all processes run ``simulate`` alike).
     clients_per_chunk: clients trained at once (see :func:`jaxfl.round.build_round`;
       ``"auto"`` picks by backend, ``None`` vmaps the whole cohort).
     stream_aggregate: sum updates chunk by chunk (memory grows with the chunk, not the
@@ -95,8 +96,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     checkpoint_dir: if set, resume from the newest checkpoint there and save to it.
     checkpoint_every: save every k rounds (0 = only at the end when ``checkpoint_dir``).
     output_dir: write ``history.json``, ``history.csv``, ``summary.json`` (and
-      ``accuracy.png`` with ``plot=True``).
-    progress: show a progress bar.
+      ``accuracy.png`` with ``plot=True``); process 0 only.
+    progress: show a progress bar (process 0 only).
     init_params: optional initial params (e.g. pre-trained) replacing ``model.init``'s.
   """
   _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed)
@@ -128,9 +129,12 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
   dd = device_data(data, mesh)
   x_test, y_test = jshard.put_replicated((data.x_test, data.y_test), mesh)
   round_keys = jax.random.fold_in(root, 1)
+  # Multi-process (jaxfl.launch): every process runs this loop on the same global arrays;
+  # metrics are replicated so every process reads them, but only process 0 reports/writes.
+  primary = jax.process_index() == 0
 
   bar = None
-  if progress:
+  if progress and primary:
     from tqdm.auto import tqdm
     bar = tqdm(total=rounds, initial=min(start, rounds), desc=algorithm.name, leave=False)
   t0 = time.perf_counter()
@@ -154,14 +158,15 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
         bar.set_postfix(acc=f"{row['test_accuracy']:.4f}", loss=f"{row['train_loss']:.3f}")
     if checkpoint_dir and ((checkpoint_every and (r + 1) % checkpoint_every == 0)
                            or r + 1 == rounds):
-      jckpt.save(checkpoint_dir, jax.device_get(state), history, r + 1)
+      # to_host, not device_get: client-sharded leaves span processes in multi-process runs
+      jckpt.save(checkpoint_dir, jshard.to_host(state), history, r + 1)
   if bar is not None:
     bar.close()
   total_s = time.perf_counter() - t0
   summary = summarize(history, algorithm.name, data.name)
   summary.update(seconds=total_s, compile_seconds=compile_s, devices=len(devices),
                  seed=seed, clients_per_round=clients_per_round, num_clients=data.num_clients)
-  if output_dir:
+  if output_dir and primary:
     write_outputs(output_dir, history, summary, plot)
   return SimulationResult(history, state, summary)
 

@@ -13,11 +13,14 @@ from jaxfl.algorithms._fedopt import get_algorithm as get_algorithm
 from jaxfl.algorithms.layerwise import LAYERWISE_ALGORITHMS as LAYERWISE_ALGORITHMS
 from jaxfl.algorithms.layerwise import fedacg as fedacg
 from jaxfl.algorithms.layerwise import feddropoutavg as feddropoutavg
+from jaxfl.algorithms.layerwise import fedlama as fedlama
 from jaxfl.algorithms.layerwise import fedluar as fedluar
 from jaxfl.algorithms.layerwise import fedpaq as fedpaq
+from jaxfl.algorithms.layerwise import lbgm as lbgm
+from jaxfl.algorithms.layerwise import prunefl as prunefl
 
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
 
 __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "fedacg", "fedadagrad", "fedadam",
-           "fedavg", "fedavgm", "feddropoutavg", "fedluar", "fedopt", "fedpaq", "fedprox",
-           "fedyogi", "get_algorithm"]
+           "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar", "fedopt", "fedpaq", "fedprox",
+           "fedyogi", "get_algorithm", "lbgm", "prunefl"]

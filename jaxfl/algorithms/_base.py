@@ -28,6 +28,15 @@ class Algorithm(NamedTuple):
     weighting: ``"examples"`` (weights = client sizes, McMahan et al.) or ``"uniform"``
       (the LMLS-lab papers' unweighted mean).
     sparse_uplink: count only non-zero uploaded entries in the ledger.
+    cohort_period: resample the cohort every this many rounds (FedLAMA's phi); in between
+      the same clients train again.
+    persistent_cohort: the cohort's clients keep their local parameters between rounds for
+      every layer the server transform's ``uplink_mask`` did not synchronise (FedLAMA);
+      synchronised layers, and every layer when a new cohort is drawn, restart from the
+      global model. Local optimizer state is still fresh every round.
+    stateful_uplink: the ``uplink`` transform's state persists per client across rounds
+      (N copies in ``ServerState.client_states``, read and written by client id; LBGM). A
+      state field ``uplink_elements`` (per-leaf f32[]) then overrides the ledger's count.
   """
 
   name: str
@@ -37,6 +46,9 @@ class Algorithm(NamedTuple):
   uplink: optax.GradientTransformation | None = None
   weighting: str = "examples"
   sparse_uplink: bool = False
+  cohort_period: int = 1
+  persistent_cohort: bool = False
+  stateful_uplink: bool = False
 
 
 def validate_algorithm(algo: Algorithm) -> None:
@@ -45,3 +57,7 @@ def validate_algorithm(algo: Algorithm) -> None:
   validate_local_training(algo.local)
   if algo.weighting not in ("examples", "uniform"):
     raise ValueError(f"`weighting` must be 'examples' or 'uniform', got {algo.weighting!r}.")
+  if algo.stateful_uplink and algo.uplink is None:
+    raise ValueError("`stateful_uplink=True` needs an `uplink` transform.")
+  if not isinstance(algo.cohort_period, int) or algo.cohort_period < 1:
+    raise ValueError(f"`cohort_period` must be a positive int, got {algo.cohort_period!r}.")

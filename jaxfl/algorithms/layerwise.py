@@ -4,10 +4,14 @@ Every factory returns an :class:`~jaxfl.algorithms.Algorithm` with the LMLS-lab 
 settings: unweighted mean over the cohort (``weighting="uniform"``), client SGD with momentum
 0.9 (fresh every round), ``local_steps`` = tau mini-batch steps, batch 32.
 
+* :func:`fedlama`: layer-wise aggregation intervals in {tau', phi tau'} with a persistent
+  cohort resampled every phi rounds.
 * :func:`fedluar`: FedAvg/FedOpt + LUAR (``server_lr`` = eta_g; FedOpt+LUAR uses 0.9), with
   ``prox_mu`` FedProx+LUAR and ``quantize_levels`` FedPAQ+LUAR.
 * :func:`fedpaq`: clients upload QSGD-quantised deltas.
 * :func:`feddropoutavg`: clients drop 75% of their kernel-delta entries.
+* :func:`lbgm`: clients send one scalar when their update is close to their look-back update.
+* :func:`prunefl`: every 50 rounds keep the top 70% of each kernel by gradient importance.
 * :func:`fedacg`: server momentum + local proximal term; ``num_recycle > 0`` = FedACG+LUAR
   with recycled layers bypassing the momentum.
 """
@@ -19,10 +23,12 @@ import optax
 from jaxfl.aggregation import weighted_mean
 from jaxfl.algorithms._base import Algorithm
 from jaxfl.algorithms._fedopt import _local
+from jaxfl.transforms import _fedlama as lama_lib
 from jaxfl.transforms import _fedluar as luar_lib
-from jaxfl.transforms import compression
+from jaxfl.transforms import _lbgm, _prunefl, compression
 
-__all__ = ["LAYERWISE_ALGORITHMS", "feddropoutavg", "fedacg", "fedluar", "fedpaq"]
+__all__ = ["LAYERWISE_ALGORITHMS", "feddropoutavg", "fedacg", "fedlama", "fedluar", "fedpaq",
+           "lbgm", "prunefl"]
 
 
 def _lab_local(client_lr, client_momentum, weight_decay, batch_size, local_steps, prox_mu=0.0):
@@ -68,6 +74,25 @@ def fedluar(num_recycle: int = 2, *, server_lr: float = 1.0, selection: str = "i
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps, prox_mu),
                    optax.chain(tx, optax.sgd(server_lr)), weighted_mean(), uplink, "uniform")
+
+
+def fedlama(phi: int = 2, *, local_steps: int = 10, warmup_rounds: int = 6,
+            server_lr: float = 1.0, client_lr: float = 0.01, client_momentum: float = 0.9,
+            weight_decay: float = 0.0, batch_size: int = 32, name: str = "fedlama"
+            ) -> Algorithm:
+  """FedLAMA (Lee et al., AAAI 2023): layer-wise aggregation intervals (ALGORITHMS.md §2).
+
+  Clients take ``local_steps`` = tau' local steps per round; a layer is averaged every round
+  (interval tau') or every ``phi`` rounds (phi tau'), reassigned by
+  :func:`jaxfl.transforms.fedlama` every ``phi`` rounds after ``warmup_rounds``. The cohort
+  is resampled every ``phi`` rounds and keeps un-synchronised layers locally in between
+  (``persistent_cohort``). The paper compares FedAvg at tau' and at phi tau' local steps.
+  """
+  tx = lama_lib.fedlama(local_steps, phi, warmup_rounds=warmup_rounds)
+  return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
+                                    local_steps),
+                   optax.chain(tx, optax.sgd(server_lr)), weighted_mean(), None, "uniform",
+                   cohort_period=phi, persistent_cohort=True)
 
 
 def fedpaq(levels: int = 16, *, server_lr: float = 1.0, client_lr: float = 0.01,
@@ -125,5 +150,33 @@ def fedacg(*, server_momentum: float = 0.7, beta: float = 0.01, num_recycle: int
                    server, weighted_mean(), None, "uniform")
 
 
-LAYERWISE_ALGORITHMS = {"fedluar": fedluar, "fedpaq": fedpaq, "feddropoutavg": feddropoutavg,
+def lbgm(threshold: float = 0.95, *, server_lr: float = 1.0, client_lr: float = 0.01,
+         client_momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 32,
+         local_steps: int = 20, name: str = "lbgm") -> Algorithm:
+  """LBGM (Azam et al., ICLR 2022) with one look-back update per client (ALGORITHMS.md §11).
+
+  The ledger counts one element for a look-back (scalar) upload.
+  """
+  return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
+                                    local_steps),
+                   optax.sgd(server_lr), weighted_mean(), _lbgm.lbgm(threshold), "uniform",
+                   stateful_uplink=True)
+
+
+def prunefl(keep: float = 0.7, reconfig_every: int = 50, *, server_lr: float = 1.0,
+            client_lr: float = 0.01, client_momentum: float = 0.9, weight_decay: float = 0.0,
+            batch_size: int = 32, local_steps: int = 20, name: str = "prunefl") -> Algorithm:
+  """PruneFL as in the FedLUAR reference code (ALGORITHMS.md §11): masked local training of
+  kernels, masks re-chosen every ``reconfig_every`` rounds from summed-gradient importance.
+
+  The ledger counts the mask's ones of every uploaded kernel (the mask is shared, so no
+  indices); the importance statistics are not counted (as in the reference code).
+  """
+  local = _lab_local(client_lr, client_momentum, weight_decay, batch_size, local_steps)
+  return Algorithm(name, local._replace(track_grad_sum=True),
+                   optax.chain(_prunefl.prunefl(keep, reconfig_every), optax.sgd(server_lr)),
+                   weighted_mean(), None, "uniform")
+
+
+LAYERWISE_ALGORITHMS = {"lbgm": lbgm, "prunefl": prunefl, "fedlama": fedlama, "fedluar": fedluar, "fedpaq": fedpaq, "feddropoutavg": feddropoutavg,
                         "fedacg": fedacg}

@@ -10,8 +10,11 @@ import optax
 import pytest
 
 from jaxfl import aggregation
+from jaxfl.transforms import _fedlama as fedlama
 from jaxfl.transforms import _fedluar as fedluar
+from jaxfl.transforms import _lbgm as lbgm
 from jaxfl.transforms import _mlbfgs as mlbfgs
+from jaxfl.transforms import _prunefl as prunefl
 from jaxfl.transforms import compression, fedprox, gem
 
 
@@ -30,6 +33,11 @@ CASES = {
     "fedluar": (fedluar.fedluar, dict(num_recycle=1), ("num_recycle", "selection", "recycle",
                                                        "candidates", "aggregate_transform",
                                                        "seed"), "eps", True),
+    "fedlama": (fedlama.fedlama, dict(tau_prime=2, phi=2, warmup_rounds=0),
+                ("tau_prime", "phi", "warmup_rounds", "kernels"), None, True),
+    "lbgm": (lbgm.lbgm, dict(threshold=0.5), (), "threshold", True),
+    "prunefl": (prunefl.prunefl, dict(keep=0.5, reconfig_every=2),
+                ("keep", "reconfig_every", "kernels"), None, True),
     "gem_mask": (gem.gem_mask, dict(mask=_MASK), ("mask",), None, True),
     "masked_uplink": (gem.masked_uplink, dict(mask=_MASK), ("mask",), None, True),
     "qsgd_quantize": (compression.qsgd_quantize, dict(levels=4), ("levels", "seed"), None, True),
@@ -46,6 +54,7 @@ CASES = {
 
 def _extra(params, step):
   return dict(client_updates=jax.tree.map(lambda p: jnp.stack([p, 2 * p]), params),
+              client_grad_sums=jax.tree.map(lambda p: jnp.stack([p, -3 * p]), params),
               client_weights=jnp.ones(2), key=jax.random.key(step),
               round=jnp.asarray(step, jnp.int32))
 
