@@ -47,6 +47,24 @@ def is_kernel(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: bool(np.ndim(x) >= 2), tree)
 
 
+def leaf_flags(spec, tree: PyTree, arg: str = "candidates") -> list[bool]:
+  """Per-leaf Python bools (``jax.tree.leaves`` order) from a transform's leaf selector.
+
+  ``spec`` is None (kernel leaves, :func:`is_kernel`), a callable ``tree -> bool tree`` or a
+  bool tree with the structure of ``tree``; a wrong structure raises naming ``arg``.
+  """
+  if spec is None:
+    flags = is_kernel(tree)
+  else:
+    flags = spec(tree) if callable(spec) else spec
+  try:
+    flat = jax.tree.structure(tree).flatten_up_to(flags)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"`{arg}` must give a tree of bools with the structure of the params: "
+                     f"{e}") from e
+  return [bool(f) for f in flat]
+
+
 def leaf_sizes(tree: PyTree) -> PyTree:
   """A same-structure tree of Python ints: number of elements per leaf."""
   return jax.tree.map(lambda x: int(np.size(x)), tree)

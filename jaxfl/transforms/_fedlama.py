@@ -134,19 +134,6 @@ def fedlama(tau_prime: int, phi: int = 2, *, warmup_rounds: int = 6,
     if not isinstance(v, int | np.integer) or v < lo:
       raise ValueError(f"`{name}` must be an int >= {lo}, got {v!r}.")
 
-  def kernel_flags(params) -> np.ndarray:
-    if kernels is None:
-      flags = jtree.is_kernel(params)
-    else:
-      flags = kernels(params) if callable(kernels) else kernels
-    treedef = jax.tree.structure(params)
-    try:
-      flat = treedef.flatten_up_to(flags)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"`kernels` must be a bool tree with the structure of the params: {e}"
-                       ) from e
-    return np.array([bool(f) for f in flat])
-
   def mask_tree(params, due):
     leaves, treedef = jax.tree.flatten(params)
     return jax.tree.unflatten(treedef, [due[i] for i in range(len(leaves))])
@@ -171,7 +158,7 @@ def fedlama(tau_prime: int, phi: int = 2, *, warmup_rounds: int = 6,
     c = jax.tree.leaves(client_updates)[0].shape[0]
     if client_weights is None:
       client_weights = jnp.ones([c], jnp.float32)
-    kern = jnp.asarray(kernel_flags(updates))
+    kern = jnp.asarray(jtree.leaf_flags(kernels, updates, "kernels"))
     sizes = jnp.asarray([int(np.size(x)) for x in leaves], jnp.int32)
     r = state.count
     due = jnp.mod(r + 1, state.intervals) == 0

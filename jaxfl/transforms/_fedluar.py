@@ -52,22 +52,6 @@ class FedLUARState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _candidate_flags(candidates, params) -> list[bool]:
-  leaves, treedef = jax.tree.flatten(params)
-  if candidates is None:
-    flags = jtree.is_kernel(params)
-  elif callable(candidates):
-    flags = candidates(params)
-  else:
-    flags = candidates
-  try:
-    flat = treedef.flatten_up_to(flags)
-  except (ValueError, TypeError) as e:
-    raise ValueError("`candidates` must give a tree of bools with the structure of the "
-                     f"params: {e}") from e
-  return [bool(f) for f in flat]
-
-
 def _as_key(k):
   """A typed PRNG key from a typed key or raw ``u32[2]`` key data."""
   if jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key):
@@ -166,7 +150,7 @@ def fedluar(num_recycle: int, *, selection: str = "inverse_score", recycle: bool
 
   def layout(params):
     leaves, treedef = jax.tree.flatten(params)
-    flags = _candidate_flags(candidates, params)
+    flags = jtree.leaf_flags(candidates, params)
     cand_idx = [i for i, f in enumerate(flags) if f]
     if num_recycle > len(cand_idx):
       raise ValueError(f"`num_recycle`={num_recycle} exceeds the {len(cand_idx)} candidate "

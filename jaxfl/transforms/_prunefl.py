@@ -75,17 +75,10 @@ def prunefl(keep: float = 0.7, reconfig_every: int = 50, *,
   if not isinstance(reconfig_every, int | np.integer) or reconfig_every < 1:
     raise ValueError(f"`reconfig_every` must be a positive int, got {reconfig_every!r}.")
 
-  def flags(params):
-    if kernels is None:
-      f = jtree.is_kernel(params)
-    else:
-      f = kernels(params) if callable(kernels) else kernels
-    return [bool(x) for x in jax.tree.structure(params).flatten_up_to(f)]
-
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     masks = [jnp.ones(p.shape, bool) if k else jnp.ones([], bool)
-             for p, k in zip(leaves, flags(params))]
+             for p, k in zip(leaves, jtree.leaf_flags(kernels, params, "kernels"))]
     return PruneFLState(jnp.zeros([], jnp.int32),
                         jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
                         jax.tree.unflatten(treedef, masks))
@@ -104,7 +97,7 @@ def prunefl(keep: float = 0.7, reconfig_every: int = 50, *,
         client_grad_sums)
     acc = jax.tree.map(jnp.add, state.importance, imp)
     reconfig = jnp.mod(state.count + 1, reconfig_every) == 0
-    kern = flags(updates)
+    kern = jtree.leaf_flags(kernels, updates, "kernels")
 
     def new_masks(acc):
       leaves, treedef = jax.tree.flatten(acc)

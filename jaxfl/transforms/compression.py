@@ -178,14 +178,8 @@ def random_dropout(rate: float = 0.75, *, candidates: Callable[[Any], Any] | Any
 
   def update_fn(updates, state, params=None, *, key=None, **extra_args):
     del params, extra_args
-    if candidates is None:
-      flags = jtree.is_kernel(updates)
-    elif callable(candidates):
-      flags = candidates(updates)
-    else:
-      flags = candidates
+    flags = jtree.leaf_flags(candidates, updates)
     leaves, treedef = jax.tree.flatten(updates)
-    flags = treedef.flatten_up_to(flags)
     base = _key_or_content(key, updates, seed)
     keys = jax.random.split(base, max(len(leaves), 1))
     out = []
