@@ -48,8 +48,8 @@ def parse():
   p.add_argument("--stream", action="store_true", help="stream_aggregate (memory-bounded)")
   p.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of local steps")
   p.add_argument("--skip-sequential", action="store_true")
-  p.add_argument("--conv-impl", choices=["patches", "xla"], default="patches",
-                 help="conv lowering of jaxfl's model (the sequential loop always uses xla)")
+  p.add_argument("--conv-impl", choices=["auto", "xla", "patches", "lax"], default="auto",
+                 help="conv lowering of the model (both simulators run the same model)")
   p.add_argument("--json", default=None, help="write the result row here")
   return p.parse_args()
 
@@ -77,7 +77,7 @@ def main():
     data = jaxfl.data.load(name, n_clients, jaxfl.data.dirichlet(alpha), seed=0)
   mk = lambda impl: jaxfl.models.get_model(model_name, data.example_shape, data.num_classes,
                                            conv_impl=impl)
-  model_vec, model_seq = mk(args.conv_impl), mk("xla")
+  model_vec = model_seq = mk(args.conv_impl)
   algo = jaxfl.algorithms.fedavg(client_lr=0.05, batch_size=batch, local_steps=steps,
                                  local_epochs=epochs)
   algo = algo._replace(local=algo.local._replace(unroll=args.unroll))

@@ -55,7 +55,7 @@ def trimmed_mean(trim_fraction: float = 0.1) -> optax.GradientTransformationExtr
       s = _masked_sorted(u, include)
       pos = jnp.arange(u.shape[0]).reshape((-1,) + (1,) * (u.ndim - 1))
       keep = (pos >= t) & (pos < k - t)
-      total = jnp.sum(jnp.where(keep, s, 0.0), axis=0)
+      total = jtree.weighted_sum(jnp.where(keep, s, 0.0), jnp.ones(u.shape[:1]))
       return (total / jnp.maximum(k - 2 * t, 1)).astype(u.dtype)
 
     return jax.tree.map(agg, client_updates), state
@@ -99,9 +99,8 @@ def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTr
     include = (weights > 0).astype(jnp.float32)
     norms = jax.vmap(jtree.global_norm)(client_updates)
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
-    mean = jtree.weighted_mean(
-        jax.tree.map(lambda u: u * scale.reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype),
-                     client_updates), include)
+    inv_k = jnp.where(jnp.sum(include) > 0, 1.0 / jnp.maximum(jnp.sum(include), 1.0), 0.0)
+    mean = jtree.weighted_sum(client_updates, include * scale * inv_k)
     if noise_multiplier > 0:
       if key is None:
         raise ValueError("dp_mean with noise needs `key`.")

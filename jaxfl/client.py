@@ -128,8 +128,8 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     opt_state0 = lt.optimizer.init(params)
 
-    def step(carry, s):
-      p, opt_state, ms, gsum = carry
+    def train_step(carry, s):
+      p, opt_state, ms, gsum, sums = carry
       epoch = s // batches_per_epoch
       b = s % batches_per_epoch
       # Reshuffle the client's real examples every epoch; padding slots sort last.
@@ -146,20 +146,27 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
       if update_mask is not None:
         updates = jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, update_mask)
       new_p = optax.apply_updates(p, updates)
-      active = s < active_steps
       new_gsum = None if gsum is None else jax.tree.map(jnp.add, gsum, grads)
-      carry = jtree.select_tree(active, (new_p, new_opt_state, new_ms, new_gsum),
-                                (p, opt_state, ms, gsum))
-      act = active.astype(jnp.float32)
-      return carry, (loss * act, jtree.global_norm(grads) * act, jnp.sum(weight) * act)
+      step_metrics = (loss, jtree.global_norm(grads), jnp.sum(weight))
+      sums = tuple(a + v.astype(a.dtype) for a, v in zip(sums, step_metrics))
+      return new_p, new_opt_state, new_ms, new_gsum, sums
+
+    def step(carry, s):
+      # A real branch when the client runs alone (lax.map): steps past the client's budget
+      # cost nothing, so ragged clients do not pay for the largest one. Under vmap JAX turns
+      # the cond into a select of both branches, i.e. masking.
+      return jax.lax.cond(s < active_steps, train_step, lambda c, _: c, carry, s), None
 
     gsum0 = jax.tree.map(jnp.zeros_like, params) if lt.track_grad_sum else None
-    (local, _, new_ms, gsum), (losses, gnorms, examples) = jax.lax.scan(
-        step, (params, opt_state0, model_state, gsum0), jnp.arange(steps), unroll=lt.unroll)
+    # loss, grad norm, examples; like `size`, so they vary over devices under shard_map
+    sums0 = tuple(jnp.zeros_like(size, jnp.float32) for _ in range(3))
+    (local, _, new_ms, gsum, (loss_sum, gnorm_sum, examples)), _ = jax.lax.scan(
+        step, (params, opt_state0, model_state, gsum0, sums0), jnp.arange(steps),
+        unroll=lt.unroll)
     delta = jax.tree.map(lambda g, l: g - l, params, local)
     n = jnp.maximum(jnp.minimum(active_steps, steps), 1).astype(jnp.float32)
-    metrics = {"loss": jnp.sum(losses) / n, "grad_norm": jnp.sum(gnorms) / n,
-               "examples": jnp.sum(examples), "steps": jnp.minimum(active_steps, steps)}
+    metrics = {"loss": loss_sum / n, "grad_norm": gnorm_sum / n, "examples": examples,
+               "steps": jnp.minimum(active_steps, steps)}
     return ClientOutput(delta, new_ms, metrics, gsum)
 
   return client_update

@@ -14,19 +14,21 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jaxfl import comm
 from jaxfl import sharding as jshard
 from jaxfl import tree as jtree
 from jaxfl.algorithms._base import Algorithm, validate_algorithm
 from jaxfl.client import make_client_update
-from jaxfl.models import Model
+from jaxfl.models import Model, batched_clients
 
 NAN_POLICIES = ("drop", "raise")
 
@@ -105,11 +107,11 @@ def device_data(data, mesh=None) -> DeviceData:
   return jshard.put_replicated(host, mesh)
 
 
-def _rows_finite(stacked):
-  """bool[C]: True where every entry of a client's slice of every leaf is finite."""
-  out = True
-  for x in jax.tree.leaves(stacked):
-    out = out & jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+def _all_finite(tree):
+  """bool[]: True where every entry of every leaf is finite."""
+  out = jnp.asarray(True)
+  for x in jax.tree.leaves(tree):
+    out = out & jnp.all(jnp.isfinite(x))
   return out
 
 
@@ -117,9 +119,30 @@ def _sample_uniform(key, num_clients, cohort):
   return jax.random.choice(key, num_clients, (cohort,), replace=False).astype(jnp.int32)
 
 
+def _reads_client_updates(server_tx, model: Model, cohort: int) -> bool:
+  """Whether the server transform's outputs depend on ``client_updates`` (traced, abstract).
+
+  Conservative: any use of the stacked updates in the traced update counts.
+  """
+  params = jax.eval_shape(lambda k: model.init(k)[0], jax.random.key(0))
+  stacked = jax.tree.map(lambda p: jax.ShapeDtypeStruct((cohort,) + p.shape, p.dtype), params)
+
+  def update(client_updates, params):
+    return server_tx.update(params, server_tx.init(params), params,
+                            client_updates=client_updates, client_weights=jnp.ones([cohort]),
+                            key=jax.random.key(0), round=jnp.zeros([], jnp.int32),
+                            client_grad_sums=None)
+
+  jaxpr = jax.make_jaxpr(update)(stacked, params).jaxpr
+  inputs = jaxpr.invars[: len(jax.tree.leaves(stacked))]
+  read = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
+  return any(v is u for v in read for u in inputs)
+
+
 def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_client_size: int,
                 clients_per_round: int, mesh=None,
-                clients_per_chunk: int | str | None = "auto", stream_aggregate: bool = False,
+                clients_per_chunk: int | str | None = "auto",
+                stream_aggregate: bool | str = "auto",
                 nan_policy: str = "drop", dropout_rate: float = 0.0,
                 donate: bool = True) -> Round:
   """Builds the jitted round for an algorithm, a model and a population shape.
@@ -140,7 +163,10 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     stream_aggregate: with chunks, sum the weighted updates chunk by chunk instead of keeping
       every client's update, so memory grows with the chunk, not the cohort (cohorts of
       thousands). Requires the weighted-mean aggregator; the server transform then gets
-      ``client_updates=None``.
+      ``client_updates=None``. ``"auto"`` (default) streams whenever the cohort runs in
+      chunks, the aggregator is the weighted mean, clients track no gradient sums and the
+      traced server transform does not read ``client_updates`` (FedLAMA does), i.e. whenever
+      the result cannot change.
     nan_policy: ``"drop"`` quarantines clients whose update is not finite (weight 0; counted
       in ``metrics["nonfinite_clients"]``); ``"raise"`` does the same in-graph and the driver
       raises after the round.
@@ -165,19 +191,24 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
   chunk = c_pad
   if clients_per_chunk == "auto":
     clients_per_chunk = 1 if jax.default_backend() == "cpu" else None
-  if stream_aggregate:
-    if algorithm.aggregator.update.__qualname__.split(".")[0] != "weighted_mean":
+  if stream_aggregate not in (True, False, "auto"):
+    raise ValueError(f"`stream_aggregate` must be True, False or 'auto', got {stream_aggregate!r}.")
+  mean_aggregator = algorithm.aggregator.update.__qualname__.split(".")[0] == "weighted_mean"
+  if stream_aggregate is True:
+    if not mean_aggregator:
       raise ValueError("`stream_aggregate` needs the weighted-mean aggregator (robust "
                        "aggregators need every client update at once).")
     clients_per_chunk = clients_per_chunk or c_pad
+  d = 1 if mesh is None else mesh.devices.size
   if clients_per_chunk is not None:
     if not isinstance(clients_per_chunk, int) or clients_per_chunk < 1:
       raise ValueError("`clients_per_chunk` must be a positive int, None or 'auto', got "
                        f"{clients_per_chunk!r}.")
-    d = 1 if mesh is None else mesh.devices.size
     chunk = -(-min(clients_per_chunk, c_pad) // d) * d
     c_pad = -(-c_pad // chunk) * chunk
   n_chunks = c_pad // chunk
+  local_chunk = chunk // d  # slots one device trains at once
+  on_mesh = d > 1
 
   client_update = make_client_update(model, algorithm.local, max_client_size)
   server_tx = optax.with_extra_args_support(algorithm.server_optimizer)
@@ -189,6 +220,10 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
   period = algorithm.cohort_period
   stateful_uplink = algorithm.stateful_uplink
   track_grads = algorithm.local.track_grad_sum
+  if stream_aggregate == "auto":
+    stream_aggregate = (n_chunks > 1 and mean_aggregator and not track_grads
+                        and not _reads_client_updates(server_tx, model, c_pad))
+  stream = stream_aggregate and n_chunks > 1
 
   def init(key) -> ServerState:
     params, model_state = model.init(key)
@@ -201,45 +236,88 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
         cohort_params=per_slot(params, c_pad) if persistent else None,
         client_states=per_slot(uplink.init(params), num_clients) if stateful_uplink else None)
 
-  def run_clients(state, data, masks, xs: _SlotInputs) -> _SlotOutputs:
-    """Trains and post-processes one (chunk of a) cohort; all outputs lead with [chunk]."""
+  def one_slot(server, data, masks, x: _SlotInputs) -> _SlotOutputs:
+    """Trains and post-processes one cohort slot (unbatched; vmapped or mapped by the caller)."""
+    params, model_state = server
     upload_mask, train_mask = masks
-    ids = jshard.constrain_clients(xs.ids, mesh)
-    keys = jshard.constrain_clients(xs.keys, mesh)
-    train_keys, uplink_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-    start = state.params if xs.start is None else jshard.constrain_clients(xs.start, mesh)
-    out = jax.vmap(client_update, in_axes=(None if xs.start is None else 0,
-                                           None, None, None, 0, 0, 0, None))(
-        start, state.model_state, data.x, data.y, data.client_indices[ids],
-        data.client_sizes[ids], train_keys, train_mask)
+    train_key, uplink_key = jax.random.split(x.keys)
+    start = params if x.start is None else x.start
+    out = client_update(start, model_state, data.x, data.y, data.client_indices[x.ids],
+                        data.client_sizes[x.ids], train_key, train_mask)
     delta, local = out.delta, None
-    if xs.start is not None:
+    if x.start is not None:
       local = jax.tree.map(jnp.subtract, start, out.delta)
       # The server sees x_t - x^i: for layers kept locally since the last sync this adds the
       # drift accumulated in earlier rounds; for layers that started from x_t it is exact.
-      delta = jax.tree.map(lambda g, s, d: (g[None] - s) + d, state.params, start, out.delta)
+      delta = jax.tree.map(lambda g, s, d: (g - s) + d, params, start, out.delta)
     cstate = None
     if uplink is not None:
       if stateful_uplink:
-        delta, cstate = jax.vmap(lambda d, c, k: uplink.update(d, c, state.params, key=k))(
-            delta, xs.cstate, uplink_keys)
+        delta, cstate = uplink.update(delta, x.cstate, params, key=uplink_key)
       else:
-        delta = jax.vmap(lambda d, k: uplink.update(d, uplink.init(d), state.params,
-                                                    key=k)[0])(delta, uplink_keys)
+        delta = uplink.update(delta, uplink.init(delta), params, key=uplink_key)[0]
     if upload_mask is not None:
       delta = jax.tree.map(lambda d, m: d * m.astype(d.dtype), delta, upload_mask)
-    finite = (_rows_finite(delta) & _rows_finite(out.model_state)
+    finite = (_all_finite(delta) & _all_finite(out.model_state)
               & jnp.isfinite(out.metrics["loss"]))
-    delta = jax.tree.map(
-        lambda d: jnp.where(finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), delta)
-    size = data.client_sizes[ids].astype(jnp.float32)
+    delta = jax.tree.map(lambda d: jnp.where(finite, d, 0), delta)
+    size = data.client_sizes[x.ids].astype(jnp.float32)
     base = size if algorithm.weighting == "examples" else jnp.ones_like(size)
-    weights = base * xs.real * finite
-    sent = jax.vmap(lambda d: comm.uplink_elements(d, algorithm.sparse_uplink, train_mask))(delta)
+    weights = base * x.real * finite
+    sent = comm.uplink_elements(delta, algorithm.sparse_uplink, train_mask)
     if getattr(cstate, "uplink_elements", None) is not None:  # the uplink counts itself
       sent = jax.tree.map(lambda s, c: jnp.where(s > 0, c, 0.0), sent, cstate.uplink_elements)
-    sent = jax.tree.map(lambda s: s * xs.real, sent)
+    sent = jax.tree.map(lambda s: s * x.real, sent)
     return _SlotOutputs(out, delta, weights, finite, sent, local, cstate)
+
+  def run_chunk(server, data, masks, xs: _SlotInputs) -> _SlotOutputs:
+    """The slots one device trains at once (leading axis ``local_chunk``)."""
+    if local_chunk == 1:  # no vmap: plain per-client ops, a real cond over ragged steps
+      r = one_slot(server, data, masks, jax.tree.map(lambda a: a[0], xs))
+      return jax.tree.map(lambda a: a[None], r)
+    with batched_clients():
+      return jax.vmap(functools.partial(one_slot, server, data, masks))(xs)
+
+  def run_cohort(server, data, masks, xs: _SlotInputs):
+    """One device's slots (all of them without a mesh): stacked outputs, or with
+    ``stream_aggregate`` the weighted sums and the per-slot small outputs."""
+    if on_mesh:  # per-client values vary over devices: grads w.r.t. them are never psummed
+      server, data, masks = jax.lax.pcast((server, data, masks), jshard.AXIS, to="varying")
+    n_local = jax.tree.leaves(xs)[0].shape[0]
+    chunked = jax.tree.map(lambda a: a.reshape((n_local // local_chunk, local_chunk)
+                                               + a.shape[1:]), xs)
+    unchunk = lambda t: jax.tree.map(lambda a: a.reshape((n_local,) + a.shape[2:]), t)
+    if not stream:
+      if n_chunks == 1:
+        return run_chunk(server, data, masks, xs)
+      _, ys = jax.lax.scan(lambda _, x: (None, run_chunk(server, data, masks, x)), None,
+                           chunked)
+      return unchunk(ys)
+
+    def body(acc, x):
+      r = run_chunk(server, data, masks, x)
+      wsum = lambda t: jtree.weighted_sum(t, r.weights)
+      acc = jax.tree.map(jnp.add, acc, (wsum(r.delta), wsum(r.out.model_state),
+                                        jnp.sum(r.weights), jax.tree.map(jnp.sum, r.sent)))
+      return acc, (r.out.metrics, r.weights, r.finite, r.local, r.cstate)
+
+    params, model_state = server
+    zeros = lambda t: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), t)
+    acc0 = (zeros(params), zeros(model_state), jnp.zeros([], jnp.float32),
+            jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
+    if on_mesh:
+      acc0 = jax.lax.pcast(acc0, jshard.AXIS, to="varying")
+    sums, ys = jax.lax.scan(body, acc0, chunked)
+    if on_mesh:
+      sums = jax.lax.psum(sums, jshard.AXIS)
+    return sums, unchunk(ys)
+
+  if on_mesh:
+    # Each device trains its own block of slots with plain per-device code; the server state
+    # and the data are replicated, per-slot inputs and outputs lie along "clients".
+    rep, per_slot = P(), P(jshard.AXIS)
+    run_cohort = jax.shard_map(run_cohort, mesh=mesh, in_specs=(rep, rep, rep, per_slot),
+                               out_specs=(rep, per_slot) if stream else per_slot)
 
   def step(state: ServerState, data: DeviceData, key) -> tuple[ServerState, dict]:
     k_sample, k_drop, k_clients, k_agg, k_server = jax.random.split(key, 5)
@@ -267,16 +345,10 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     if stateful_uplink:
       cstate = jax.tree.map(lambda c: c[ids], state.client_states)
     xs = _SlotInputs(ids, keys, real, start, cstate)
-    chunked_xs = jax.tree.map(lambda a: a.reshape((n_chunks, chunk) + a.shape[1:]), xs)
-    unchunk = lambda t: jax.tree.map(lambda a: a.reshape((c_pad,) + a.shape[2:]), t)
+    server = (state.params, state.model_state)
+    res = run_cohort(server, data, masks, jshard.constrain_clients(xs, mesh))
     grad_sums = None
-    if n_chunks == 1 or not stream_aggregate:
-      if n_chunks == 1:
-        res = run_clients(state, data, masks, xs)
-      else:
-        _, ys = jax.lax.scan(lambda _, x: (None, run_clients(state, data, masks, x)), None,
-                             chunked_xs)
-        res = unchunk(ys)
+    if not stream:
       out, deltas, weights, finite, sent, local, cstate = res
       aggregate, agg_state = aggregator.update(deltas, state.aggregator_state, state.params,
                                                weights=weights, key=k_agg)
@@ -286,20 +358,7 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
       client_updates = deltas
       grad_sums = out.grad_sum
     else:
-      def body(acc, x):
-        r = run_clients(state, data, masks, x)
-        wsum = lambda t: jax.tree.map(
-            lambda d: jnp.sum(d * r.weights.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype),
-                              axis=0), t)
-        acc = jax.tree.map(jnp.add, acc, (wsum(r.delta), wsum(r.out.model_state),
-                                          jnp.sum(r.weights), jax.tree.map(jnp.sum, r.sent)))
-        return acc, (r.out.metrics, r.weights, r.finite, r.local, r.cstate)
-
-      zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
-      acc0 = (zeros(state.params), zeros(state.model_state), jnp.zeros([], jnp.float32),
-              jax.tree.map(lambda _: jnp.zeros([], jnp.float32), state.params))
-      (dsum, msum, wtot, sent_total), ys = jax.lax.scan(body, acc0, chunked_xs)
-      metrics_c, weights, finite, local, cstate = unchunk(ys)
+      (dsum, msum, wtot, sent_total), (metrics_c, weights, finite, local, cstate) = res
       inv = jnp.where(wtot > 0, 1.0 / jnp.where(wtot > 0, wtot, 1.0), 0.0)
       aggregate = jax.tree.map(lambda s: s * inv.astype(s.dtype), dsum)
       client_ms = jax.tree.map(lambda s: s * inv.astype(s.dtype), msum)

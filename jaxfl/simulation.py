@@ -70,7 +70,7 @@ def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every,
 def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds: int,
              clients_per_round: int, seed: int = 0, eval_every: int = 1,
              devices=None, clients_per_chunk: int | str | None = "auto",
-             stream_aggregate: bool = False, nan_policy: str = "drop",
+             stream_aggregate: bool | str = "auto", nan_policy: str = "drop",
              dropout_rate: float = 0.0, checkpoint_dir: str | None = None,
              checkpoint_every: int = 0, output_dir: str | None = None, plot: bool = False,
              progress: bool = True, init_params=None) -> SimulationResult:
@@ -90,7 +90,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     clients_per_chunk: clients trained at once (see :func:`jaxfl.round.build_round`;
       ``"auto"`` picks by backend, ``None`` vmaps the whole cohort).
     stream_aggregate: sum updates chunk by chunk (memory grows with the chunk, not the
-      cohort).
+      cohort); ``"auto"`` does so whenever it cannot change the result (see
+      :func:`jaxfl.round.build_round`).
     nan_policy: ``"drop"`` or ``"raise"`` (see :func:`jaxfl.round.build_round`).
     dropout_rate: probability that a sampled client drops out.
     checkpoint_dir: if set, resume from the newest checkpoint there and save to it.

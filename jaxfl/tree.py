@@ -85,21 +85,26 @@ def global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
+  """``sum_i w_i u_i`` over the leading (client) axis of every leaf, keeping leaf dtypes.
+
+  Written as a contraction (``tensordot``), not ``sum(w * u, axis=0)``: XLA:CPU ran that
+  leading-axis reduction of a [5, 4096, 512] stack in 2.5 s against 1.4 ms for the dot
+  (BUILD.md). With the client axis sharded the dot becomes local partial sums + all-reduce.
+  """
+  weights = jnp.asarray(weights)
+  return jax.tree.map(lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1), stacked)
+
+
 def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
   """Weighted mean over the leading (client) axis: ``sum_i w_i u_i / sum_i w_i``.
 
-  Broadcast-multiply and ``sum(axis=0)`` (not ``tensordot``) so that it also works when
-  the client axis is sharded. A zero total weight gives zeros, not NaN. Keeps leaf dtypes.
+  A zero total weight gives zeros, not NaN. Keeps leaf dtypes.
   """
   weights = jnp.asarray(weights)
   total = jnp.sum(weights)
   norm = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1), 0)
-
-  def mean(u):
-    w = norm.astype(u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
-    return jnp.sum(w * u, axis=0)
-
-  return jax.tree.map(mean, stacked)
+  return weighted_sum(stacked, norm)
 
 
 def stack(trees: list[PyTree]) -> PyTree:

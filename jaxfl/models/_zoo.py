@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxfl.models._layers import Conv
+from jaxfl.models._layers import Conv, max_pool
 from jaxfl.models._model import Model, from_linen
 
 
@@ -37,13 +37,13 @@ class CNN(nn.Module):
   kernel: int = 5
   dense: int = 512
   num_classes: int = 10
-  conv_impl: str = "patches"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     for f in self.features:
       x = nn.relu(Conv(f, (self.kernel, self.kernel), impl=self.conv_impl)(x))
-      x = nn.max_pool(x, (2, 2), (2, 2))
+      x = max_pool(x, (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.dense)(x))
     return nn.Dense(self.num_classes)(x)
@@ -53,13 +53,13 @@ class SmallCNN(nn.Module):
   """conv3x3-16, conv3x3-32, maxpool2, dense 64, dense: the digits CNN of DESIGN.md."""
 
   num_classes: int = 10
-  conv_impl: str = "patches"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     x = nn.relu(Conv(16, (3, 3), impl=self.conv_impl)(x))
     x = nn.relu(Conv(32, (3, 3), impl=self.conv_impl)(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = max_pool(x, (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(64)(x))
     return nn.Dense(self.num_classes)(x)
@@ -103,7 +103,7 @@ class ResNet(nn.Module):
   blocks: int = 3
   width: int = 1
   num_classes: int = 10
-  conv_impl: str = "patches"
+  conv_impl: str = "auto"
   bn_momentum: float = 0.99
   bn_eps: float = 1e-3
 
@@ -127,25 +127,25 @@ def mlp(input_shape, num_classes: int = 10, hidden: Sequence[int] = (200, 200)) 
   return from_linen(MLP(tuple(hidden), num_classes), input_shape, "mlp")
 
 
-def cnn(input_shape, num_classes: int = 10, dense: int = 512, conv_impl: str = "patches") -> Model:
+def cnn(input_shape, num_classes: int = 10, dense: int = 512, conv_impl: str = "auto") -> Model:
   """The FedAvg / pfl-research 2-layer CNN."""
   return from_linen(CNN(dense=dense, num_classes=num_classes, conv_impl=conv_impl), input_shape,
                     "cnn")
 
 
-def small_cnn(input_shape, num_classes: int = 10, conv_impl: str = "patches") -> Model:
+def small_cnn(input_shape, num_classes: int = 10, conv_impl: str = "auto") -> Model:
   """The small digits CNN (conv3x3-16, conv3x3-32, dense 64)."""
   return from_linen(SmallCNN(num_classes, conv_impl), input_shape, "small_cnn")
 
 
 def femnist_cnn(input_shape=(28, 28, 1), num_classes: int = 62,
-                conv_impl: str = "patches") -> Model:
+                conv_impl: str = "auto") -> Model:
   """The LEAF FEMNIST CNN (conv5x5-32, pool, conv5x5-64, pool, dense 2048, dense 62)."""
   return from_linen(CNN(dense=2048, num_classes=num_classes, conv_impl=conv_impl), input_shape,
                     "femnist_cnn")
 
 
-def resnet20(input_shape=(32, 32, 3), num_classes: int = 10, conv_impl: str = "patches") -> Model:
+def resnet20(input_shape=(32, 32, 3), num_classes: int = 10, conv_impl: str = "auto") -> Model:
   """ResNet-20 with BatchNorm (statistics in ``model_state['batch_stats']``)."""
   return from_linen(ResNet(3, 1, num_classes, conv_impl), input_shape, "resnet20")
 
