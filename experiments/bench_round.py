@@ -40,12 +40,15 @@ def parse():
   p.add_argument("--workload", choices=sorted(WORKLOADS), default="digits")
   p.add_argument("--cohort", type=int, default=None, help="clients per round (default: workload's)")
   p.add_argument("--rounds", type=int, default=5, help="measured rounds (after compile)")
-  p.add_argument("--devices", type=int, default=1, help="virtual CPU devices for the client axis")
+  p.add_argument("--devices", default="auto",
+                 help="devices of the client axis: 'auto' = one XLA CPU device per core on a "
+                      "CPU (jaxfl.set_cpu_devices), 1 device on an accelerator; or a number")
   p.add_argument("--mode", choices=["auto", "vmap", "map"], default="auto",
                  help="auto: jaxfl's default for the backend; vmap: whole cohort vmapped; "
                       "map: lax.map over one client per device")
   p.add_argument("--clients-per-chunk", type=int, default=None, help="overrides --mode")
-  p.add_argument("--stream", action="store_true", help="stream_aggregate (memory-bounded)")
+  p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                 help="stream_aggregate (sum updates chunk by chunk); auto = jaxfl's default")
   p.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of local steps")
   p.add_argument("--skip-sequential", action="store_true")
   p.add_argument("--conv-impl", choices=["auto", "xla", "patches", "lax"], default="auto",
@@ -54,12 +57,68 @@ def parse():
   return p.parse_args()
 
 
+def layer_flops(model, example_shape):
+  """Per-example forward FLOPs of every Conv/Dense call (2 x MACs), and the conv shapes."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import jaxfl
+
+  flops, convs = [], []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    mod, x = context.module, args[0] if args else None
+    if context.method_name == "__call__" and isinstance(mod, nn.Dense):
+      flops.append(2 * int(np.prod(out.shape[1:])) * x.shape[-1])
+    elif context.method_name == "__call__" and isinstance(mod, jaxfl.models.Conv):
+      kh, kw = mod.kernel_size
+      flops.append(2 * int(np.prod(out.shape[1:])) * kh * kw * x.shape[-1])
+      convs.append((tuple(x.shape[1:]), (kh, kw, x.shape[-1], mod.features), mod.strides,
+                    mod.padding, flops[-1]))
+    return out
+
+  params, state = jax.eval_shape(model.init, jax.random.key(0))
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p, s: model.apply(p, s, jnp.zeros((1,) + tuple(example_shape)),
+                                            train=True, rng=jax.random.key(0)), params, state)
+  return flops, convs
+
+
+def sustained_rates(convs):
+  """GFLOP/s of a 2048^3 f32 matmul and of the model's costliest conv (batch 256, forward)."""
+  import jax
+
+  from jaxfl.models import conv2d
+
+  def best(f, *a):
+    jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(5):
+      t = time.perf_counter()
+      jax.block_until_ready(f(*a))
+      ts.append(time.perf_counter() - t)
+    return min(ts)
+
+  a = jax.random.normal(jax.random.key(0), (2048, 2048))
+  matmul = 2 * 2048 ** 3 / best(jax.jit(lambda a: a @ a), a)
+  conv = None
+  if convs:
+    xs, ks, strides, padding, fl = max(convs, key=lambda c: c[-1])
+    x = jax.random.normal(jax.random.key(1), (256,) + xs)
+    k = jax.random.normal(jax.random.key(2), ks)
+    conv = 256 * fl / best(jax.jit(lambda x, k: conv2d(x, k, strides, padding, "xla")), x, k)
+  return matmul, conv
+
+
 def main():
   args = parse()
-  if args.devices > 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={args.devices}")
   import jax
+
+  n_cpu = os.cpu_count() if args.devices == "auto" else int(args.devices)
+  jax.config.update("jax_num_cpu_devices", n_cpu)  # before any JAX computation
   import jax.numpy as jnp
   import numpy as np
   import optax
@@ -81,14 +140,16 @@ def main():
   algo = jaxfl.algorithms.fedavg(client_lr=0.05, batch_size=batch, local_steps=steps,
                                  local_epochs=epochs)
   algo = algo._replace(local=algo.local._replace(unroll=args.unroll))
-  devices = jax.devices()[: args.devices]
+  n_dev = (n_cpu if jax.default_backend() == "cpu" else 1) if args.devices == "auto" else n_cpu
+  devices = jax.devices()[:n_dev]
   mesh = jaxfl.sharding.client_mesh(devices) if len(devices) > 1 else None
 
   # (a) vectorized round
   chunk = args.clients_per_chunk or {"auto": "auto", "vmap": None, "map": 1}[args.mode]
   rnd = build_round(algo, model_vec, num_clients=data.num_clients,
                     max_client_size=data.max_client_size, clients_per_round=cohort, mesh=mesh,
-                    clients_per_chunk=chunk, stream_aggregate=args.stream)
+                    clients_per_chunk=chunk,
+                    stream_aggregate={"auto": "auto", "on": True, "off": False}[args.stream])
   dd = device_data(data, mesh)
   state = jaxfl.sharding.put_replicated(jax.tree.map(np.asarray, rnd.init(jax.random.key(0))), mesh)
   key = jax.random.key(1)
@@ -174,23 +235,21 @@ def main():
       stimes.append(time.perf_counter() - t)
     seq = statistics.median(stimes)
 
-  # sustained FLOP rate of this machine: large f32 matmul
-  a = jax.random.normal(jax.random.key(0), (2048, 2048))
-  mm = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(mm(a))
-  mtimes = []
-  for _ in range(5):
-    t = time.perf_counter()
-    jax.block_until_ready(mm(a))
-    mtimes.append(time.perf_counter() - t)
-  rate = 2 * 2048 ** 3 / min(mtimes)
+  # Cross-check XLA's count: conv/dense FLOPs by formula; training = forward + weight grads
+  # + input grads except the first layer's (3 x forward - first layer).
+  fwd, convs = layer_flops(model_vec, data.example_shape)
+  n_steps = jaxfl.client.num_steps(algo.local, data.max_client_size)
+  formula_flops = float(cohort * n_steps * batch * (3 * sum(fwd) - fwd[0]))
+  rate, conv_rate = sustained_rates(convs)
   bound = flops / rate if flops == flops else float("nan")
   row = {
       "workload": args.workload, "cohort": cohort, "clients": data.num_clients,
       "model": model_name, "batch_size": batch, "local_steps": steps, "local_epochs": epochs,
       "vectorized_s_per_round": vec, "sequential_s_per_round": seq,
       "speedup": (seq / vec) if seq else None,
-      "flops_per_round": flops, "matmul_gflops": rate / 1e9,
+      "flops_per_round": flops, "formula_flops_per_round": formula_flops,
+      "matmul_gflops": rate / 1e9, "conv_gflops": conv_rate / 1e9 if conv_rate else None,
+      "conv_bound_s_per_round": flops / conv_rate if conv_rate else None,
       "flop_bound_s_per_round": bound, "x_of_bound": vec / bound if bound == bound else None,
       "compile_s": compile_s, "client_updates_per_s": cohort / vec,
       "examples_per_s": statistics.median(examples) / vec, "devices": len(devices),

@@ -18,6 +18,7 @@ from jaxfl.client import LocalTraining as LocalTraining
 from jaxfl.client import make_client_update as make_client_update
 from jaxfl.round import ServerState as ServerState
 from jaxfl.round import build_round as build_round
+from jaxfl.sharding import set_cpu_devices as set_cpu_devices
 from jaxfl.simulation import NonFiniteUpdateError as NonFiniteUpdateError
 from jaxfl.simulation import SimulationResult as SimulationResult
 from jaxfl.simulation import simulate as simulate
@@ -26,5 +27,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "LocalTraining", "NonFiniteUpdateError", "ServerState",
            "SimulationResult", "aggregation", "algorithms", "build_round", "comm", "data",
+           "set_cpu_devices",
            "make_client_update", "models", "sharding", "simulate", "transforms", "tree",
            "__version__"]

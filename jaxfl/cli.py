@@ -74,6 +74,31 @@ def _add_run_args(p):
   p.add_argument("--out", default=None, help="output folder (history.json/csv, summary.json)")
   p.add_argument("--plot", action="store_true")
   p.add_argument("--no-progress", action="store_true")
+  _add_device_arg(p)
+
+
+def _add_device_arg(p):
+  p.add_argument("--cpu-devices", default="auto",
+                 help="XLA CPU devices for the client axis: 'auto' (one per core, unless set "
+                      "already by XLA_FLAGS or jaxfl.launch), or a number (1 = one device)")
+
+
+def _set_cpu_devices(value: str) -> None:
+  from jaxfl import sharding
+
+  if value == "auto":
+    if sharding.cpu_devices_configured():
+      return
+    try:
+      sharding.set_cpu_devices()
+    except RuntimeError:  # main() called after JAX started (e.g. from a notebook): keep it
+      pass
+    return
+  try:
+    n = int(value)
+  except ValueError:
+    raise SystemExit(f"--cpu-devices must be 'auto' or a positive int, got {value!r}") from None
+  sharding.set_cpu_devices(n)
 
 
 def cmd_run(args) -> int:
@@ -154,6 +179,7 @@ def main(argv=None) -> int:
   p_demo.add_argument("--rounds", type=int, default=None)
   p_demo.add_argument("--out", default=DEMO_DIR)
   p_demo.add_argument("--no-progress", action="store_true")
+  _add_device_arg(p_demo)
   p_demo.set_defaults(fn=cmd_demo)
   p_run = sub.add_parser("run", help="run one simulation")
   _add_run_args(p_run)
@@ -161,6 +187,8 @@ def main(argv=None) -> int:
   p_list = sub.add_parser("list", help="list algorithms, datasets and models")
   p_list.set_defaults(fn=cmd_list)
   args = parser.parse_args(argv)
+  if hasattr(args, "cpu_devices"):
+    _set_cpu_devices(args.cpu_devices)
   return args.fn(args)
 
 

@@ -91,13 +91,20 @@ class DeviceData(NamedTuple):
 
 
 class Round(NamedTuple):
-  """A built round: ``init(key) -> ServerState``, ``step(state, data, key)``."""
+  """A built round: ``init(key) -> ServerState``, ``step(state, data, key)``.
+
+  ``clients_per_chunk`` and ``stream_aggregate`` are the resolved execution choices (after
+  ``"auto"``): slots trained at once over all devices, and whether updates are summed chunk
+  by chunk.
+  """
 
   init: Any
   step: Any
   mesh: Any
   cohort_size: int
   padded_cohort_size: int
+  clients_per_chunk: int = 0
+  stream_aggregate: bool = False
 
 
 def device_data(data, mesh=None) -> DeviceData:
@@ -418,7 +425,7 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     return new_state, metrics
 
   jit_step = jax.jit(step, donate_argnums=(0,) if donate else ())
-  return Round(init, jit_step, mesh, clients_per_round, c_pad)
+  return Round(init, jit_step, mesh, clients_per_round, c_pad, chunk, bool(stream))
 
 
 def make_evaluate(model: Model, batch_size: int = 500):

@@ -256,3 +256,38 @@ def test_one_compilation_for_many_rounds(data, model):
   finally:
     logger.removeHandler(h)
   assert len(traces) == 1, traces
+
+
+def test_auto_stream_aggregate_only_where_it_cannot_change_the_result(data, model):
+  import optax
+
+  from jaxfl.aggregation import coordinate_median
+
+  def build(algo, **kw):
+    return _round(algo, model, data, cohort=4, **kw)
+
+  fedavg = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=2, batch_size=3)
+  assert build(fedavg, clients_per_chunk=1).stream_aggregate
+  assert not build(fedavg, clients_per_chunk=None).stream_aggregate  # one chunk: stacked
+  assert not build(fedavg._replace(aggregator=coordinate_median()),
+                   clients_per_chunk=1).stream_aggregate
+
+  def reads_updates():  # a server transform that looks at every client's update
+    def update(u, state, params=None, *, client_updates=None, **extra):
+      return jax.tree.map(lambda a, c: a + 0.0 * jnp.max(c), u, client_updates), state
+    return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+  assert not build(fedavg._replace(server_optimizer=reads_updates()),
+                   clients_per_chunk=1).stream_aggregate
+  lama = jaxfl.algorithms.fedlama(2, local_steps=2, client_lr=0.1, batch_size=3)
+  assert not build(lama, clients_per_chunk=1).stream_aggregate
+  # streamed and stacked aggregation give the same round
+  outs = []
+  for stream in (True, False):
+    rnd = build(fedavg, clients_per_chunk=1, stream_aggregate=stream)
+    assert rnd.stream_aggregate == stream
+    state, m = rnd.step(rnd.init(jax.random.key(0)), device_data(data), jax.random.key(3))
+    outs.append((state.params, m["train_loss"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *outs)
+  with pytest.raises(ValueError, match="stream_aggregate"):
+    build(fedavg, stream_aggregate="yes")

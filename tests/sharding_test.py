@@ -32,13 +32,17 @@ SCRIPT = textwrap.dedent("""
     # the client axis really is split over the devices inside the round
     from jaxfl.round import build_round, device_data
     mesh = jaxfl.sharding.client_mesh(jax.devices())
-    for chunk, collective in ((None, "all-reduce"), ("auto", "all-gather")):
+    # the aggregate is one all-reduce of partial sums, never an all-gather of client updates
+    for chunk, stream in ((None, False), ("auto", True), (1, False)):
       rnd = build_round(algo, model, num_clients=9, max_client_size=data.max_client_size,
-                        clients_per_round=5, mesh=mesh, donate=False, clients_per_chunk=chunk)
-      assert rnd.padded_cohort_size == 8
+                        clients_per_round=5, mesh=mesh, donate=False, clients_per_chunk=chunk,
+                        stream_aggregate="auto" if stream else False)
+      assert rnd.padded_cohort_size == 8 and rnd.stream_aggregate == stream
       hlo = rnd.step.lower(rnd.init(jax.random.key(0)), device_data(data, mesh),
                            jax.random.key(1)).compile().as_text()
-      assert collective in hlo, chunk
+      assert "all-reduce" in hlo, chunk
+      assert not any("all-gather" in line and "f32[8," in line
+                     for line in hlo.splitlines()), chunk
     # full vmap and one-client-per-device lax.map agree, sharded
     res = [jaxfl.simulate(algo, model, data, rounds=2, clients_per_round=5, seed=0,
                           progress=False, clients_per_chunk=c) for c in (None, "auto", 3)]
@@ -95,3 +99,29 @@ def test_layerwise_algorithms_sharded_equal_single_device():
   proc = subprocess.run([sys.executable, "-c", LAYERWISE_SCRIPT, here], env=env,
                         capture_output=True, text=True, timeout=900)
   assert "LAYERWISE_SHARDED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+CPU_DEVICES_SCRIPT = textwrap.dedent("""
+    import jax, jaxfl
+    assert jaxfl.set_cpu_devices(3) == 3
+    assert jax.device_count() == 3, jax.devices()
+    try:
+      jaxfl.set_cpu_devices(2)
+    except RuntimeError as e:
+      assert "before any JAX computation" in str(e), e
+    else:
+      raise AssertionError("no error after JAX started")
+    try:
+      jaxfl.set_cpu_devices(0)
+    except ValueError as e:
+      assert "`n`" in str(e)
+    print("CPU_DEVICES_OK")
+""")
+
+
+def test_set_cpu_devices_before_jax_starts_and_clear_error_after():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", CPU_DEVICES_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert "CPU_DEVICES_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
