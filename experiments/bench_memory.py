@@ -300,7 +300,7 @@ def main():
   import jax
 
   meta = {
-      "workload": "digits (bench_round.py): small_cnn (patches), fedavg, batch 32, 5 local steps",
+      "workload": "digits (bench_round.py): small_cnn (conv_impl auto), fedavg, batch 32, 5 local steps",
       "population": f"num_clients = cohort, {args.examples_per_client} resampled digits examples "
                     "per client",
       "baseline_peak_rss_bytes": baseline, "limit_gb": args.limit_gb, "timeout_s": args.timeout,

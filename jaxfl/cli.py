@@ -87,7 +87,8 @@ def _set_cpu_devices(value: str) -> None:
   from jaxfl import sharding
 
   if value == "auto":
-    if sharding.cpu_devices_configured():
+    # Under jaxfl.launch each process's devices are the launcher's choice (--local-devices).
+    if sharding.cpu_devices_configured() or os.environ.get("JAXFL_NUM_PROCESSES"):
       return
     try:
       sharding.set_cpu_devices()

@@ -15,24 +15,27 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def uplink_elements(delta, sparse: bool = False, mask=None):
+def uplink_elements(delta, sparse: bool = False, mask=None, abs_sums=None):
   """Per-leaf f32[] elements one client uploads for ``delta``.
 
-  With a shared ``mask`` (known to the server, e.g. PruneFL's), a sent leaf costs its mask's
-  ones and no indices.
+  A leaf that is all zeros is not sent. With a shared ``mask`` (known to the server, e.g.
+  PruneFL's), a sent leaf costs its mask's ones and no indices. ``abs_sums`` (per-leaf
+  ``sum(|delta|)``, already computed by the caller) answers "all zeros?" without another pass
+  over the leaf; ``sparse`` counts the non-zeros, which needs one.
   """
+  leaves, treedef = jax.tree.flatten(delta)
+  masks = [None] * len(leaves) if mask is None else treedef.flatten_up_to(mask)
+  sums = [None] * len(leaves) if abs_sums is None else treedef.flatten_up_to(abs_sums)
 
-  def count(d, m=None):
-    nnz = jnp.sum(d != 0).astype(jnp.float32)
+  def count(d, m, a):
     if sparse:
-      return nnz
+      return jnp.sum(d != 0).astype(jnp.float32)
+    nonzero = jnp.any(d != 0) if a is None else a > 0
     full = float(d.size) if m is None else jnp.sum(
         jnp.broadcast_to(jnp.asarray(m, jnp.float32), d.shape))
-    return jnp.where(nnz > 0, full, 0.0)
+    return jnp.where(nonzero, full, 0.0)
 
-  if mask is None:
-    return jax.tree.map(count, delta)
-  return jax.tree.map(count, delta, mask)
+  return jax.tree.unflatten(treedef, [count(*t) for t in zip(leaves, masks, sums)])
 
 
 def find_uplink_mask(opt_state, field: str = "uplink_mask"):

@@ -3,9 +3,9 @@
 ``round_fn(state, data, key) -> (state, metrics)``:
 
 1. sample the cohort in-graph (uniform without replacement, from ``key``);
-2. ``vmap`` the client update over the cohort, the client axis sharded over the
-   ``"clients"`` mesh (padded to a multiple of the device count with zero-weight clients;
-   optionally ``lax.map`` over chunks of vmapped clients to bound memory);
+2. train the cohort: its slots are split over the ``"clients"`` mesh (padded to a multiple
+   of the device count with zero-weight clients; ``shard_map``), and each device runs its
+   slots one chunk at a time (``lax.scan``), a chunk vmapped when it holds several clients;
 3. quarantine clients with non-finite updates (weight 0, update zeroed);
 4. aggregate (``Algorithm.aggregator``), average BN statistics with the same weights;
 5. feed the pseudo-gradient to the server optax chain and apply it;
@@ -140,7 +140,10 @@ def _reads_client_updates(server_tx, model: Model, cohort: int) -> bool:
                             key=jax.random.key(0), round=jnp.zeros([], jnp.int32),
                             client_grad_sums=None)
 
-  jaxpr = jax.make_jaxpr(update)(stacked, params).jaxpr
+  try:
+    jaxpr = jax.make_jaxpr(update)(stacked, params).jaxpr
+  except Exception:  # noqa: BLE001 - a transform that cannot be traced this way: keep stacking
+    return True
   inputs = jaxpr.invars[: len(jax.tree.leaves(stacked))]
   read = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
   return any(v is u for v in read for u in inputs)
@@ -161,19 +164,21 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     max_client_size: padded examples per client (``FederatedData.max_client_size``).
     clients_per_round: cohort size C (<= N).
     mesh: a ``("clients",)`` mesh (:func:`jaxfl.sharding.client_mesh`) or None (1 device).
-    clients_per_chunk: clients trained at once: the cohort runs as ``lax.map`` over chunks
-      of this many vmapped clients (rounded up to a multiple of the device count). ``None``
-      vmaps the whole cohort. ``"auto"`` (default) picks by backend from measurements
-      (experiments/results/bench_round_*.json): on CPU one client per device per step,
-      because XLA:CPU runs batched matmuls (vmapped per-client weights) at about a third of
-      the unbatched rate; on GPU/TPU the whole cohort is vmapped.
+    clients_per_chunk: clients trained at once over all devices: each device runs
+      ``lax.scan`` over chunks of ``clients_per_chunk / devices`` of its slots (rounded up),
+      vmapped only when that is more than one. ``None`` vmaps the whole cohort. ``"auto"``
+      (default) picks by backend from measurements (experiments/results/bench_round_*.json,
+      BUILD.md): on CPU one client per device at a time, unbatched (native convs, a real
+      branch for a ragged client's skipped steps; vmapped per-client weights turn matmuls
+      into slow batched ones and convs into grouped ones); on GPU/TPU the whole cohort is
+      vmapped.
     stream_aggregate: with chunks, sum the weighted updates chunk by chunk instead of keeping
       every client's update, so memory grows with the chunk, not the cohort (cohorts of
       thousands). Requires the weighted-mean aggregator; the server transform then gets
       ``client_updates=None``. ``"auto"`` (default) streams whenever the cohort runs in
       chunks, the aggregator is the weighted mean, clients track no gradient sums and the
       traced server transform does not read ``client_updates`` (FedLAMA does), i.e. whenever
-      the result cannot change.
+      only the floating-point summation order can change.
     nan_policy: ``"drop"`` quarantines clients whose update is not finite (weight 0; counted
       in ``metrics["nonfinite_clients"]``); ``"raise"`` does the same in-graph and the driver
       raises after the round.
@@ -265,13 +270,17 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
         delta = uplink.update(delta, uplink.init(delta), params, key=uplink_key)[0]
     if upload_mask is not None:
       delta = jax.tree.map(lambda d, m: d * m.astype(d.dtype), delta, upload_mask)
-    finite = (_all_finite(delta) & _all_finite(out.model_state)
+    # One pass per leaf answers both "finite?" and "all zeros?" (an L1 norm that overflows
+    # f32 quarantines the client too).
+    abs_sums = jax.tree.map(lambda d: jnp.sum(jnp.abs(d)), delta)
+    finite = (_all_finite(abs_sums) & _all_finite(out.model_state)
               & jnp.isfinite(out.metrics["loss"]))
     delta = jax.tree.map(lambda d: jnp.where(finite, d, 0), delta)
     size = data.client_sizes[x.ids].astype(jnp.float32)
     base = size if algorithm.weighting == "examples" else jnp.ones_like(size)
     weights = base * x.real * finite
-    sent = comm.uplink_elements(delta, algorithm.sparse_uplink, train_mask)
+    sent = comm.uplink_elements(delta, algorithm.sparse_uplink, train_mask,
+                                jax.tree.map(lambda a: jnp.where(finite, a, 0.0), abs_sums))
     if getattr(cstate, "uplink_elements", None) is not None:  # the uplink counts itself
       sent = jax.tree.map(lambda s, c: jnp.where(s > 0, c, 0.0), sent, cstate.uplink_elements)
     sent = jax.tree.map(lambda s: s * x.real, sent)

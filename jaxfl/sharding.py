@@ -1,11 +1,12 @@
 """The device mesh of the client axis.
 
 One 1-D mesh named ``"clients"`` over the local (or, after ``jax.distributed.initialize``,
-global) devices. The round constrains per-client arrays to ``P("clients")`` and keeps the
-server state replicated; XLA partitions the vmapped local training along the client axis
-and turns the aggregation into one all-reduce. ``Auto`` axes are used on purpose: the
-round is written with ``jit`` + sharding constraints (no ``shard_map``), so gradients with
-respect to replicated parameters are never summed over devices by accident (DESIGN.md).
+global) devices. The round keeps the server state replicated and trains the cohort under
+``shard_map``: each device runs its own contiguous block of slots with plain per-device code,
+the per-client inputs made device-varying first (``lax.pcast``), so gradients with respect to
+the replicated parameters are never summed over devices by accident (DESIGN.md); the
+aggregation is one all-reduce (``psum`` of streamed sums, or the contraction of the
+client-sharded stacked updates).
 """
 
 from __future__ import annotations

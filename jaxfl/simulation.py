@@ -90,7 +90,7 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     clients_per_chunk: clients trained at once (see :func:`jaxfl.round.build_round`;
       ``"auto"`` picks by backend, ``None`` vmaps the whole cohort).
     stream_aggregate: sum updates chunk by chunk (memory grows with the chunk, not the
-      cohort); ``"auto"`` does so whenever it cannot change the result (see
+      cohort); ``"auto"`` does so whenever only the summation order changes (see
       :func:`jaxfl.round.build_round`).
     nan_policy: ``"drop"`` or ``"raise"`` (see :func:`jaxfl.round.build_round`).
     dropout_rate: probability that a sampled client drops out.
