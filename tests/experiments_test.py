@@ -44,3 +44,22 @@ def test_digits_quick_comparison_writes_results(tmp_path):
   assert by["fedavg_2tau"]["rel_uplink_cost"] == pytest.approx(0.5)
   assert by["lbgm"]["rel_uplink_cost"] < 1.0
   assert (tmp_path / "layerwise_comm_digits_quick.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_round_writes_the_promised_fields(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "bench_round.py"),
+                         "--workload", "digits", "--cohort", "4", "--rounds", "2", "--devices",
+                         "2", "--json", str(out)], capture_output=True, text=True, timeout=900,
+                        cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  row = json.load(open(out))
+  for k in ("workload", "cohort", "vectorized_s_per_round", "sequential_s_per_round", "speedup",
+            "flop_bound_s_per_round", "x_of_bound", "compile_s", "devices", "jax_version"):
+    assert k in row, k
+  assert row["devices"] == 2 and row["cohort"] == 4
+  assert row["speedup"] == pytest.approx(row["sequential_s_per_round"]
+                                         / row["vectorized_s_per_round"])
+  # XLA's FLOP count and the conv/dense formula agree to a few percent
+  assert abs(row["flops_per_round"] / row["formula_flops_per_round"] - 1) < 0.1
