@@ -246,6 +246,7 @@ def main():
       "workload": args.workload, "cohort": cohort, "clients": data.num_clients,
       "model": model_name, "batch_size": batch, "local_steps": steps, "local_epochs": epochs,
       "vectorized_s_per_round": vec, "sequential_s_per_round": seq,
+      "rounds": args.rounds, "vectorized_total_s": sum(times),
       "speedup": (seq / vec) if seq else None,
       "flops_per_round": flops, "formula_flops_per_round": formula_flops,
       "matmul_gflops": rate / 1e9, "conv_gflops": conv_rate / 1e9 if conv_rate else None,

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -67,6 +68,18 @@ def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every,
                      f"[{data.y.min()}, {data.y.max()}].")
 
 
+def _hint_cpu_devices(devices) -> None:
+  """Warns once when a multi-core host runs the whole cohort on one XLA CPU device."""
+  cores = os.cpu_count() or 1
+  if (len(devices) == 1 and devices[0].platform == "cpu" and cores > 1
+      and len(jax.devices("cpu")) == 1 and not getattr(_hint_cpu_devices, "done", False)):
+    _hint_cpu_devices.done = True
+    warnings.warn(f"jaxfl: the cohort runs on 1 XLA CPU device of a {cores}-core host; calling "
+                  "jaxfl.set_cpu_devices() right after `import jax` splits it over the cores "
+                  "(1.4-2.8x faster rounds measured on 2 cores, README 'Performance').",
+                  stacklevel=3)
+
+
 def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds: int,
              clients_per_round: int, seed: int = 0, eval_every: int = 1,
              devices=None, clients_per_chunk: int | str | None = "auto",
@@ -107,6 +120,7 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
   if checkpoint_every < 0:
     raise ValueError(f"`checkpoint_every` must be >= 0, got {checkpoint_every!r}.")
   devices = jax.devices() if devices is None else list(devices)
+  _hint_cpu_devices(devices)
   mesh = jshard.client_mesh(devices) if len(devices) > 1 else None
   rnd = build_round(algorithm, model, num_clients=data.num_clients,
                     max_client_size=data.max_client_size, clients_per_round=clients_per_round,

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The prepared accelerator check of the round benchmark (issue 6), one command for a session
+# that is lent a GPU:  OUT=/some/dir bash experiments/bench_gpu.sh
+# (the device tool's $OUT; default experiments/results). Every package it needs is in the
+# GPU image (jax, flax, optax, chex, orbax, scikit-learn, tqdm); it reads no dataset.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-experiments/results}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# speedup vs the sequential per-client loop (goal on a GPU: >= 10x on pfl_cifar10)
+python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --json "$OUT/bench_round_pfl_cifar10_gpu.json"
+# the full 1,500-round pfl-research CIFAR-10 benchmark, jaxfl only (goal: < 60 s in total)
+python experiments/bench_round.py --workload pfl_cifar10 --rounds 1500 --skip-sequential \
+  --json "$OUT/bench_round_pfl_cifar10_gpu_1500.json"
+python experiments/bench_round.py --workload digits --cohort 100 --rounds 20 --json "$OUT/bench_round_digits_c100_gpu.json"
+python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map --skip-sequential \
+  --json "$OUT/bench_round_pfl_cifar10_gpu_map.json"
