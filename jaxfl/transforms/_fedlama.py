@@ -101,7 +101,7 @@ def layer_discrepancy(client_updates, weights: jax.Array) -> jax.Array:
     # stacked updates come out of the client scan, and the reshape/broadcast form measured
     # 20x slower there (a relayout per leaf).
     u = u.astype(jnp.float32)
-    mean = jnp.tensordot(wn, u, axes=1)
+    mean = jnp.tensordot(wn, u, axes=1, precision=jax.lax.Precision.HIGHEST)  # no TF32/bf16
     sq = jnp.sum(jnp.square(u - mean[None]), axis=tuple(range(1, u.ndim)))
     return jnp.sum(wn * sq)
 
