@@ -115,17 +115,17 @@ def sustained_rates(convs):
 
 def main():
   args = parse()
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax
-
-  n_cpu = os.cpu_count() if args.devices == "auto" else int(args.devices)
-  jax.config.update("jax_num_cpu_devices", n_cpu)  # before any JAX computation
   import jax.numpy as jnp
   import numpy as np
   import optax
 
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jaxfl
   from jaxfl.round import build_round, device_data
+
+  # before any JAX computation
+  n_cpu = jaxfl.set_cpu_devices(None if args.devices == "auto" else int(args.devices))
 
   name, n_clients, cohort, model_name, batch, steps, epochs = WORKLOADS[args.workload]
   cohort = args.cohort or cohort

@@ -362,7 +362,7 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
       cstate = jax.tree.map(lambda c: c[ids], state.client_states)
     xs = _SlotInputs(ids, keys, real, start, cstate)
     server = (state.params, state.model_state)
-    res = run_cohort(server, data, masks, jshard.constrain_clients(xs, mesh))
+    res = run_cohort(server, data, masks, xs)
     grad_sums = None
     if not stream:
       out, deltas, weights, finite, sent, local, cstate = res
