@@ -20,6 +20,7 @@ rate).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -122,7 +123,7 @@ def main():
   import optax
 
   import jaxfl
-  from jaxfl.round import build_round, device_data
+  from jaxfl.round import build_round, compiler_options, device_data
 
   # before any JAX computation
   n_cpu = jaxfl.set_cpu_devices(None if args.devices == "auto" else int(args.devices))
@@ -183,8 +184,10 @@ def main():
     x_all, y_all = jnp.asarray(data.x), jnp.asarray(data.y)
     opt = algo.local.optimizer
     params0, _ = model_seq.init(jax.random.key(0))
+    # the same XLA options as jaxfl's round, so the comparison is of the programs alone
+    seq_jit = functools.partial(jax.jit, compiler_options=compiler_options(jax.default_backend()))
 
-    @jax.jit
+    @seq_jit
     def local_step(p, s, rows, w):
       def loss(p):
         logits, _ = model_seq.apply(p, {}, x_all[rows], train=True)
@@ -194,7 +197,7 @@ def main():
       u, s = opt.update(g, s, p)
       return optax.apply_updates(p, u), s
 
-    @jax.jit
+    @seq_jit
     def average(global_p, locals_, weights):
       w = weights / jnp.sum(weights)
       return jax.tree.map(lambda g, *ls: sum(wi * l for wi, l in zip(w, ls)), global_p, *locals_)
