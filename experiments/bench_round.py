@@ -123,7 +123,8 @@ def main():
   import optax
 
   import jaxfl
-  from jaxfl.round import build_round, compiler_options, device_data
+  from jaxfl.round import build_round, device_data
+  from jaxfl.xla_options import compiler_options
 
   # before any JAX computation
   n_cpu = jaxfl.set_cpu_devices(None if args.devices == "auto" else int(args.devices))

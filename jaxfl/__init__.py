@@ -13,6 +13,7 @@ from jaxfl import models as models
 from jaxfl import sharding as sharding
 from jaxfl import transforms as transforms
 from jaxfl import tree as tree
+from jaxfl import xla_options as xla_options
 from jaxfl.algorithms import Algorithm as Algorithm
 from jaxfl.client import LocalTraining as LocalTraining
 from jaxfl.client import make_client_update as make_client_update
@@ -28,5 +29,5 @@ __version__ = "0.1.0"
 __all__ = ["Algorithm", "LocalTraining", "NonFiniteUpdateError", "ServerState",
            "SimulationResult", "aggregation", "algorithms", "build_round", "comm", "data",
            "set_cpu_devices",
-           "make_client_update", "models", "sharding", "simulate", "transforms", "tree",
+           "make_client_update", "models", "sharding", "simulate", "transforms", "tree", "xla_options",
            "__version__"]

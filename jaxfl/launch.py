@@ -32,6 +32,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from jaxfl.xla_options import ENV_HOST_CORES, host_cores
+
 ENV_COORDINATOR = "JAXFL_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXFL_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXFL_PROCESS_ID"
@@ -159,7 +161,8 @@ def spawn_local(num_processes: int, command: Sequence[str], *,
                 prefix_output: bool = True, env: dict | None = None) -> int:
   """Starts ``num_processes`` copies of ``command`` on this machine over loopback.
 
-  Each child runs ``python -m jaxfl.launch -- command`` with the ``JAXFL_*`` variables set.
+  Each child runs ``python -m jaxfl.launch -- command`` with the ``JAXFL_*`` variables set,
+  ``JAXFL_HOST_CORES`` to its share of this host's cores unless already set.
   Returns 0 if all succeed, else the first non-zero exit status; when one child fails the
   others are stopped (they would otherwise wait in a collective for the dead peer).
   """
@@ -171,6 +174,8 @@ def spawn_local(num_processes: int, command: Sequence[str], *,
                               ENV_NUM_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(i)})
     if local_devices is not None:
       child_env[ENV_LOCAL_DEVICES] = str(local_devices)
+    # the children share this host's cores: each compiles for its share (jaxfl.xla_options)
+    child_env.setdefault(ENV_HOST_CORES, str(max(1, host_cores() // num_processes)))
     p = subprocess.Popen([sys.executable, "-m", "jaxfl.launch", "--", *command], env=child_env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     procs.append(p)

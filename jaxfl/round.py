@@ -29,6 +29,7 @@ from jaxfl import tree as jtree
 from jaxfl.algorithms._base import Algorithm, validate_algorithm
 from jaxfl.client import make_client_update
 from jaxfl.models import Model, batched_clients
+from jaxfl.xla_options import compiler_options
 
 NAN_POLICIES = ("drop", "raise")
 
@@ -147,19 +148,6 @@ def _reads_client_updates(server_tx, model: Model, cohort: int) -> bool:
   inputs = jaxpr.invars[: len(jax.tree.leaves(stacked))]
   read = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
   return any(v is u for v in read for u in inputs)
-
-
-# XLA:CPU's default copy insertion copies the loop-carried parameters at every local step
-# (an 8 MB dense kernel twice per step in the pfl-research CNN) and leaves the optimizer's
-# update writing a fresh buffer; its region analysis proves the in-place update safe. Measured
-# on the pfl_cifar10 round (2 CPU devices): 1.34 -> 1.17 s per round, results bit for bit
-# equal (BUILD.md "Performance notes").
-CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-
-
-def compiler_options(platform: str) -> dict | None:
-  """XLA options jaxfl compiles its rounds with on ``platform`` (None: XLA's defaults)."""
-  return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
 
 
 def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_client_size: int,
@@ -446,9 +434,13 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
         cohort_params=cohort_params, client_states=client_states)
     return new_state, metrics
 
-  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  if mesh is None:
+    platform, local_devices = jax.default_backend(), 1
+  else:
+    platform = mesh.devices.flat[0].platform
+    local_devices = sum(dv.process_index == jax.process_index() for dv in mesh.devices.flat)
   jit_step = jax.jit(step, donate_argnums=(0,) if donate else (),
-                     compiler_options=compiler_options(platform))
+                     compiler_options=compiler_options(platform, local_devices))
   return Round(init, jit_step, mesh, clients_per_round, c_pad, chunk, bool(stream))
 
 

@@ -18,6 +18,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxfl.xla_options import host_cores
+
 AXIS = "clients"
 
 
@@ -43,7 +45,7 @@ def set_cpu_devices(n: int | None = None) -> int:
 
   Returns the device count set. Raises ``RuntimeError`` if JAX's backends are already up.
   """
-  n = (os.cpu_count() or 1) if n is None else n
+  n = host_cores() if n is None else n
   if not isinstance(n, int) or n < 1:
     raise ValueError(f"`n` must be a positive int (CPU devices), got {n!r}.")
   try:

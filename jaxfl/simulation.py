@@ -19,6 +19,7 @@ from jaxfl.algorithms._base import Algorithm, validate_algorithm
 from jaxfl.data import FederatedData
 from jaxfl.models import Model
 from jaxfl.round import NAN_POLICIES, ServerState, build_round, device_data, make_evaluate
+from jaxfl.xla_options import host_cores
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -70,7 +71,7 @@ def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every,
 
 def _hint_cpu_devices(devices) -> None:
   """Warns once when a multi-core host runs the whole cohort on one XLA CPU device."""
-  cores = os.cpu_count() or 1
+  cores = host_cores()
   if (len(devices) == 1 and devices[0].platform == "cpu" and cores > 1
       and len(jax.devices("cpu")) == 1 and not getattr(_hint_cpu_devices, "done", False)):
     _hint_cpu_devices.done = True
