@@ -61,5 +61,11 @@ def test_bench_round_writes_the_promised_fields(tmp_path):
   assert row["devices"] == 2 and row["cohort"] == 4
   assert row["speedup"] == pytest.approx(row["sequential_s_per_round"]
                                          / row["vectorized_s_per_round"])
+  # the baseline is the faster of its two builds (jaxfl's XLA options, XLA's defaults)
+  assert row["sequential_s_per_round"] == min(row["sequential_jaxfl_xla_s_per_round"],
+                                              row["sequential_default_xla_s_per_round"])
+  from jaxfl.xla_options import compiler_options
+  assert row["vectorized_compiler_options"] == compiler_options("cpu", 2)
+  assert row["sequential_compiler_options"] == compiler_options("cpu", 1)
   # XLA's FLOP count and the conv/dense formula agree to a few percent
   assert abs(row["flops_per_round"] / row["formula_flops_per_round"] - 1) < 0.1
