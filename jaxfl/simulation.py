@@ -77,7 +77,7 @@ def _hint_cpu_devices(devices) -> None:
     _hint_cpu_devices.done = True
     warnings.warn(f"jaxfl: the cohort runs on 1 XLA CPU device of a {cores}-core host; calling "
                   "jaxfl.set_cpu_devices() right after `import jax` splits it over the cores "
-                  "(1.4-2.8x faster rounds measured on 2 cores, README 'Performance').",
+                  "(1.2-2.4x faster rounds measured on 2 cores, README 'Performance').",
                   stacklevel=3)
 
 
