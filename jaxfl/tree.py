@@ -95,8 +95,14 @@ def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
   which a mean of model updates must not.
   """
   weights = jnp.asarray(weights)
-  return jax.tree.map(lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1,
-                                              precision=jax.lax.Precision.HIGHEST), stacked)
+
+  def one(u):
+    w = weights.astype(u.dtype)
+    if u.shape[0] == 1:  # one term: an elementwise product, which XLA fuses with its inputs
+      return w[0] * u[0]
+    return jnp.tensordot(w, u, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+  return jax.tree.map(one, stacked)
 
 
 def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
