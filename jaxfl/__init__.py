@@ -28,6 +28,5 @@ __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "LocalTraining", "NonFiniteUpdateError", "ServerState",
            "SimulationResult", "aggregation", "algorithms", "build_round", "comm", "data",
-           "set_cpu_devices",
-           "make_client_update", "models", "sharding", "simulate", "transforms", "tree", "xla_options",
-           "__version__"]
+           "make_client_update", "models", "set_cpu_devices", "sharding", "simulate",
+           "transforms", "tree", "xla_options", "__version__"]

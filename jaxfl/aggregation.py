@@ -99,8 +99,8 @@ def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTr
     include = (weights > 0).astype(jnp.float32)
     norms = jax.vmap(jtree.global_norm)(client_updates)
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
-    inv_k = jnp.where(jnp.sum(include) > 0, 1.0 / jnp.maximum(jnp.sum(include), 1.0), 0.0)
-    mean = jtree.weighted_sum(client_updates, include * scale * inv_k)
+    mean = jtree.weighted_sum(client_updates,
+                              include * scale * jtree.safe_reciprocal(jnp.sum(include)))
     if noise_multiplier > 0:
       if key is None:
         raise ValueError("dp_mean with noise needs `key`.")

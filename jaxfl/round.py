@@ -376,7 +376,7 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
       grad_sums = out.grad_sum
     else:
       (dsum, msum, wtot, sent_total), (metrics_c, weights, finite, local, cstate) = res
-      inv = jnp.where(wtot > 0, 1.0 / jnp.where(wtot > 0, wtot, 1.0), 0.0)
+      inv = jtree.safe_reciprocal(wtot)
       aggregate = jax.tree.map(lambda s: s * inv.astype(s.dtype), dsum)
       client_ms = jax.tree.map(lambda s: s * inv.astype(s.dtype), msum)
       agg_state = state.aggregator_state

@@ -38,7 +38,7 @@ def set_cpu_devices(n: int | None = None) -> int:
   On one XLA:CPU device the round's local-step loop runs its ops one after another (XLA
   executes while-loop bodies without inter-op concurrency), while a per-step Python loop gets
   some overlap; with one device per core the cohort is split over the cores and each trains
-  its own clients (1.45-2.8x the sequential simulator on 2 cores, README). Call
+  its own clients (1.2-2.4x faster rounds on 2 cores, README 'Performance'). Call
   it right after ``import jax``, before any JAX computation; ``jax.devices("cpu")`` then
   lists ``n`` devices and :func:`jaxfl.simulate` shards over them. No effect on GPU/TPU
   backends, whose devices stay the default.

@@ -95,14 +95,13 @@ def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
   which a mean of model updates must not.
   """
   weights = jnp.asarray(weights)
+  return jax.tree.map(lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1,
+                                              precision=jax.lax.Precision.HIGHEST), stacked)
 
-  def one(u):
-    w = weights.astype(u.dtype)
-    if u.shape[0] == 1:  # one term: an elementwise product, which XLA fuses with its inputs
-      return w[0] * u[0]
-    return jnp.tensordot(w, u, axes=1, precision=jax.lax.Precision.HIGHEST)
 
-  return jax.tree.map(one, stacked)
+def safe_reciprocal(total: jax.Array) -> jax.Array:
+  """``1 / total``, and 0 where ``total`` is 0 (a round or aggregate with no weight)."""
+  return jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
