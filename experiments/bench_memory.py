@@ -117,7 +117,8 @@ def child(cfg, out_path):
   import numpy as np
 
   import jaxfl
-  from jaxfl.round import build_round, device_data
+  from jaxfl.data import device_data
+from jaxfl.round import build_round
 
   data = population(cfg["cohort"], cfg["examples_per_client"])
   dd = device_data(data)

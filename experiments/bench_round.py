@@ -127,7 +127,8 @@ def main():
   import optax
 
   import jaxfl
-  from jaxfl.round import build_round, device_data
+  from jaxfl.data import device_data
+from jaxfl.round import build_round
   from jaxfl.xla_options import compiler_options
 
   # before any JAX computation

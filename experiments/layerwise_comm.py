@@ -42,7 +42,8 @@ import jaxfl
 from jaxfl import tree as jtree
 from jaxfl.algorithms import fedavg
 from jaxfl.algorithms import layerwise as lw
-from jaxfl.round import build_round, device_data
+from jaxfl.data import device_data
+from jaxfl.round import build_round
 from jaxfl.simulation import plot_histories
 from jaxfl.transforms import compression
 

@@ -27,6 +27,7 @@ from jaxfl import comm
 from jaxfl import sharding as jshard
 from jaxfl import tree as jtree
 from jaxfl.algorithms._base import Algorithm, validate_algorithm
+from jaxfl.data._device import DeviceData, device_data  # noqa: F401  (re-exported)
 from jaxfl.client import make_client_update
 from jaxfl.models import Model, batched_clients
 from jaxfl.xla_options import compiler_options
@@ -80,39 +81,6 @@ class _SlotOutputs(NamedTuple):
   sent: Any
   local: Any
   cstate: Any
-
-
-class DeviceData(NamedTuple):
-  """The training set on device: shared examples plus per-client index arrays."""
-
-  x: jax.Array
-  y: jax.Array
-  client_indices: jax.Array
-  client_sizes: jax.Array
-
-
-class Round(NamedTuple):
-  """A built round: ``init(key) -> ServerState``, ``step(state, data, key)``.
-
-  ``clients_per_chunk`` and ``stream_aggregate`` are the resolved execution choices (after
-  ``"auto"``): slots trained at once over all devices, and whether updates are summed chunk
-  by chunk.
-  """
-
-  init: Any
-  step: Any
-  mesh: Any
-  cohort_size: int
-  padded_cohort_size: int
-  clients_per_chunk: int = 0
-  stream_aggregate: bool = False
-
-
-def device_data(data, mesh=None) -> DeviceData:
-  """Puts a :class:`jaxfl.data.FederatedData` on device (replicated over ``mesh``)."""
-  host = DeviceData(np.asarray(data.x), np.asarray(data.y), np.asarray(data.client_indices),
-                    np.asarray(data.client_sizes))
-  return jshard.put_replicated(host, mesh)
 
 
 def _all_finite(tree):
@@ -442,31 +410,3 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
   jit_step = jax.jit(step, donate_argnums=(0,) if donate else (),
                      compiler_options=compiler_options(platform, local_devices))
   return Round(init, jit_step, mesh, clients_per_round, c_pad, chunk, bool(stream))
-
-
-def make_evaluate(model: Model, batch_size: int = 500):
-  """A jitted ``evaluate(params, model_state, x, y) -> {"accuracy", "loss"}`` over a test set.
-
-  The test set is padded to a multiple of ``batch_size`` and scanned in batches, so one
-  compilation serves every round.
-  """
-
-  def evaluate(params, model_state, x, y):
-    n = x.shape[0]
-    nb = -(-n // batch_size)
-    pad = nb * batch_size - n
-    xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape(
-        (nb, batch_size) + x.shape[1:])
-    yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)]).reshape(nb, batch_size)
-    wp = (jnp.arange(nb * batch_size) < n).reshape(nb, batch_size).astype(jnp.float32)
-
-    def one(batch):
-      xb, yb, wb = batch
-      logits, _ = model.apply(params, model_state, xb, train=False)
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-      return jnp.sum((jnp.argmax(logits, -1) == yb) * wb), jnp.sum(ce * wb)
-
-    correct, loss = jax.lax.map(one, (xp, yp, wp))
-    return {"accuracy": jnp.sum(correct) / n, "loss": jnp.sum(loss) / n}
-
-  return jax.jit(evaluate)

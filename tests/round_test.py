@@ -10,7 +10,8 @@ from conftest import tiny_data, tiny_model
 
 import jaxfl
 from jaxfl.client import make_client_update
-from jaxfl.round import build_round, device_data
+from jaxfl.data import device_data
+from jaxfl.round import build_round
 
 
 def _round(algo, model, data, cohort, **kw):

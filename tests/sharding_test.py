@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose([h["train_loss"] for h in res.history],
                                    [h["train_loss"] for h in ref.history], rtol=1e-5)
     # the client axis really is split over the devices inside the round
-    from jaxfl.round import build_round, device_data
+    from jaxfl.data import device_data
+from jaxfl.round import build_round
     mesh = jaxfl.sharding.client_mesh(jax.devices())
     # the aggregate is one all-reduce of partial sums, never an all-gather of client updates
     for chunk, stream in ((None, False), ("auto", True), (1, False)):

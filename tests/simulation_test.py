@@ -30,7 +30,8 @@ def test_same_seed_bit_identical_different_seed_differs(data, model):
 def test_different_seed_gives_different_cohorts(data, model):
   import jax
 
-  from jaxfl.round import build_round, device_data
+  from jaxfl.data import device_data
+from jaxfl.round import build_round
   rnd = build_round(_algo(), model, num_clients=data.num_clients,
                     max_client_size=data.max_client_size, clients_per_round=3, donate=False)
   st = rnd.init(jax.random.key(0))

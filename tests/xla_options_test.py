@@ -10,7 +10,8 @@ from conftest import tiny_data
 
 import jaxfl
 from jaxfl import xla_options
-from jaxfl.round import build_round, device_data
+from jaxfl.data import device_data
+from jaxfl.round import build_round
 
 
 def _round(algo, model, data, cohort=4):

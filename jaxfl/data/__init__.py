@@ -1,5 +1,7 @@
 """Federated datasets: real offline sources, partitioners, TFDS loaders, padding."""
 
+from jaxfl.data._device import DeviceData as DeviceData
+from jaxfl.data._device import device_data as device_data
 from jaxfl.data._federated import FederatedData as FederatedData
 from jaxfl.data._federated import federate as federate
 from jaxfl.data._federated import from_client_indices as from_client_indices
@@ -26,7 +28,7 @@ def load_tfds(*args, **kwargs):
   return _load_tfds(*args, **kwargs)
 
 
-__all__ = ["DATASETS", "PARTITIONERS", "ArrayDataset", "FederatedData", "dirichlet", "federate",
+__all__ = ["DATASETS", "PARTITIONERS", "ArrayDataset", "DeviceData", "FederatedData", "device_data", "dirichlet", "federate",
            "from_client_indices", "from_index_files", "iid", "load", "load_digits",
            "load_fashion_mnist", "load_mnist5k", "load_tfds", "quantity_skew", "random_images",
            "shards", "synthetic"]

@@ -9,7 +9,8 @@ from conftest import tiny_data
 
 import jaxfl
 from jaxfl.client import make_client_update
-from jaxfl.round import build_round, device_data
+from jaxfl.data import device_data
+from jaxfl.round import build_round
 from jaxfl.transforms import fedlama, fedlama_intervals, layer_discrepancy
 
 

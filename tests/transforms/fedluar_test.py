@@ -295,7 +295,7 @@ def _round_setup(algo, rounds_seed=0):
 def test_engine_round_skips_recycled_uploads_and_applies_reference_math():
   algo = layerwise.fedluar(2, local_steps=2, client_lr=0.05)
   data, _, rnd = _round_setup(algo)
-  dd = jaxfl.round.device_data(data)
+  dd = jaxfl.data.device_data(data)
   state = rnd.init(jax.random.key(0))
   names = _names(state.params)
   sizes = {k: v.size for k, v in _flat(state.params).items()}
