@@ -118,7 +118,7 @@ def child(cfg, out_path):
 
   import jaxfl
   from jaxfl.data import device_data
-from jaxfl.round import build_round
+  from jaxfl.round import build_round
 
   data = population(cfg["cohort"], cfg["examples_per_client"])
   dd = device_data(data)

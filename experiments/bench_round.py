@@ -128,7 +128,7 @@ def main():
 
   import jaxfl
   from jaxfl.data import device_data
-from jaxfl.round import build_round
+  from jaxfl.round import build_round
   from jaxfl.xla_options import compiler_options
 
   # before any JAX computation

@@ -27,8 +27,8 @@ from jaxfl import comm
 from jaxfl import sharding as jshard
 from jaxfl import tree as jtree
 from jaxfl.algorithms._base import Algorithm, validate_algorithm
-from jaxfl.data._device import DeviceData, device_data  # noqa: F401  (re-exported)
 from jaxfl.client import make_client_update
+from jaxfl.data._device import DeviceData, device_data  # noqa: F401  (re-exported)
 from jaxfl.models import Model, batched_clients
 from jaxfl.xla_options import compiler_options
 
@@ -81,6 +81,23 @@ class _SlotOutputs(NamedTuple):
   sent: Any
   local: Any
   cstate: Any
+
+
+class Round(NamedTuple):
+  """A built round: ``init(key) -> ServerState``, ``step(state, data, key)``.
+
+  ``clients_per_chunk`` and ``stream_aggregate`` are the resolved execution choices (after
+  ``"auto"``): slots trained at once over all devices, and whether updates are summed chunk
+  by chunk.
+  """
+
+  init: Any
+  step: Any
+  mesh: Any
+  cohort_size: int
+  padded_cohort_size: int
+  clients_per_chunk: int = 0
+  stream_aggregate: bool = False
 
 
 def _all_finite(tree):

@@ -16,10 +16,9 @@ from jaxfl import checkpoint as jckpt
 from jaxfl import comm
 from jaxfl import sharding as jshard
 from jaxfl.algorithms._base import Algorithm, validate_algorithm
-from jaxfl.data import FederatedData
-from jaxfl.models import Model
-from jaxfl.data import device_data
+from jaxfl.data import FederatedData, device_data
 from jaxfl.evaluation import make_evaluate
+from jaxfl.models import Model
 from jaxfl.round import NAN_POLICIES, ServerState, build_round
 from jaxfl.xla_options import host_cores
 

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
                                    [h["train_loss"] for h in ref.history], rtol=1e-5)
     # the client axis really is split over the devices inside the round
     from jaxfl.data import device_data
-from jaxfl.round import build_round
+  from jaxfl.round import build_round
     mesh = jaxfl.sharding.client_mesh(jax.devices())
     # the aggregate is one all-reduce of partial sums, never an all-gather of client updates
     for chunk, stream in ((None, False), ("auto", True), (1, False)):

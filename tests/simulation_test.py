@@ -31,7 +31,7 @@ def test_different_seed_gives_different_cohorts(data, model):
   import jax
 
   from jaxfl.data import device_data
-from jaxfl.round import build_round
+  from jaxfl.round import build_round
   rnd = build_round(_algo(), model, num_clients=data.num_clients,
                     max_client_size=data.max_client_size, clients_per_round=3, donate=False)
   st = rnd.init(jax.random.key(0))
