@@ -1,12 +1,28 @@
-"""Aggregators: optax-shaped transforms from stacked client updates to one update.
+"""Aggregators: from the cohort's updates to one update, in two declared kinds.
 
-Contract (mirrors ``optax.experimental.aggregating``): an
-``optax.GradientTransformationExtraArgs`` whose ``update(client_updates, state, params, *,
-weights, key)`` maps ``f32[C, *s]`` client updates and ``f32[C]`` weights (0 = not
-participating: padded, dropped or quarantined clients) to an ``f32[*s]`` aggregate.
+A **general** aggregator is an ``optax.GradientTransformationExtraArgs`` (mirrors
+``optax.experimental.aggregating``) whose ``update(client_updates, state, params, *, weights,
+key, client_metrics)`` maps ``f32[C, *s]`` stacked client updates and ``f32[C]`` weights
+(0 = not participating: padded, dropped or quarantined) to an ``f32[*s]`` aggregate. It needs
+every client's update at once (median, trimmed mean, DP clipping).
+
+A **linear** aggregator (:class:`LinearAggregator`) is one whose aggregate is
+``finalize(sum_i c_i u_i, {name: sum_i s_i})`` for per-client coefficients ``c_i`` and
+scalars ``s_i`` computed from the weights and client metrics alone. The engine can then
+accumulate the sums chunk by chunk (streaming: memory grows with the chunk, not the cohort)
+and, on a mesh, all-reduce partial sums. The kind is declared by the type, never detected.
+
+``update`` may return ``(aggregate, state, aux)``: ``aux`` is a dict of scalars that the round
+adds to its metrics as ``aggregator/<name>``.
+
+``client_metrics`` is a dict of f32[C] per-client values: ``loss``, ``grad_norm``,
+``examples``, ``steps``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +36,122 @@ def _empty_init(params):
   return optax.EmptyState()
 
 
-def weighted_mean() -> optax.GradientTransformationExtraArgs:
-  r"""FedAvg aggregation :math:`\bar\Delta = \sum_i w_i \Delta_i / \sum_i w_i`."""
+class LinearAggregator(NamedTuple):
+  """A linear (streamable) aggregator.
+
+  Attributes:
+    init: ``params -> state``.
+    update: the stacked form, ``(client_updates, state, params, *, weights, **extra) ->
+      (aggregate, state)`` (what a general aggregator has).
+    coefficients: ``(weights, client_metrics) -> (c, scalars)``: f32[C] coefficients of the
+      updates and a dict of f32[C] per-client scalars to be summed.
+    finalize: ``(weighted_sum, scalar_sums) -> aggregate`` from ``sum_i c_i u_i`` and the
+      summed scalars.
+  """
+
+  init: Callable[[Any], Any]
+  update: Callable[..., Any]
+  coefficients: Callable[[jax.Array, dict], tuple[jax.Array, dict]]
+  finalize: Callable[[Any, dict], Any]
+
+
+def linear_aggregator(coefficients: Callable[[jax.Array, dict], tuple[jax.Array, dict]],
+                      finalize: Callable[[Any, dict], Any]) -> LinearAggregator:
+  """A :class:`LinearAggregator` whose stacked ``update`` is its streamed form in one chunk.
+
+  Args:
+    coefficients: ``(weights, client_metrics) -> (c f32[C], {name: f32[C]})``.
+    finalize: ``(sum_i c_i u_i, {name: sum_i s_i}) -> aggregate``.
+
+  Returns:
+    The aggregator (stateless).
+  """
+
+  def update_fn(client_updates, state, params=None, *, weights, client_metrics=None, **extra):
+    del params, extra
+    c, scalars = coefficients(weights, client_metrics)
+    total = jtree.weighted_sum(client_updates, c)
+    return finalize(total, {k: jnp.sum(v) for k, v in scalars.items()}), state
+
+  return LinearAggregator(_empty_init, update_fn, coefficients, finalize)
+
+
+def weighted_mean() -> LinearAggregator:
+  r"""FedAvg aggregation :math:`\bar\Delta = \sum_i w_i \Delta_i / \sum_i w_i` (linear).
+
+  A zero total weight gives zeros.
+
+  Returns:
+    A :class:`LinearAggregator`; streamed, it sums :math:`w_i\Delta_i` and :math:`w_i`.
+
+  References:
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+    Data", AISTATS 2017.
+  """
 
   def update_fn(client_updates, state, params=None, *, weights, **extra):
     del params, extra
     return jtree.weighted_mean(client_updates, weights), state
 
-  return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
+  def coefficients(weights, client_metrics):
+    del client_metrics
+    return weights, {"weight": weights}
+
+  def finalize(total, sums):
+    inv = jtree.safe_reciprocal(sums["weight"])
+    return jax.tree.map(lambda s: s * inv.astype(s.dtype), total)
+
+  return LinearAggregator(_empty_init, update_fn, coefficients, finalize)
+
+
+def fednova(momentum: float = 0.0) -> LinearAggregator:
+  r"""FedNova normalized averaging (Wang et al., NeurIPS 2020), linear.
+
+  Client :math:`i` took :math:`\tau_i` local steps of SGD with momentum :math:`\rho`; its
+  update is normalised by :math:`a_i = \lVert\mathbf a_i\rVert_1 = [\tau_i - \rho(1 -
+  \rho^{\tau_i})/(1-\rho)]/(1-\rho)` (:math:`a_i = \tau_i` for plain SGD), and the
+  aggregate is rescaled by the effective number of steps:
+
+  .. math::
+    \bar\Delta = \tau_{\mathrm{eff}} \sum_i p_i \frac{\Delta_i}{a_i}, \qquad
+    \tau_{\mathrm{eff}} = \sum_i p_i a_i, \qquad p_i = w_i / \textstyle\sum_j w_j.
+
+  With equal :math:`\tau_i` it is the weighted mean; with ragged local work (one local epoch
+  over clients of different sizes) it removes the objective inconsistency of FedAvg, which
+  over-weights clients that took more steps.
+
+  Args:
+    momentum: the client optimizer's heavy-ball momentum :math:`\rho` (0 for plain SGD).
+
+  Returns:
+    A :class:`LinearAggregator` reading ``client_metrics["steps"]``.
+
+  References:
+    Wang, Liu, Liang, Joshi & Poor, "Tackling the Objective Inconsistency Problem in
+    Heterogeneous Federated Optimization", NeurIPS 2020.
+  """
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+
+  def norm_a(steps):
+    if momentum == 0.0:
+      return steps
+    rho = momentum
+    return (steps - rho * (1.0 - rho ** steps) / (1.0 - rho)) / (1.0 - rho)
+
+  def coefficients(weights, client_metrics):
+    if client_metrics is None or "steps" not in client_metrics:
+      raise ValueError("fednova needs `client_metrics['steps']` (the round passes it).")
+    a = norm_a(jnp.asarray(client_metrics["steps"], jnp.float32))
+    c = jnp.where(a > 0, weights / jnp.where(a > 0, a, 1.0), 0.0)
+    return c, {"weight": weights, "weighted_a": weights * a}
+
+  def finalize(total, sums):
+    inv = jtree.safe_reciprocal(sums["weight"])
+    scale = sums["weighted_a"] * inv * inv  # tau_eff / sum_i w_i
+    return jax.tree.map(lambda s: s * scale.astype(s.dtype), total)
+
+  return linear_aggregator(coefficients, finalize)
 
 
 def _masked_sorted(u, include):
@@ -58,7 +182,7 @@ def trimmed_mean(trim_fraction: float = 0.1) -> optax.GradientTransformationExtr
       total = jtree.weighted_sum(jnp.where(keep, s, 0.0), jnp.ones(u.shape[:1]))
       return (total / jnp.maximum(k - 2 * t, 1)).astype(u.dtype)
 
-    return jax.tree.map(agg, client_updates), state
+    return jax.tree.map(agg, client_updates), state, {"clients": k.astype(jnp.float32)}
 
   return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
@@ -77,7 +201,7 @@ def coordinate_median() -> optax.GradientTransformationExtraArgs:
       hi = jnp.take(s, jnp.maximum(k // 2, 0), axis=0)
       return jnp.where(k > 0, 0.5 * (lo + hi), 0.0).astype(u.dtype)
 
-    return jax.tree.map(agg, client_updates), state
+    return jax.tree.map(agg, client_updates), state, {"clients": k.astype(jnp.float32)}
 
   return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
@@ -116,4 +240,7 @@ def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTr
 
 
 AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean,
-               "dp_mean": dp_mean}
+               "dp_mean": dp_mean, "fednova": fednova}
+
+__all__ = ["AGGREGATORS", "LinearAggregator", "coordinate_median", "dp_mean", "fednova",
+           "linear_aggregator", "trimmed_mean", "weighted_mean"]

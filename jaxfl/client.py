@@ -98,20 +98,24 @@ def num_steps(lt: LocalTraining, max_client_size: int) -> int:
 
 
 def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
-  """Builds ``client_update(params, model_state, x, y, indices, size, key[, update_mask])``.
+  """Builds ``client_update(params, model_state, x, y, indices, size, key[, update_mask,
+  context])``.
 
   ``x``/``y`` are the whole training set (shared, not per client); ``indices`` (i32[n_max])
   and ``size`` (i32[]) describe one client, as stored in :class:`jaxfl.data.FederatedData`.
   ``update_mask`` (optional, a params-shaped tree of 0/1 arrays broadcastable to each leaf)
   multiplies every optimizer update, so masked entries never move (PruneFL's pruned weights;
-  for SGD with momentum this equals masking the gradients). Returns a :class:`ClientOutput`.
+  for SGD with momentum this equals masking the gradients). ``context`` (optional dict) is
+  passed to the optimizer's ``update`` as keyword arguments every step (SCAFFOLD's
+  correction; :attr:`jaxfl.views.ClientStart.context`). Returns a :class:`ClientOutput`.
   """
   validate_local_training(lt)
   steps = num_steps(lt, max_client_size)
   bsz = lt.batch_size
   n_max = max_client_size
 
-  def client_update(params, model_state, x, y, indices, size, key, update_mask=None):
+  def client_update(params, model_state, x, y, indices, size, key, update_mask=None,
+                    context=None):
     size = jnp.maximum(size, 1)
     batches_per_epoch = (size + bsz - 1) // bsz
     if lt.local_steps is not None:
@@ -126,7 +130,10 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
       return lt.loss_fn(logits, yb, wb), new_ms
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    opt_state0 = lt.optimizer.init(params)
+    optimizer = lt.optimizer
+    if context is not None:
+      optimizer = optax.with_extra_args_support(optimizer)
+    opt_state0 = optimizer.init(params)
 
     def train_step(carry, s):
       p, opt_state, ms, gsum, sums = carry
@@ -142,7 +149,7 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
       rows = indices[order[pos % size]]
       xb, yb = x[rows], y[rows]
       (loss, new_ms), grads = grad_fn(p, ms, xb, yb, weight, jax.random.fold_in(dropout_key, s))
-      updates, new_opt_state = lt.optimizer.update(grads, opt_state, p)
+      updates, new_opt_state = optimizer.update(grads, opt_state, p, **(context or {}))
       if update_mask is not None:
         updates = jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, update_mask)
       new_p = optax.apply_updates(p, updates)

@@ -10,6 +10,9 @@ so FedAvg = 1.0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,34 +41,41 @@ def uplink_elements(delta, sparse: bool = False, mask=None, abs_sums=None):
   return jax.tree.unflatten(treedef, [count(*t) for t in zip(leaves, masks, sums)])
 
 
-def find_uplink_mask(opt_state, field: str = "uplink_mask"):
-  """Finds ``uplink_mask`` fields in a (possibly chained) optax state.
+class Ledger(NamedTuple):
+  """How the round counts what one client uploads (the uplink ledger).
 
-  A server transform that decides before a round which layers it will not use (FedLUAR's
-  recycled layers) exposes ``uplink_mask``: a params-shaped tree of bool scalars, True =
-  upload. Several masks are combined with AND. Returns None if there is none.
-  ``field="train_mask"`` finds element-wise training masks instead (PruneFL): params-shaped
-  trees of bool arrays broadcastable to each leaf, True = the entry is trained and sent.
+  Attributes:
+    count: ``(delta, abs_sums, start, uplink_state) -> per-leaf f32[]`` elements sent by one
+      client: ``delta`` is the uploaded update, ``abs_sums`` its per-leaf L1 norms (0 when
+      quarantined), ``start`` the client's :class:`jaxfl.views.ClientStart` (its declared
+      masks) and ``uplink_state`` the uplink transform's state after the update.
+    words_per_element: bytes per element in units of the parameter dtype: 1 for dense
+      leaves, 2 for sparse uploads (index + value).
   """
-  masks = []
 
-  def visit(s):
-    if getattr(s, field, None) is not None:
-      masks.append(getattr(s, field))
-    if isinstance(s, tuple):
-      for c in s:
-        visit(c)
-    elif isinstance(s, dict):
-      for c in s.values():
-        visit(c)
+  count: Callable[[Any, Any, Any, Any], Any]
+  words_per_element: float = 1.0
 
-  visit(opt_state)
-  if not masks:
-    return None
-  out = masks[0]
-  for m in masks[1:]:
-    out = jax.tree.map(jnp.logical_and, out, m)
-  return out
+
+def dense_ledger() -> Ledger:
+  """A leaf is sent in full unless its delta is all zeros; with a declared ``train_mask``
+  (shared with the server, e.g. PruneFL's) a sent leaf costs the mask's ones and no indices."""
+
+  def count(delta, abs_sums, start, uplink_state):
+    del uplink_state
+    return uplink_elements(delta, False, start.train_mask, abs_sums)
+
+  return Ledger(count, 1.0)
+
+
+def sparse_ledger() -> Ledger:
+  """Only the non-zero entries are sent, each with its index (FedDropoutAvg, top-k)."""
+
+  def count(delta, abs_sums, start, uplink_state):
+    del uplink_state
+    return uplink_elements(delta, True, start.train_mask, abs_sums)
+
+  return Ledger(count, 2.0)
 
 
 def model_bytes(params) -> int:
@@ -79,4 +89,5 @@ def relative_uplink_cost(history: list[dict]) -> float:
   return float(np.mean(vals)) if vals else float("nan")
 
 
-__all__ = ["find_uplink_mask", "model_bytes", "relative_uplink_cost", "uplink_elements"]
+__all__ = ["Ledger", "dense_ledger", "model_bytes", "relative_uplink_cost", "sparse_ledger",
+           "uplink_elements"]

@@ -1,4 +1,4 @@
-"""A federated algorithm is a static bundle of optax transformations."""
+"""A federated algorithm is a static bundle of optax transformations and round contracts."""
 
 from __future__ import annotations
 
@@ -6,58 +6,80 @@ from typing import NamedTuple
 
 import optax
 
-from jaxfl.aggregation import weighted_mean
+from jaxfl import comm
+from jaxfl import memory as jmemory
+from jaxfl import sampling, views
+from jaxfl.aggregation import LinearAggregator, weighted_mean
 from jaxfl.client import LocalTraining, validate_local_training
+
+SERVER_INPUTS = ("client_updates", "client_grad_sums")
 
 
 class Algorithm(NamedTuple):
-  """Everything that defines a federated algorithm; no state, no code paths per algorithm.
+  """Everything that defines a federated algorithm; the engine has no code per algorithm.
 
   Attributes:
     name: label for logs and tables.
     local: local training (client optimizer, batch size, local steps or epochs).
     server_optimizer: optax transformation on the pseudo-gradient (the aggregated
       ``global - local`` delta). It may be ``GradientTransformationExtraArgs`` and then
-      receives ``client_updates`` (f32[C, *s], None when chunked), ``client_weights``
-      (f32[C]), ``key`` and ``round`` as keyword arguments. FedAvg = ``optax.sgd(1.0)``.
-    aggregator: maps stacked client updates and weights to one update (see
-      :mod:`jaxfl.aggregation`).
+      receives ``client_weights`` (f32[C]), ``key`` and ``round`` as keyword arguments, plus
+      what ``server_inputs`` declares. FedAvg = ``optax.sgd(1.0)``.
+    aggregator: a general aggregator or a :class:`jaxfl.aggregation.LinearAggregator` (the
+      kind decides whether the round may stream; see :mod:`jaxfl.aggregation`).
     uplink: optional per-client transformation of the delta before upload (compression,
-      sparse masks, clipping); ``init(delta)`` every round, ``update(delta, state, params)``;
-      an ``ExtraArgs`` transformation also receives ``key=`` (a per-client PRNG key).
+      sparse masks, clipping): ``init(delta)`` every round unless the view hands it a state
+      (``ClientStart.uplink_state``), ``update(delta, state, params, key=)``.
     weighting: ``"examples"`` (weights = client sizes, McMahan et al.) or ``"uniform"``
       (the LMLS-lab papers' unweighted mean).
-    sparse_uplink: count only non-zero uploaded entries in the ledger.
-    cohort_period: resample the cohort every this many rounds (FedLAMA's phi); in between
-      the same clients train again.
-    persistent_cohort: the cohort's clients keep their local parameters between rounds for
-      every layer the server transform's ``uplink_mask`` did not synchronise (FedLAMA);
-      synchronised layers, and every layer when a new cohort is drawn, restart from the
-      global model. Local optimizer state is still fresh every round.
-    stateful_uplink: the ``uplink`` transform's state persists per client across rounds
-      (N copies in ``ServerState.client_states``, read and written by client id; LBGM). A
-      state field ``uplink_elements`` (per-leaf f32[]) then overrides the ledger's count.
+    ledger: how uploads are counted (:func:`jaxfl.comm.dense_ledger`,
+      :func:`jaxfl.comm.sparse_ledger`, or an algorithm's own :class:`jaxfl.comm.Ledger`).
+    sampler: who takes part (:mod:`jaxfl.sampling`; default uniform without replacement).
+    view: what each client starts from, trains and uploads (:mod:`jaxfl.views`).
+    memory: per-client state across rounds (:mod:`jaxfl.memory`), or None.
+    server_inputs: per-client arrays the server transform reads, a subset of
+      ``("client_updates", "client_grad_sums")``: the stacked f32[C, ...] deltas (FedLAMA's
+      discrepancy) and the summed local gradients (PruneFL's importance; the round then tracks
+      them in local training). Declaring either keeps every client's update (no streaming).
   """
 
   name: str
   local: LocalTraining
   server_optimizer: optax.GradientTransformation
-  aggregator: optax.GradientTransformationExtraArgs = weighted_mean()
+  aggregator: optax.GradientTransformationExtraArgs | LinearAggregator = weighted_mean()
   uplink: optax.GradientTransformation | None = None
   weighting: str = "examples"
-  sparse_uplink: bool = False
-  cohort_period: int = 1
-  persistent_cohort: bool = False
-  stateful_uplink: bool = False
+  ledger: comm.Ledger = comm.dense_ledger()
+  sampler: sampling.ClientSampler = sampling.uniform()
+  view: views.ClientView = views.global_view()
+  memory: jmemory.ClientMemory | None = None
+  server_inputs: tuple[str, ...] = ()
+
+
+def _check_type(value, types, name, what):
+  if not isinstance(value, types):
+    raise TypeError(f"`{name}` must be {what}, got {type(value).__name__}.")
 
 
 def validate_algorithm(algo: Algorithm) -> None:
-  if not isinstance(algo, Algorithm):
-    raise TypeError(f"`algorithm` must be a jaxfl.algorithms.Algorithm, got {type(algo).__name__}.")
+  """Checks an :class:`Algorithm`'s fields (raises TypeError/ValueError naming the field)."""
+  _check_type(algo, Algorithm, "algorithm", "a jaxfl.algorithms.Algorithm")
   validate_local_training(algo.local)
+  _check_type(algo.server_optimizer, optax.GradientTransformation, "server_optimizer",
+              "an optax.GradientTransformation")
+  _check_type(algo.aggregator, (optax.GradientTransformation, LinearAggregator), "aggregator",
+              "an optax.GradientTransformationExtraArgs or a jaxfl.aggregation.LinearAggregator")
+  if algo.uplink is not None:
+    _check_type(algo.uplink, optax.GradientTransformation, "uplink",
+                "an optax.GradientTransformation or None")
   if algo.weighting not in ("examples", "uniform"):
     raise ValueError(f"`weighting` must be 'examples' or 'uniform', got {algo.weighting!r}.")
-  if algo.stateful_uplink and algo.uplink is None:
-    raise ValueError("`stateful_uplink=True` needs an `uplink` transform.")
-  if not isinstance(algo.cohort_period, int) or algo.cohort_period < 1:
-    raise ValueError(f"`cohort_period` must be a positive int, got {algo.cohort_period!r}.")
+  _check_type(algo.ledger, comm.Ledger, "ledger", "a jaxfl.comm.Ledger")
+  _check_type(algo.sampler, sampling.ClientSampler, "sampler", "a jaxfl.sampling.ClientSampler")
+  _check_type(algo.view, views.ClientView, "view", "a jaxfl.views.ClientView")
+  if algo.memory is not None:
+    _check_type(algo.memory, jmemory.ClientMemory, "memory", "a jaxfl.memory.ClientMemory or None")
+  bad = [s for s in algo.server_inputs if s not in SERVER_INPUTS]
+  if not isinstance(algo.server_inputs, tuple) or bad:
+    raise ValueError(f"`server_inputs` must be a tuple drawn from {SERVER_INPUTS}, got "
+                     f"{algo.server_inputs!r}.")

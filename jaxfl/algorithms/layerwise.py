@@ -18,8 +18,12 @@ settings: unweighted mean over the cohort (``weighting="uniform"``), client SGD 
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
+from jaxfl import comm, sampling, views
+from jaxfl import memory as jmemory
 from jaxfl.aggregation import weighted_mean
 from jaxfl.algorithms._base import Algorithm
 from jaxfl.algorithms._fedopt import _local
@@ -71,9 +75,35 @@ def fedluar(num_recycle: int = 2, *, server_lr: float = 1.0, selection: str = "i
       name = "fedprox+fedluar"
     if quantize_levels is not None:
       name = "fedluar+fedpaq"
+  # chain(fedluar, sgd): the recycled layers chosen last round are not uploaded this round
+  view = views.server_masks(upload=lambda opt_state: opt_state[0].uplink_mask)
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps, prox_mu),
-                   optax.chain(tx, optax.sgd(server_lr)), weighted_mean(), uplink, "uniform")
+                   optax.chain(tx, optax.sgd(server_lr)), weighted_mean(), uplink, "uniform",
+                   view=view)
+
+
+def _fedlama_contracts(phi: int):
+  """FedLAMA's cohort, view and memory: the cohort persists for ``phi`` rounds and keeps the
+  layers that were not synchronised locally, one memory row per cohort slot."""
+  sync_mask = lambda opt_state: opt_state[0].uplink_mask  # chain(fedlama, sgd)
+
+  def view(server, slot, row):
+    # A new cohort restarts every layer from the global model.
+    new_cohort = jnp.mod(server.round, phi) == 0
+    start = jax.tree.map(lambda g, c: jnp.where(new_cohort, g, c), server.params, row)
+    return views.ClientStart(params=start, upload_mask=sync_mask(server.opt_state))
+
+  def write(row, result, before, after):
+    del row
+    # Synchronised layers (and quarantined clients) restart from the new global model; the
+    # rest stay local on the client that holds the slot.
+    quarantined = result.finite == 0
+    return jax.tree.map(lambda g, l, s: jnp.where(s | quarantined, g, l), after.params,
+                        result.local, sync_mask(before.opt_state))
+
+  return (sampling.periodic(phi), views.ClientView(view),
+          jmemory.per_slot(lambda params: params, write))
 
 
 def fedlama(phi: int = 2, *, local_steps: int = 10, warmup_rounds: int = 6,
@@ -86,13 +116,17 @@ def fedlama(phi: int = 2, *, local_steps: int = 10, warmup_rounds: int = 6,
   (interval tau') or every ``phi`` rounds (phi tau'), reassigned by
   :func:`jaxfl.transforms.fedlama` every ``phi`` rounds after ``warmup_rounds``. The cohort
   is resampled every ``phi`` rounds and keeps un-synchronised layers locally in between
-  (``persistent_cohort``). The paper compares FedAvg at tau' and at phi tau' local steps.
+  (:func:`jaxfl.sampling.periodic`, a per-slot :mod:`jaxfl.memory` and a view that starts
+  each slot from its kept layers). The paper compares FedAvg at tau' and at phi tau' local
+  steps.
   """
   tx = lama_lib.fedlama(local_steps, phi, warmup_rounds=warmup_rounds)
+  sampler, view, memory = _fedlama_contracts(phi)
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps),
                    optax.chain(tx, optax.sgd(server_lr)), weighted_mean(), None, "uniform",
-                   cohort_period=phi, persistent_cohort=True)
+                   sampler=sampler, view=view, memory=memory,
+                   server_inputs=("client_updates",))
 
 
 def fedpaq(levels: int = 16, *, server_lr: float = 1.0, client_lr: float = 0.01,
@@ -114,12 +148,13 @@ def feddropoutavg(rate: float = 0.75, *, server_lr: float = 1.0, client_lr: floa
                   local_steps: int = 20, seed: int = 0, name: str = "feddropoutavg") -> Algorithm:
   """FedDropoutAvg: each client zeroes each kernel-delta entry w.p. ``rate`` (no rescale).
 
-  Uploads are counted as non-zeros (``sparse_uplink=True``; bytes = index + value).
+  Uploads are counted as non-zeros (:func:`jaxfl.comm.sparse_ledger`; bytes = index + value).
   """
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps),
                    optax.sgd(server_lr), weighted_mean(),
-                   compression.random_dropout(rate, seed=seed), "uniform", sparse_uplink=True)
+                   compression.random_dropout(rate, seed=seed), "uniform",
+                   ledger=comm.sparse_ledger())
 
 
 def fedacg(*, server_momentum: float = 0.7, beta: float = 0.01, num_recycle: int = 0,
@@ -143,11 +178,13 @@ def fedacg(*, server_momentum: float = 0.7, beta: float = 0.01, num_recycle: int
   if num_recycle:
     server = luar_lib.fedluar_bypass(
         luar_lib.fedluar(num_recycle, selection=selection, seed=seed), server)
+  view = (views.server_masks(upload=lambda opt_state: opt_state.luar.uplink_mask)
+          if num_recycle else views.global_view())
   if name is None:
     name = "fedacg+fedluar" if num_recycle else "fedacg"
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps, beta),
-                   server, weighted_mean(), None, "uniform")
+                   server, weighted_mean(), None, "uniform", view=view)
 
 
 def lbgm(threshold: float = 0.95, *, server_lr: float = 1.0, client_lr: float = 0.01,
@@ -155,12 +192,18 @@ def lbgm(threshold: float = 0.95, *, server_lr: float = 1.0, client_lr: float = 
          local_steps: int = 20, name: str = "lbgm") -> Algorithm:
   """LBGM (Azam et al., ICLR 2022) with one look-back update per client (ALGORITHMS.md §11).
 
-  The ledger counts one element for a look-back (scalar) upload.
+  Each client's look-back update lives in a per-client :mod:`jaxfl.memory` row, handed to
+  the uplink transform as its state by the view; the ledger counts one element for a
+  look-back (scalar) upload.
   """
+  uplink = _lbgm.lbgm(threshold)
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps),
-                   optax.sgd(server_lr), weighted_mean(), _lbgm.lbgm(threshold), "uniform",
-                   stateful_uplink=True)
+                   optax.sgd(server_lr), weighted_mean(), uplink, "uniform",
+                   ledger=_lbgm.lbgm_ledger(),
+                   view=views.ClientView(lambda server, slot, row: views.ClientStart(
+                       uplink_state=row)),
+                   memory=jmemory.per_client(uplink.init, _lbgm.lbgm_memory_write))
 
 
 def prunefl(keep: float = 0.7, reconfig_every: int = 50, *, server_lr: float = 1.0,
@@ -173,9 +216,11 @@ def prunefl(keep: float = 0.7, reconfig_every: int = 50, *, server_lr: float = 1
   indices); the importance statistics are not counted (as in the reference code).
   """
   local = _lab_local(client_lr, client_momentum, weight_decay, batch_size, local_steps)
-  return Algorithm(name, local._replace(track_grad_sum=True),
+  return Algorithm(name, local,
                    optax.chain(_prunefl.prunefl(keep, reconfig_every), optax.sgd(server_lr)),
-                   weighted_mean(), None, "uniform")
+                   weighted_mean(), None, "uniform",
+                   view=views.server_masks(train=lambda opt_state: opt_state[0].train_mask),
+                   server_inputs=("client_grad_sums",))
 
 
 LAYERWISE_ALGORITHMS = {"lbgm": lbgm, "prunefl": prunefl, "fedlama": fedlama, "fedluar": fedluar, "fedpaq": fedpaq, "feddropoutavg": feddropoutavg,

@@ -22,9 +22,9 @@ kernel layers in ascending :math:`\\check d_l`, accumulate
 In jaxfl's pseudo-gradient domain the client update is :math:`\\Delta^i = x_t - x^i`, so
 :math:`u_l - x^i_l = \\Delta^i_l - \\bar\\Delta_l` and :math:`D_l` is the (weighted) variance of
 the stacked ``client_updates``. The transform zeroes the update of layers not due and
-publishes ``uplink_mask`` (the layers due in the *next* round), which the round uses both to
-skip uploads and, with ``Algorithm.persistent_cohort``, to decide which layers the cohort's
-clients keep locally.
+publishes ``uplink_mask`` (the layers due in the *next* round), which
+:func:`jaxfl.algorithms.fedlama`'s client view uses both to skip uploads and to decide which
+layers the cohort's clients keep locally (in per-slot client memory).
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ def fedlama(tau_prime: int, phi: int = 2, *, warmup_rounds: int = 6,
   """FedLAMA's layer-wise aggregation schedule as a server transform.
 
   Place it first in the server chain, e.g. ``optax.chain(fedlama(10, 2), optax.sgd(1.0))``,
-  and run it with an :class:`~jaxfl.algorithms.Algorithm` whose ``persistent_cohort=True``
-  and ``cohort_period=phi`` (:func:`jaxfl.algorithms.fedlama` does this), so that layers not
-  due stay on the same clients, and the cohort is resampled only when every layer is in sync.
+  and run it with an :class:`~jaxfl.algorithms.Algorithm` whose sampler keeps the cohort for
+  ``phi`` rounds and whose view and memory keep un-synchronised layers on the clients
+  (:func:`jaxfl.algorithms.fedlama` composes them), so that layers not due stay on the same
+  clients, and the cohort is resampled only when every layer is in sync. It reads
+  ``client_updates``: declare ``server_inputs=("client_updates",)``.
 
   Args:
     tau_prime: :math:`\\tau'`, local steps per round (scales :math:`d_l` only).

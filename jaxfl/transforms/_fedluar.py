@@ -37,8 +37,8 @@ class FedLUARState(NamedTuple):
     recycle: bool[K] the recycle set :math:`R_t` that the *next* ``update`` applies (all False
       before the first round).
     uplink_mask: params-shaped tree of bool[] scalars, ``~recycle`` per leaf (True = clients
-      upload the leaf); read by the round (:func:`jaxfl.comm.find_uplink_mask`) to skip the
-      upload of recycled layers.
+      upload the leaf); read by the algorithm's client view
+      (:func:`jaxfl.views.server_masks`) to skip the upload of recycled layers.
     key: u32[2] raw PRNG key data, used only when ``update`` gets no ``key``.
     inner_state: state of the optional ``aggregate_transform``.
   """
@@ -106,8 +106,10 @@ def fedluar(num_recycle: int, *, selection: str = "inverse_score", recycle: bool
   Recycled layers re-apply their stored (possibly stale) update and keep their old score.
   The draw without replacement is successive sampling (numpy ``choice(replace=False, p)``),
   implemented as Gumbel-top-:math:`\delta` on :math:`-\log s_l`. The state exposes
-  ``uplink_mask`` (True = upload) so the round zeroes the recycled layers of every client
-  delta before aggregation and does not count them in the uplink ledger.
+  ``uplink_mask`` (True = upload); a client view that reads it
+  (``jaxfl.views.server_masks(upload=lambda s: s[0].uplink_mask)``, as
+  :func:`jaxfl.algorithms.fedluar` composes it) zeroes the recycled layers of every client
+  delta before aggregation, and the ledger does not count them.
 
   Compose by chaining (FedLUAR first): FedAvg+LUAR = ``chain(fedluar(d), sgd(1.0))``,
   FedOpt+LUAR = ``chain(fedluar(d), sgd(eta_g))``; FedACG+LUAR (recycled layers bypass the

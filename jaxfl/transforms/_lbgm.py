@@ -15,7 +15,8 @@ If :math:`e_i \\le` ``threshold`` the client sends one scalar
 :math:`\\rho_i = \\langle a_i, \\ell_i\\rangle / \\lVert \\ell_i \\rVert^2` and the server uses
 :math:`\\rho_i \\ell_i`; otherwise it sends :math:`a_i` in full and :math:`\\ell_i \\leftarrow a_i`.
 The reference code keeps one look-back update shared by all clients [QUIRK]; here every client
-has its own (``Algorithm.stateful_uplink`` keeps N states, as LBGM defines it).
+has its own (a per-client :mod:`jaxfl.memory` row, as LBGM defines it;
+:func:`jaxfl.algorithms.lbgm` composes the transform with that memory and the ledger).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["LBGMState", "lbgm"]
+__all__ = ["LBGMState", "lbgm", "lbgm_ledger", "lbgm_memory_write"]
 
 
 class LBGMState(NamedTuple):
@@ -59,8 +60,11 @@ def lbgm(threshold: float = 0.95) -> optax.GradientTransformationExtraArgs:
     threshold: the largest look-back phase error :math:`e_i = 1-\\cos^2` for which the client
       sends only the scalar :math:`\\rho_i` (0.95 in the reference code; 0 = always send).
 
-  Use as ``Algorithm(uplink=lbgm(), stateful_uplink=True)``
-  (:func:`jaxfl.algorithms.lbgm`); ``init(params)`` is the state of one client.
+  Use through :func:`jaxfl.algorithms.lbgm` (per-client memory of the state, handed to the
+  transform by the view); ``init(params)`` is the state of one client.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`LBGMState`.
   """
   if isinstance(threshold, int | float) and not 0.0 <= threshold <= 1.0:
     raise ValueError(f"`threshold` must be in [0, 1], got {threshold!r}.")
@@ -90,3 +94,25 @@ def lbgm(threshold: float = 0.95) -> optax.GradientTransformationExtraArgs:
     return out, LBGMState(look_back, jax.tree.unflatten(treedef, sent), use, err)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def lbgm_ledger():
+  """The uplink ledger of :func:`lbgm`: a look-back round sends one scalar, a full round the
+  whole (dense) update; read from the transform's state after the update."""
+  from jaxfl import comm
+
+  dense = comm.dense_ledger()
+
+  def count(delta, abs_sums, start, uplink_state):
+    sent = dense.count(delta, abs_sums, start, uplink_state)
+    return jax.tree.map(lambda s, c: jnp.where(s > 0, c, 0.0), sent,
+                        uplink_state.uplink_elements)
+
+  return comm.Ledger(count, 1.0)
+
+
+def lbgm_memory_write(row, result, before, after):
+  """A client's new memory row: its LBGM state after the round, unless it was quarantined."""
+  del before, after
+  keep = result.finite > 0
+  return jax.tree.map(lambda new, old: jnp.where(keep, new, old), result.uplink_state, row)

@@ -12,8 +12,9 @@ the squared sum of client :math:`i`'s (unmasked) local gradients. Every ``reconf
 rounds each kernel tensor keeps the ``keep`` fraction of its entries with the largest
 accumulated importance (a fresh mask over all entries, so pruned weights can come back), and
 the accumulator restarts. Clients train and upload only the kept entries: the mask is
-published as ``train_mask``, which the round applies to every local optimizer update and
-counts in the uplink ledger (mask ones per sent tensor). Non-kernel leaves are never pruned.
+published as ``train_mask``, which :func:`jaxfl.algorithms.prunefl`'s client view
+(:func:`jaxfl.views.server_masks`) hands to every client: local optimizer updates are
+multiplied by it and the ledger counts its ones per sent tensor. Non-kernel leaves are never pruned.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def prunefl(keep: float = 0.7, reconfig_every: int = 50, *,
       ``reconfig_every - 1`` (0-based), before it training is dense.
     kernels: prunable leaves (bool tree, callable on params, or None for ndim >= 2).
 
-  ``update`` needs ``client_grad_sums`` (f32[C, ...]) and ``client_weights``: run it with
-  ``LocalTraining(track_grad_sum=True)`` (:func:`jaxfl.algorithms.prunefl`).
+  ``update`` needs ``client_grad_sums`` (f32[C, ...]) and ``client_weights``: declare
+  ``Algorithm(server_inputs=("client_grad_sums",))`` (:func:`jaxfl.algorithms.prunefl`).
   """
   if not 0.0 < keep <= 1.0:
     raise ValueError(f"`keep` must be in (0, 1], got {keep!r}.")
@@ -87,8 +88,8 @@ def prunefl(keep: float = 0.7, reconfig_every: int = 50, *,
                 **extra_args):
     del params, extra_args
     if client_grad_sums is None:
-      raise ValueError("prunefl needs `client_grad_sums`: use LocalTraining(track_grad_sum="
-                       "True) and no stream_aggregate.")
+      raise ValueError("prunefl needs `client_grad_sums`: declare "
+                       "Algorithm(server_inputs=('client_grad_sums',)).")
     c = jax.tree.leaves(client_grad_sums)[0].shape[0]
     w = jnp.ones([c], jnp.float32) if client_weights is None else client_weights
     wn = w / jnp.maximum(jnp.sum(w), 1e-30)
