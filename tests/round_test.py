@@ -259,7 +259,9 @@ def test_one_compilation_for_many_rounds(data, model):
   assert len(traces) == 1, traces
 
 
-def test_auto_stream_aggregate_only_where_it_cannot_change_the_result(data, model):
+def test_stream_aggregate_follows_the_declared_kinds(data, model):
+  """Streaming is decided by declarations (a LinearAggregator, no ``server_inputs``), never
+  by tracing the server transform; a transform that reads updates must declare it."""
   import optax
 
   from jaxfl.aggregation import coordinate_median
@@ -278,8 +280,19 @@ def test_auto_stream_aggregate_only_where_it_cannot_change_the_result(data, mode
       return jax.tree.map(lambda a, c: a + 0.0 * jnp.max(c), u, client_updates), state
     return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
 
-  assert not build(fedavg._replace(server_optimizer=reads_updates()),
-                   clients_per_chunk=1).stream_aggregate
+  declared = fedavg._replace(server_optimizer=reads_updates(), server_inputs=("client_updates",))
+  assert not build(declared, clients_per_chunk=1).stream_aggregate
+  rnd = build(declared, clients_per_chunk=1)
+  rnd.step(rnd.init(jax.random.key(0)), device_data(data), jax.random.key(3))
+  with pytest.raises(ValueError, match="stream_aggregate=True"):
+    build(declared, clients_per_chunk=1, stream_aggregate=True)
+  with pytest.raises(ValueError, match="server_inputs"):
+    build(fedavg._replace(server_inputs=("client_update",)))
+  # undeclared: the transform gets client_updates=None (a clear failure, not a silent guess)
+  undeclared = build(fedavg._replace(server_optimizer=reads_updates()), clients_per_chunk=1)
+  assert undeclared.stream_aggregate
+  with pytest.raises((TypeError, AttributeError, ValueError)):
+    undeclared.step(undeclared.init(jax.random.key(0)), device_data(data), jax.random.key(3))
   lama = jaxfl.algorithms.fedlama(2, local_steps=2, client_lr=0.1, batch_size=3)
   assert not build(lama, clients_per_chunk=1).stream_aggregate
   # streamed and stacked aggregation give the same round

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
                                    [h["train_loss"] for h in ref.history], rtol=1e-5)
     # the client axis really is split over the devices inside the round
     from jaxfl.data import device_data
-  from jaxfl.round import build_round
+    from jaxfl.round import build_round
     mesh = jaxfl.sharding.client_mesh(jax.devices())
     # the aggregate is one all-reduce of partial sums, never an all-gather of client updates
     for chunk, stream in ((None, False), ("auto", True), (1, False)):
@@ -84,10 +84,10 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
         assert res[0].summary["rel_uplink_cost"] < 1.0
         np.testing.assert_allclose(res[0].summary["rel_uplink_cost"],
                                    res[1].summary["rel_uplink_cost"], rtol=1e-6)
-        if algo.persistent_cohort:  # padded to 6 slots on 2 devices; the real 5 agree
+        if algo.memory is not None:  # padded to 6 slots on 2 devices; the real 5 agree
           jax.tree.map(lambda a, b: np.testing.assert_allclose(a[:5], b[:5], rtol=1e-5,
                                                                atol=1e-6),
-                       res[0].state.cohort_params, res[1].state.cohort_params)
+                       res[0].state.memory, res[1].state.memory)
     print("LAYERWISE_SHARDED_OK")
 """)
 

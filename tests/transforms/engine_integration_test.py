@@ -29,7 +29,7 @@ def test_masked_uplink_sends_only_mask_and_ledger_counts_nonzeros():
   mask = jax.tree.map(lambda p: np.arange(p.size).reshape(p.shape) % 4 == 0, params)
   algo = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=2, batch_size=4,
                                  uplink=jaxfl.transforms.masked_uplink(mask))
-  algo = algo._replace(sparse_uplink=True)
+  algo = algo._replace(ledger=jaxfl.comm.sparse_ledger())
   res = jaxfl.simulate(algo, model, data, rounds=1, clients_per_round=3, progress=False,
                        init_params=params)
   moved = jax.tree.map(lambda a, b: np.asarray(a) != np.asarray(b), res.state.params, params)

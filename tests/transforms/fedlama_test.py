@@ -249,7 +249,7 @@ def test_round_equals_client_loop_reference_with_persistent_cohort(phi):
     for k in names:
       np.testing.assert_allclose(got[k], x[k], rtol=2e-5, atol=2e-6, err_msg=f"round {r} {k}")
     for slot in range(len(cohort)):
-      got_local = {k: np.asarray(v[slot]) for k, v in _flat(new.cohort_params).items()}
+      got_local = {k: np.asarray(v[slot]) for k, v in _flat(new.memory).items()}
       for k in names:
         np.testing.assert_allclose(got_local[k], local[slot][k], rtol=2e-5, atol=2e-6)
     fl = new.opt_state[0]
@@ -275,10 +275,9 @@ def test_chunked_and_streamed_persistent_round_equal_vmapped():
     sv, _ = rnd_v.step(sv, dd, jax.random.key(r))
     sc, _ = rnd_c.step(sc, dd, jax.random.key(r))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               (sv.params, sv.cohort_params), (sc.params, sc.cohort_params))
-  with pytest.raises(ValueError, match="client_updates"):
-    _, _, _, rnd_s = _lama_setup(clients_per_chunk=2, stream_aggregate=True)
-    rnd_s.step(rnd_s.init(jax.random.key(0)), dd, jax.random.key(0))
+               (sv.params, sv.memory), (sc.params, sc.memory))
+  with pytest.raises(ValueError, match="server_inputs"):  # refused at build, before tracing
+    _lama_setup(clients_per_chunk=2, stream_aggregate=True)
 
 
 def test_one_compilation_while_intervals_change():
@@ -306,15 +305,15 @@ def test_nonfinite_client_restarts_from_global_model():
   for r in range(4):
     state, metrics = rnd.step(state, dd, jax.random.key(r))
     assert float(metrics["nonfinite_clients"]) == 1
-    assert jaxfl.tree.all_finite(state.params) and jaxfl.tree.all_finite(state.cohort_params)
+    assert jaxfl.tree.all_finite(state.params) and jaxfl.tree.all_finite(state.memory)
     slot = int(np.flatnonzero(np.asarray(state.cohort) == 1)[0])
-    jax.tree.map(lambda c, g: np.testing.assert_array_equal(c[slot], g), state.cohort_params,
+    jax.tree.map(lambda c, g: np.testing.assert_array_equal(c[slot], g), state.memory,
                  state.params)
     kept = sum(not bool(m) for m in jax.tree.leaves(state.opt_state[0].uplink_mask))
     if r == 2 and kept:  # a healthy client keeps its unsynchronised layers
       other = (slot + 1) % 3
       assert any(np.any(np.asarray(c[other]) != np.asarray(g)) for c, g in
-                 zip(jax.tree.leaves(state.cohort_params), jax.tree.leaves(state.params)))
+                 zip(jax.tree.leaves(state.memory), jax.tree.leaves(state.params)))
 
 
 def test_simulate_fedlama_checkpoint_resume_is_exact(tmp_path):
@@ -325,14 +324,16 @@ def test_simulate_fedlama_checkpoint_resume_is_exact(tmp_path):
                  checkpoint_every=3)
   resumed = jaxfl.simulate(algo, model, data, **kw, checkpoint_dir=str(tmp_path),
                            checkpoint_every=3)
-  jax.tree.map(np.testing.assert_array_equal, (full.state.params, full.state.cohort_params),
-               (resumed.state.params, resumed.state.cohort_params))
+  jax.tree.map(np.testing.assert_array_equal, (full.state.params, full.state.memory),
+               (resumed.state.params, resumed.state.memory))
   assert full.summary["rel_uplink_cost"] < 1.0
 
 
-def test_fedavg_state_has_no_cohort_params_and_period_one_resamples():
+def test_fedavg_state_has_no_memory_and_period_one_resamples():
   algo = jaxfl.algorithms.fedavg(local_steps=1)
-  assert algo.cohort_period == 1 and not algo.persistent_cohort
-  with pytest.raises(ValueError, match="cohort_period"):
-    jaxfl.simulate(algo._replace(cohort_period=0), jaxfl.models.mlp((5,), 3), tiny_data(),
-                   rounds=1, clients_per_round=2, progress=False)
+  assert algo.memory is None
+  with pytest.raises(ValueError, match="period"):
+    jaxfl.sampling.periodic(0)
+  res = jaxfl.simulate(algo._replace(sampler=jaxfl.sampling.periodic(1)), jaxfl.models.mlp(
+      (5,), 3), tiny_data(), rounds=1, clients_per_round=2, progress=False)
+  assert res.state.memory is None

@@ -279,8 +279,11 @@ def test_fedacg_bypass_matches_reference():
     for name, w in want.items():
       np.testing.assert_allclose(_flat(out)[name], w, rtol=1e-5, atol=1e-7, err_msg=name)
     x = optax.apply_updates(x, out)
-  # The engine finds the LUAR mask inside the combined state.
-  assert jaxfl.comm.find_uplink_mask(state) is not None
+  # The preset's view reads the LUAR mask from the chained state by position.
+  view = jaxfl.algorithms.fedluar(2).view
+  snap = jaxfl.views.ServerSnapshot(x, {}, state, jnp.zeros([], jnp.int32))
+  start = view.apply(snap, None, None)
+  assert jax.tree.structure(start.upload_mask) == jax.tree.structure(x)
 
 
 def _round_setup(algo, rounds_seed=0):
@@ -376,7 +379,7 @@ def test_layerwise_factories():
   assert a.weighting == "uniform" and a.name == "fedluar" and a.local.local_steps == 20
   assert layerwise.fedluar(2, server_lr=0.9).name == "fedopt+fedluar"
   assert layerwise.fedluar(2, quantize_levels=16).uplink is not None
-  assert layerwise.feddropoutavg().sparse_uplink
+  assert layerwise.feddropoutavg().ledger.words_per_element == 2
   assert layerwise.fedacg(num_recycle=2).name == "fedacg+fedluar"
   with pytest.raises(ValueError, match="num_recycle"):
     layerwise.fedluar(-2)

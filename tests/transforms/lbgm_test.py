@@ -104,7 +104,7 @@ def test_round_keeps_one_look_back_per_client_and_counts_scalars():
     np.testing.assert_allclose(_flat(new.params), x, rtol=1e-4, atol=1e-5)
     assert float(metrics["uplink_elements"]) == elems
     for cid in range(5):  # clients outside the cohort keep their look-back untouched
-      got = _flat(jax.tree.map(lambda c, i=cid: c[i], new.client_states.look_back))
+      got = _flat(jax.tree.map(lambda c, i=cid: c[i], new.memory.look_back))
       np.testing.assert_allclose(got, lbs[cid], rtol=1e-4, atol=1e-6)
     state = new
   assert scalar_rounds > 0
