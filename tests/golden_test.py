@@ -1,0 +1,27 @@
+"""The engine reproduces, bit for bit, the final states recorded before it became stages.
+
+``tests/golden/*.npz`` hold, for every algorithm preset, the final global params and per-round
+metrics of a short seeded digits run (``tests/golden/record.py``), recorded with the engine
+of commit 87ff161 (a monolithic ``build_round`` with per-algorithm flags). The rewrite as
+stages over the sampler / view / memory / aggregator contracts keeps every summation order,
+so equality is exact; a deliberate numerics change must re-record the files and say why.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_every_preset_reproduces_its_golden_final_state(devices):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "golden", "record.py"),
+                         "--devices", str(devices)], env=env, capture_output=True, text=True,
+                        timeout=1200)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert len(lines) >= 26 and all(ln.endswith("identical") for ln in lines), proc.stdout
