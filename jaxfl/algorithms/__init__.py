@@ -10,6 +10,8 @@ from jaxfl.algorithms._fedopt import fedopt as fedopt
 from jaxfl.algorithms._fedopt import fedprox as fedprox
 from jaxfl.algorithms._fedopt import fedyogi as fedyogi
 from jaxfl.algorithms._fedopt import get_algorithm as get_algorithm
+from jaxfl.algorithms._scaffold_fednova import fednova as fednova
+from jaxfl.algorithms._scaffold_fednova import scaffold as scaffold
 from jaxfl.algorithms.layerwise import LAYERWISE_ALGORITHMS as LAYERWISE_ALGORITHMS
 from jaxfl.algorithms.layerwise import fedacg as fedacg
 from jaxfl.algorithms.layerwise import feddropoutavg as feddropoutavg
@@ -22,5 +24,5 @@ from jaxfl.algorithms.layerwise import prunefl as prunefl
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
 
 __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "fedacg", "fedadagrad", "fedadam",
-           "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar", "fedopt", "fedpaq", "fedprox",
-           "fedyogi", "get_algorithm", "lbgm", "prunefl"]
+           "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar", "fednova", "fedopt", "fedpaq",
+           "fedprox", "fedyogi", "get_algorithm", "lbgm", "prunefl", "scaffold"]
