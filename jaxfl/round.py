@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import optax
 
 from jaxfl import _stages
-from jaxfl import sharding as jshard
 from jaxfl import tree as jtree
 from jaxfl._stages import NAN_POLICIES, Layout
 from jaxfl.algorithms._base import Algorithm

@@ -6,9 +6,8 @@ from typing import NamedTuple
 
 import optax
 
-from jaxfl import comm
+from jaxfl import comm, sampling, views
 from jaxfl import memory as jmemory
-from jaxfl import sampling, views
 from jaxfl.aggregation import LinearAggregator, weighted_mean
 from jaxfl.client import LocalTraining, validate_local_training
 
