@@ -20,7 +20,7 @@ def _stack(seed, c=7):
 
 def _apply(agg, tree, w, **kw):
   params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), tree)
-  out, _ = jax.jit(lambda t, s, p, w: agg.update(t, s, p, weights=w, **kw))(
+  out = jax.jit(lambda t, s, p, w: agg.update(t, s, p, weights=w, **kw)[0])(
       tree, agg.init(params), params, w)
   return out
 

@@ -16,7 +16,7 @@ from jaxfl import aggregation, sampling
 
 
 def _mean_finalize(total, sums):
-  return jax.tree.map(lambda t: t / sums["weight"], total)
+  return jax.tree.map(lambda t: (t / sums["weight"]).astype(t.dtype), total)
 
 
 ARGS = {  # required arguments of factories that have some
@@ -97,6 +97,13 @@ def test_aggregator_conformance(name):
   inert, _ = jax.jit(run)(u2, w, metrics, key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), jitted,
                inert)
+  # bfloat16 updates: the aggregate keeps the params' dtype and shapes
+  bf = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), u)
+  bf_params = jax.tree.map(lambda a: a[0], bf)
+  out = jax.jit(lambda u: agg.update(u, agg.init(bf_params), bf_params, weights=w, key=key,
+                                     client_metrics=metrics)[0])(bf)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), out) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), bf_params)
   if isinstance(agg, aggregation.LinearAggregator):  # streamed form == stacked form
     c, scalars = agg.coefficients(jnp.asarray(w), metrics)
     parts = [(jax.tree.map(lambda a, s=s: jnp.tensordot(c[s], a[s], axes=1), u),

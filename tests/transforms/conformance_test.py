@@ -9,7 +9,6 @@ import numpy as np
 import optax
 import pytest
 
-from jaxfl import aggregation
 from jaxfl.transforms import _fedlama as fedlama
 from jaxfl.transforms import _fedluar as fedluar
 from jaxfl.transforms import _lbgm as lbgm
@@ -109,17 +108,3 @@ def test_inject_hyperparams_gives_same_updates(name):
   for a, b in zip(direct, injected):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
   assert numeric in state.hyperparams or numeric in kw
-
-
-@pytest.mark.parametrize("agg", [aggregation.weighted_mean(), aggregation.coordinate_median(),
-                                 aggregation.trimmed_mean(0.2), aggregation.dp_mean(1.0, 0.5)],
-                         ids=["mean", "median", "trimmed_mean", "dp_mean"])
-def test_aggregators_jit_and_keep_dtype(agg):
-  for dtype in (jnp.float32, jnp.bfloat16):
-    params = _params(dtype)
-    stacked = jax.tree.map(lambda p: jnp.stack([p, -p, 3 * p]), params)
-    state = jax.jit(agg.init)(params)
-    out, new_state = jax.jit(lambda u, s, p, w, k: agg.update(u, s, p, weights=w, key=k))(
-        stacked, state, params, jnp.array([1.0, 2.0, 0.0]), jax.random.key(0))
-    chex.assert_trees_all_equal_shapes_and_dtypes(out, params)
-    assert jax.tree.map(jax.typeof, new_state) == jax.tree.map(jax.typeof, state)
