@@ -39,13 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxfl
+from jaxfl import comm as compression  # QSGD bit accounting
 from jaxfl import tree as jtree
 from jaxfl.algorithms import fedavg
 from jaxfl.algorithms import layerwise as lw
 from jaxfl.data import device_data
 from jaxfl.round import build_round
 from jaxfl.simulation import plot_histories
-from jaxfl.transforms import compression
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

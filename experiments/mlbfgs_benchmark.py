@@ -34,7 +34,7 @@ import optax
 
 import jaxfl.data
 import jaxfl.models
-from jaxfl.transforms import _mlbfgs as M
+from jaxfl import transforms as M
 
 BATCH = 64
 MLBFGS_KW = dict(update_every=10, history=10, beta_p=0.99, beta_g=0.99, pair_momentum=0.9,

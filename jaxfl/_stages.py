@@ -138,8 +138,26 @@ class Cohort(NamedTuple):
   real: jax.Array
 
 
+def make_client_loss(model: Model, data, params, model_state, batch_size: int):
+  """``client_loss(ids, key) -> f32[len(ids)]``: the global model's mean cross-entropy on a
+  random batch (with replacement) of each client's examples, for samplers that rank clients
+  by their current loss (Power-of-choice). Traced only if a sampler calls it."""
+
+  def one(cid, key):
+    size = jnp.maximum(data.client_sizes[cid], 1)
+    rows = data.client_indices[cid][jax.random.randint(key, (batch_size,), 0, size)]
+    logits, _ = model.apply(params, model_state, data.x[rows], train=False)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, data.y[rows]))
+
+  def client_loss(ids, key):
+    keys = jax.random.split(key, ids.shape[0])
+    return jax.lax.map(lambda a: one(*a), (ids, keys))
+
+  return client_loss
+
+
 def sample_cohort(sampler, sampler_state, keys, round, *, num_clients: int, layout: Layout,
-                  dropout_rate: float) -> tuple[jax.Array, Cohort]:
+                  dropout_rate: float, context: dict | None = None) -> tuple[jax.Array, Cohort]:
   """Asks the sampler for the cohort and lays it out in slots.
 
   Args:
@@ -150,6 +168,7 @@ def sample_cohort(sampler, sampler_state, keys, round, *, num_clients: int, layo
     num_clients: population size N.
     layout: the :class:`Layout`.
     dropout_rate: probability that a sampled client drops out.
+    context: keyword context for ``select`` (``client_sizes``, ``client_loss``).
 
   Returns:
     ``(selected, cohort)``: the sampler's i32[C] ids and the padded :class:`Cohort`.
@@ -157,7 +176,7 @@ def sample_cohort(sampler, sampler_state, keys, round, *, num_clients: int, layo
   k_sample, k_drop, k_clients = keys
   c, s = layout.cohort, layout.padded
   selected = sampler.select(k_sample, sampler_state, round, num_clients=num_clients,
-                            cohort_size=c)
+                            cohort_size=c, **(context or {}))
   ids = jnp.concatenate([selected, jnp.zeros([s - c], jnp.int32)])
   real = (jnp.arange(s) < c).astype(jnp.float32)
   slots = jnp.arange(s)
@@ -223,8 +242,10 @@ def make_train_slot(algorithm, client_update, keep_uplink_state: bool):
     start = algorithm.view.apply(server, SlotInfo(x.id, x.slot, jax.random.fold_in(x.key, 2)),
                                  x.row)
     p0 = params if start.params is None else start.params
+    # Every client optimizer may read the round index (per-round LR schedules).
+    context = {"round": server.round, **(start.context or {})}
     out = client_update(p0, server.model_state, data.x, data.y, data.client_indices[x.id],
-                        data.client_sizes[x.id], train_key, start.train_mask, start.context)
+                        data.client_sizes[x.id], train_key, start.train_mask, context)
     delta, local = out.delta, None
     if start.params is not None:
       local = jax.tree.map(jnp.subtract, p0, out.delta)
@@ -430,7 +451,7 @@ def update_sampler(sampler, sampler_state, selected, cohort: Cohort, outs: SlotO
 
 
 def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Aggregate,
-                  updates) -> dict:
+                  updates, sampler_state) -> dict:
   """The round's scalar metrics (client means over participants, ledger, aggregator aux)."""
   real = cohort.real
   participants = real * outs.finite
@@ -453,4 +474,7 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
       "rel_uplink": up_elems / (n_real * size),
   }
   metrics.update({f"aggregator/{k}": jnp.asarray(v, jnp.float32) for k, v in agg.aux.items()})
+  if algorithm.sampler.metrics is not None:
+    metrics.update({f"sampler/{k}": jnp.asarray(v, jnp.float32)
+                    for k, v in algorithm.sampler.metrics(sampler_state).items()})
   return metrics

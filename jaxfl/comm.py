@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfl._qsgd_bits import qsgd_bits_per_element as qsgd_bits_per_element
+from jaxfl._qsgd_bits import qsgd_uplink_bytes as qsgd_uplink_bytes
+
 
 def uplink_elements(delta, sparse: bool = False, mask=None, abs_sums=None):
   """Per-leaf f32[] elements one client uploads for ``delta``.
@@ -89,5 +92,5 @@ def relative_uplink_cost(history: list[dict]) -> float:
   return float(np.mean(vals)) if vals else float("nan")
 
 
-__all__ = ["Ledger", "dense_ledger", "model_bytes", "relative_uplink_cost", "sparse_ledger",
-           "uplink_elements"]
+__all__ = ["Ledger", "dense_ledger", "model_bytes", "qsgd_bits_per_element", "qsgd_uplink_bytes",
+           "relative_uplink_cost", "sparse_ledger", "uplink_elements"]

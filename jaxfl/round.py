@@ -136,9 +136,12 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
 
   def step(state: ServerState, data: DeviceData, key) -> tuple[ServerState, dict]:
     k_sample, k_drop, k_clients, k_agg, k_server = jax.random.split(key, 5)
+    context = {"client_sizes": data.client_sizes.astype(jnp.float32),
+               "client_loss": _stages.make_client_loss(model, data, state.params,
+                                                       state.model_state, local.batch_size)}
     selected, cohort = _stages.sample_cohort(
         algorithm.sampler, state.sampler_state, (k_sample, k_drop, k_clients), state.round,
-        num_clients=num_clients, layout=layout, dropout_rate=dropout_rate)
+        num_clients=num_clients, layout=layout, dropout_rate=dropout_rate, context=context)
     rows = None if memory is None else memory.gather(state.memory, cohort.ids, cohort.slots)
     before = ServerSnapshot(state.params, state.model_state, state.opt_state, state.round)
     xs = _stages.SlotInputs(cohort.ids, cohort.slots, cohort.keys, cohort.real, rows)
@@ -151,16 +154,18 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     model_state = jtree.select_tree(jnp.sum(outs.weight) > 0, agg.model_state,
                                     state.model_state)
     after = ServerSnapshot(params, model_state, opt_state, state.round + 1)
+    sampler_state = _stages.update_sampler(algorithm.sampler, state.sampler_state, selected,
+                                           cohort, outs)
     new_state = ServerState(
         params=params, model_state=model_state, opt_state=opt_state,
         aggregator_state=agg.aggregator_state, round=optax.safe_increment(state.round),
         uplink_elements=jax.tree.map(jnp.add, state.uplink_elements, agg.sent),
         cohort=selected,
-        sampler_state=_stages.update_sampler(algorithm.sampler, state.sampler_state, selected,
-                                             cohort, outs),
+        sampler_state=sampler_state,
         memory=_stages.update_memory(memory, state.memory, cohort, outs, rows, before, after,
                                      mesh))
-    return new_state, _stages.round_metrics(algorithm, state.params, cohort, outs, agg, updates)
+    return new_state, _stages.round_metrics(algorithm, state.params, cohort, outs, agg, updates,
+                                            sampler_state)
 
   jit_step = jax.jit(step, donate_argnums=(0,) if donate else (),
                      compiler_options=_compiler_options(mesh))

@@ -77,8 +77,9 @@ class ClientStart(NamedTuple):
       every round); a view returns a memory row here to make the uplink stateful per client
       (LBGM's look-back update).
     context: a dict passed to the client optimizer's ``update`` as keyword arguments
-      (SCAFFOLD's control-variate correction); the optimizer must accept them
-      (``optax.GradientTransformationExtraArgs``).
+      (SCAFFOLD's control-variate correction), besides ``round`` (i32[], always passed, for
+      per-round schedules); transforms that are not ``GradientTransformationExtraArgs``
+      ignore them.
   """
 
   params: Any = None

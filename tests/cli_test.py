@@ -22,6 +22,6 @@ def test_run_command_writes_outputs(tmp_path):
 
 
 def test_every_public_name_imports():
-  for mod in (jaxfl, jaxfl.data, jaxfl.models, jaxfl.algorithms):
+  for mod in (jaxfl, jaxfl.data, jaxfl.models, jaxfl.algorithms, jaxfl.transforms, jaxfl.masks):
     for name in mod.__all__:
       assert getattr(mod, name) is not None, (mod.__name__, name)

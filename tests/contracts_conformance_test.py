@@ -25,6 +25,8 @@ ARGS = {  # required arguments of factories that have some
     "dp_mean": dict(clip_norm=1.0, noise_multiplier=0.5),
     "fixed_schedule": dict(cohorts=[[0, 3, 5], [1, 2, 4]]),
     "periodic": dict(period=2),
+    "power_of_choice": dict(candidates=5),
+    "multi_metric": dict(extra=2),
 }
 
 
@@ -56,7 +58,8 @@ SAMPLERS = _factories(sampling, ("ClientSampler",))
 def test_the_battery_sees_every_public_factory():
   assert {"weighted_mean", "fednova", "coordinate_median", "trimmed_mean", "dp_mean"} <= set(
       AGGREGATORS)
-  assert {"uniform", "periodic", "fixed_schedule"} <= set(SAMPLERS)
+  assert {"uniform", "periodic", "fixed_schedule", "multi_metric", "power_of_choice"} <= set(
+      SAMPLERS)
 
 
 def _updates(seed, c=6):
@@ -122,8 +125,13 @@ def test_sampler_conformance(name):
   n, m = 6, 3
   state = s.init(n, m)
 
+  sizes = jnp.arange(1.0, n + 1.0)
+  # a stand-in loss oracle: deterministic in the ids (the real one evaluates the model)
+  client_loss = lambda ids, key: jnp.sin(ids.astype(jnp.float32))
+
   def select(key, state, r):
-    return s.select(key, state, r, num_clients=n, cohort_size=m)
+    return s.select(key, state, r, num_clients=n, cohort_size=m, client_sizes=sizes,
+                    client_loss=client_loss)
 
   for r in range(4):
     key = jax.random.key(r)
@@ -139,3 +147,6 @@ def test_sampler_conformance(name):
     jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(name),
                  jax.tree.map(jnp.asarray, new), jax.tree.map(jnp.asarray, state))
     state = new
+  if s.metrics is not None:  # diagnostics are scalars
+    for k, v in jax.jit(s.metrics)(state).items():
+      assert jnp.shape(v) == (), k

@@ -18,7 +18,7 @@ def round_robin() -> jaxfl.sampling.ClientSampler:
   def init(num_clients, cohort_size):
     return jnp.zeros([], jnp.int32)
 
-  def select(key, state, round, *, num_clients, cohort_size):
+  def select(key, state, round, *, num_clients, cohort_size, **context):
     return ((state + jnp.arange(cohort_size)) % num_clients).astype(jnp.int32)
 
   def update(state, ids, metrics):

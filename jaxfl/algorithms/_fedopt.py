@@ -13,7 +13,7 @@ import optax
 from jaxfl.aggregation import weighted_mean
 from jaxfl.algorithms._base import Algorithm
 from jaxfl.client import LocalTraining
-from jaxfl.transforms.fedprox import add_proximal_term
+from jaxfl.transforms._fedprox import add_proximal_term
 
 
 def _local(client_lr, client_momentum, weight_decay, batch_size, local_steps, local_epochs,

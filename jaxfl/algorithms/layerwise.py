@@ -27,9 +27,10 @@ from jaxfl import memory as jmemory
 from jaxfl.aggregation import weighted_mean
 from jaxfl.algorithms._base import Algorithm
 from jaxfl.algorithms._fedopt import _local
+from jaxfl.transforms import _compression as compression
 from jaxfl.transforms import _fedlama as lama_lib
 from jaxfl.transforms import _fedluar as luar_lib
-from jaxfl.transforms import _lbgm, _prunefl, compression
+from jaxfl.transforms import _lbgm, _prunefl
 
 __all__ = ["LAYERWISE_ALGORITHMS", "feddropoutavg", "fedacg", "fedlama", "fedluar", "fedpaq",
            "lbgm", "prunefl"]
@@ -135,7 +136,7 @@ def fedpaq(levels: int = 16, *, server_lr: float = 1.0, client_lr: float = 0.01,
   """FedPAQ (Reisizadeh et al., 2020): clients upload QSGD-quantised deltas, server averages.
 
   The element ledger counts every uploaded leaf in full; convert to bytes with
-  :func:`jaxfl.transforms.compression.qsgd_uplink_bytes`.
+  :func:`jaxfl.comm.qsgd_uplink_bytes`.
   """
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps),

@@ -1,12 +1,30 @@
-"""Optax transformations in the four roles of a round.
+"""Optax transformations in the four roles of a federated round.
 
-* client optimizers: :func:`mlbfgs`, :func:`add_proximal_term` (+ any optax optimizer);
-* uplink transforms (per client, inside vmap): :func:`masked_uplink`, ``compression``,
-  :func:`lbgm` (per-client state);
-* server transforms on the pseudo-gradient: ``fedluar``, ``fedlama``, ``prunefl`` (+ any optax optimizer);
-* parameter masks for sparse fine-tuning: :func:`gem_mask`, :func:`build_mask`.
+* client optimizers: :func:`mlbfgs`, :func:`scale_by_mlbfgs`, :func:`plain_stochastic_lbfgs`,
+  :func:`add_proximal_term`, :func:`scaffold_correction`, :func:`scale_by_round_schedule`
+  (+ any optax optimizer);
+* uplink transforms (per client, inside vmap, called with ``key=``): :func:`masked_uplink`,
+  :func:`qsgd_quantize`, :func:`random_dropout`, :func:`lbgm` (per-client state),
+  :func:`scaffold_client_control`;
+* server transforms on the pseudo-gradient: :func:`fedluar`, :func:`fedluar_bypass`,
+  :func:`fedlama`, :func:`prunefl`, :func:`scaffold_server_control` (+ any optax optimizer);
+* parameter masks for sparse fine-tuning: :func:`gem_mask` (masks are built by
+  :mod:`jaxfl.masks`).
+
+``__all__`` lists exactly the transforms (factories returning an
+``optax.GradientTransformation(ExtraArgs)``) and their state NamedTuples;
+``tests/transforms/conformance_test.py`` runs its battery over every factory in it. Helpers
+that go with one transform are importable from here but are not transforms and are not in
+``__all__``: mL-BFGS's ``block_sharding``, ``resnet_block_labels``, ``top_level_block_labels``,
+``damp_pair``, ``two_loop``; FedLAMA's ``fedlama_intervals``, ``layer_discrepancy``; FedLUAR's
+``recycle_mask``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); the one-tensor
+quantiser ``qsgd`` and ``content_key``. QSGD bit accounting is in :mod:`jaxfl.comm`.
 """
 
+from jaxfl.transforms._compression import content_key as content_key
+from jaxfl.transforms._compression import qsgd as qsgd
+from jaxfl.transforms._compression import qsgd_quantize as qsgd_quantize
+from jaxfl.transforms._compression import random_dropout as random_dropout
 from jaxfl.transforms._fedlama import FedLAMAState as FedLAMAState
 from jaxfl.transforms._fedlama import fedlama as fedlama
 from jaxfl.transforms._fedlama import fedlama_intervals as fedlama_intervals
@@ -16,58 +34,37 @@ from jaxfl.transforms._fedluar import FedLUARState as FedLUARState
 from jaxfl.transforms._fedluar import fedluar as fedluar
 from jaxfl.transforms._fedluar import fedluar_bypass as fedluar_bypass
 from jaxfl.transforms._fedluar import recycle_mask as recycle_mask
+from jaxfl.transforms._fedprox import ProximalState as ProximalState
+from jaxfl.transforms._fedprox import add_proximal_term as add_proximal_term
+from jaxfl.transforms._gem import GemMaskState as GemMaskState
+from jaxfl.transforms._gem import gem_mask as gem_mask
+from jaxfl.transforms._gem import masked_uplink as masked_uplink
 from jaxfl.transforms._lbgm import LBGMState as LBGMState
 from jaxfl.transforms._lbgm import lbgm as lbgm
 from jaxfl.transforms._mlbfgs import MLBFGSState as MLBFGSState
-from jaxfl.transforms._mlbfgs import block_sharding as block_sharding
-from jaxfl.transforms._mlbfgs import damp_pair as damp_pair
 from jaxfl.transforms._mlbfgs import mlbfgs as mlbfgs
 from jaxfl.transforms._mlbfgs import plain_stochastic_lbfgs as plain_stochastic_lbfgs
-from jaxfl.transforms._mlbfgs import resnet_block_labels as resnet_block_labels
 from jaxfl.transforms._mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
-from jaxfl.transforms._mlbfgs import top_level_block_labels as top_level_block_labels
-from jaxfl.transforms._mlbfgs import two_loop as two_loop
+from jaxfl.transforms._mlbfgs_blocks import block_sharding as block_sharding
+from jaxfl.transforms._mlbfgs_blocks import resnet_block_labels as resnet_block_labels
+from jaxfl.transforms._mlbfgs_blocks import top_level_block_labels as top_level_block_labels
+from jaxfl.transforms._mlbfgs_two_loop import damp_pair as damp_pair
+from jaxfl.transforms._mlbfgs_two_loop import two_loop as two_loop
 from jaxfl.transforms._prunefl import PruneFLState as PruneFLState
 from jaxfl.transforms._prunefl import keep_top_fraction as keep_top_fraction
 from jaxfl.transforms._prunefl import prunefl as prunefl
-from jaxfl.transforms._sparse_delta import SparseDelta as SparseDelta
-from jaxfl.transforms._sparse_delta import apply_sparse_delta as apply_sparse_delta
-from jaxfl.transforms._sparse_delta import load_sparse_delta as load_sparse_delta
-from jaxfl.transforms._sparse_delta import save_sparse_delta as save_sparse_delta
-from jaxfl.transforms._sparse_delta import sparse_delta as sparse_delta
-from jaxfl.transforms.compression import content_key as content_key
-from jaxfl.transforms.compression import qsgd as qsgd
-from jaxfl.transforms.compression import qsgd_bits_per_element as qsgd_bits_per_element
-from jaxfl.transforms.compression import qsgd_quantize as qsgd_quantize
-from jaxfl.transforms.compression import qsgd_uplink_bytes as qsgd_uplink_bytes
-from jaxfl.transforms.compression import random_dropout as random_dropout
-from jaxfl.transforms.fedprox import ProximalState as ProximalState
-from jaxfl.transforms.fedprox import add_proximal_term as add_proximal_term
-from jaxfl.transforms.gem import ALLOCATIONS as ALLOCATIONS
-from jaxfl.transforms.gem import METHODS as METHODS
-from jaxfl.transforms.gem import GemMaskState as GemMaskState
-from jaxfl.transforms.gem import allocate_budget as allocate_budget
-from jaxfl.transforms.gem import build_mask as build_mask
-from jaxfl.transforms.gem import calibration_gradients as calibration_gradients
-from jaxfl.transforms.gem import eligible_leaves as eligible_leaves
-from jaxfl.transforms.gem import gem_mask as gem_mask
-from jaxfl.transforms.gem import gradient_weight_ratio as gradient_weight_ratio
-from jaxfl.transforms.gem import layer_entropy as layer_entropy
-from jaxfl.transforms.gem import mask_count as mask_count
-from jaxfl.transforms.gem import mask_density as mask_density
-from jaxfl.transforms.gem import masked_uplink as masked_uplink
-from jaxfl.transforms.gem import resolve_budget as resolve_budget
-from jaxfl.transforms.gem import topk_mask as topk_mask
+from jaxfl.transforms._round_schedule import scale_by_round_schedule as scale_by_round_schedule
+from jaxfl.transforms._scaffold import ScaffoldClientState as ScaffoldClientState
+from jaxfl.transforms._scaffold import ScaffoldState as ScaffoldState
+from jaxfl.transforms._scaffold import scaffold_client_control as scaffold_client_control
+from jaxfl.transforms._scaffold import scaffold_correction as scaffold_correction
+from jaxfl.transforms._scaffold import scaffold_server_control as scaffold_server_control
 
-__all__ = ["ALLOCATIONS", "METHODS", "LBGMState", "PruneFLState", "keep_top_fraction", "lbgm",
-           "prunefl", "FedLAMAState", "fedlama", "fedlama_intervals",
-           "layer_discrepancy", "FedLUARBypassState", "FedLUARState", "GemMaskState",
-           "MLBFGSState", "ProximalState", "content_key", "fedluar", "fedluar_bypass", "qsgd",
-           "qsgd_bits_per_element", "qsgd_quantize", "qsgd_uplink_bytes", "random_dropout",
-           "recycle_mask",
-           "SparseDelta", "add_proximal_term", "allocate_budget", "apply_sparse_delta",
-           "block_sharding", "build_mask", "calibration_gradients", "damp_pair",
-           "eligible_leaves", "gem_mask", "gradient_weight_ratio", "layer_entropy",
-           "load_sparse_delta", "mask_count", "mask_density", "masked_uplink", "mlbfgs",
-           "plain_stochastic_lbfgs", "resnet_block_labels", "resolve_budget", "save_sparse_delta",
-           "scale_by_mlbfgs", "sparse_delta", "top_level_block_labels", "topk_mask", "two_loop"]
+__all__ = [
+    "FedLAMAState", "FedLUARBypassState", "FedLUARState", "GemMaskState", "LBGMState",
+    "MLBFGSState", "ProximalState", "PruneFLState", "ScaffoldClientState", "ScaffoldState",
+    "add_proximal_term", "fedlama", "fedluar", "fedluar_bypass", "gem_mask", "lbgm",
+    "masked_uplink", "mlbfgs", "plain_stochastic_lbfgs", "prunefl", "qsgd_quantize",
+    "random_dropout", "scaffold_client_control", "scaffold_correction",
+    "scaffold_server_control", "scale_by_mlbfgs", "scale_by_round_schedule",
+]

@@ -129,7 +129,15 @@ def fedlama(tau_prime: int, phi: int = 2, *, warmup_rounds: int = 6,
       ndim >= 2 leaves (conv/dense kernels, embeddings). Others always sync every round.
 
   ``update`` needs ``client_updates`` (f32[C, ...]) and ``client_weights`` (f32[C]) keyword
-  arguments, which :func:`jaxfl.round.build_round` passes (not with ``stream_aggregate``).
+  arguments, which :func:`jaxfl.round.build_round` passes when the algorithm declares them.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`FedLAMAState`: the update of
+    layers not due this round is zeroed, ``uplink_mask`` says which layers are due next.
+
+  References:
+    Lee, Wang, Li, Pedarsani & Avestimehr, "Layer-wise Adaptive Model Aggregation for
+    Scalable Federated Learning", AAAI 2023 (reference code ``swblaster/FedLAMA``).
   """
   for name, v, lo in (("tau_prime", tau_prime, 1), ("phi", phi, 1),
                       ("warmup_rounds", warmup_rounds, 0)):

@@ -65,6 +65,10 @@ def lbgm(threshold: float = 0.95) -> optax.GradientTransformationExtraArgs:
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`LBGMState`.
+
+  References:
+    Azam, Hosseinalipour, Qiu & Brinton, "Recycling Model Updates in Federated Learning: Are
+    Gradient Subspaces Low-Rank?", ICLR 2022.
   """
   if isinstance(threshold, int | float) and not 0.0 <= threshold <= 1.0:
     raise ValueError(f"`threshold` must be in [0, 1], got {threshold!r}.")

@@ -7,23 +7,23 @@ momentum, damps them Powell-style so that :math:`s^\top\hat y / s^\top s \in [\s
 \sigma_H]`, keeps one L-BFGS history per *block* of parameters (so blocks can live on different
 devices), and feeds the globally normalised two-loop direction to heavy-ball SGD.
 
-Public names:
+This module holds the momentum wrapper and the transforms:
 
 * :func:`scale_by_mlbfgs` -- the direction only (a ``GradientTransformation``).
 * :func:`mlbfgs` -- ``chain(scale_by_mlbfgs, trace(momentum), scale_by_learning_rate(lr))``.
 * :func:`plain_stochastic_lbfgs` -- the same machinery with no momentum on the pairs and no
   damping (the unstable baseline of the paper).
 * :class:`MLBFGSState` -- the state.
-* :func:`resnet_block_labels`, :func:`top_level_block_labels` -- block layouts.
-* :func:`block_sharding` -- a ``NamedSharding`` that lays blocks and their histories across
-  devices.
+
+Block layouts (``resnet_block_labels``, ``top_level_block_labels``, ``block_sharding``) are in
+``_mlbfgs_blocks``, pair damping and the two-loop recursion in ``_mlbfgs_two_loop``; all are
+importable from :mod:`jaxfl.transforms`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-PyTree = Any
-BlockLabels = PyTree | Callable[[PyTree], PyTree] | None
+from jaxfl.transforms._mlbfgs_blocks import BlockLabels, _from_blocks, _make_layout, _to_blocks
+from jaxfl.transforms._mlbfgs_two_loop import _dot, damp_pair, two_loop
+
+__all__ = ["MLBFGSState", "mlbfgs", "plain_stochastic_lbfgs", "scale_by_mlbfgs"]
 
 
 class MLBFGSState(NamedTuple):
@@ -73,285 +75,6 @@ class MLBFGSState(NamedTuple):
   valid: jax.Array
   h0: jax.Array
   num_pairs: jax.Array
-
-
-# ------------------------------------------------------------------------------------------
-# Block layouts.
-
-
-class _Layout(NamedTuple):
-  """Static description of how leaves map into the block-stacked ``[B, n]`` matrix."""
-
-  treedef: Any
-  leaf_block: tuple[int, ...]  # block index per leaf, -1 = pass-through
-  leaf_offset: tuple[int, ...]  # offset of the leaf inside its block
-  leaf_shape: tuple[tuple[int, ...], ...]
-  block_ids: tuple[Hashable, ...]  # real blocks only
-  num_blocks: int  # including padding blocks
-  block_size: int  # n = largest block size (>= 1)
-
-
-def _is_none(x) -> bool:
-  return x is None
-
-
-def _shape(x) -> tuple[int, ...]:
-  """Shape of an array, ``ShapeDtypeStruct`` or scalar."""
-  return tuple(int(d) for d in (x.shape if hasattr(x, "shape") else np.shape(x)))
-
-
-def _resolve_labels(block_labels: BlockLabels, params: PyTree) -> list[Hashable | None]:
-  treedef = jax.tree.structure(params)
-  if block_labels is None:
-    return [0] * treedef.num_leaves
-  labels = block_labels(params) if callable(block_labels) else block_labels
-  label_def = jax.tree.structure(labels, is_leaf=_is_none)
-  if label_def != treedef:
-    raise ValueError(
-        f"`block_labels` must have the structure of params; got {label_def}, params have "
-        f"{treedef}.")
-  leaves = jax.tree.leaves(labels, is_leaf=_is_none)
-  for leaf in leaves:
-    if leaf is not None and not isinstance(leaf, Hashable):
-      raise ValueError(f"`block_labels` leaves must be hashable block ids or None; got {leaf!r}.")
-  return leaves
-
-
-def _make_layout(block_labels: BlockLabels, block_order: Sequence[Hashable] | None,
-                 params: PyTree, device_count: int) -> _Layout:
-  leaves, treedef = jax.tree.flatten(params)
-  labels = _resolve_labels(block_labels, params)
-  if block_order is None:
-    order: list[Hashable] = []
-    for label in labels:
-      if label is not None and label not in order:
-        order.append(label)
-  else:
-    order = list(block_order)
-    unknown = sorted({repr(lb) for lb in labels if lb is not None and lb not in order})
-    if unknown:
-      raise ValueError(
-          f"`block_labels` contains unknown block label(s) {', '.join(unknown)}; "
-          f"`block_order` is {order!r}.")
-  index = {label: i for i, label in enumerate(order)}
-  sizes = [0] * len(order)
-  leaf_block, leaf_offset, leaf_shape = [], [], []
-  for leaf, label in zip(leaves, labels):
-    shape = _shape(leaf)
-    leaf_shape.append(shape)
-    if label is None:
-      leaf_block.append(-1)
-      leaf_offset.append(0)
-      continue
-    b = index[label]
-    leaf_block.append(b)
-    leaf_offset.append(sizes[b])
-    sizes[b] += math.prod(shape)
-  num_blocks = max(len(order), 1)
-  num_blocks = -(-num_blocks // device_count) * device_count
-  return _Layout(treedef, tuple(leaf_block), tuple(leaf_offset), tuple(leaf_shape),
-                 tuple(order), num_blocks, max(sizes + [1]))
-
-
-def _to_blocks(layout: _Layout, tree: PyTree, dtype) -> jax.Array:
-  """Packs the blocked leaves of ``tree`` into a zero-padded ``[B, n]`` matrix."""
-  leaves = jax.tree.leaves(tree)
-  parts: list[list[jax.Array]] = [[] for _ in range(layout.num_blocks)]
-  for leaf, b in zip(leaves, layout.leaf_block):
-    if b >= 0:
-      parts[b].append(jnp.ravel(leaf).astype(dtype))
-  rows = []
-  for p in parts:
-    used = sum(int(x.size) for x in p)
-    if used < layout.block_size:
-      p = p + [jnp.zeros((layout.block_size - used,), dtype)]
-    rows.append(jnp.concatenate(p) if len(p) > 1 else p[0])
-  return jnp.stack(rows)
-
-
-def _from_blocks(layout: _Layout, mat: jax.Array, leaf: int) -> jax.Array:
-  """The slice of ``mat`` belonging to blocked leaf number ``leaf``, reshaped."""
-  shape = layout.leaf_shape[leaf]
-  off = layout.leaf_offset[leaf]
-  return mat[layout.leaf_block[leaf], off:off + math.prod(shape)].reshape(shape)
-
-
-def top_level_block_labels(params: PyTree) -> PyTree:
-  """One block per top-level key of a params dict (e.g. per Flax submodule)."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: str(path[0].key), params)
-
-
-def resnet_block_labels(params: PyTree, layout: str = "one") -> PyTree:
-  """Block labels in the authors' layouts (ALGORITHMS.md §4.4) for ResNet-style params.
-
-  Residual blocks are the top-level entries whose name contains ``"block"`` (Flax names them
-  ``_BasicBlock_<i>``, ``BottleneckBlock_<i>``, ...); everything else (stem conv and BN, head)
-  is the "outside".
-
-  Args:
-    params: A params dict as returned by ``Model.init``.
-    layout: ``"one"`` -- one block with every residual-block parameter; stem and head are
-      not preconditioned (label ``None``), as ``get_pblocks`` for ResNet-18/CIFAR.
-      ``"stage"`` -- one block per stage (consecutive residual blocks with the same number of
-      output channels, keyed ``"stage<C>"``), stem and head ``None``, as
-      ``get_pblocks_resnet50``. ``"single"`` -- every parameter in one block (as DeiT).
-
-  Returns:
-    A label tree with the structure of ``params`` for ``scale_by_mlbfgs(block_labels=...)``.
-
-  Raises:
-    ValueError: For an unknown ``layout`` or params without residual blocks.
-  """
-  if layout not in ("one", "stage", "single"):
-    raise ValueError(f"`layout` must be 'one', 'stage' or 'single', got {layout!r}.")
-  if layout == "single":
-    return jax.tree.map(lambda _: "all", params)
-  if not isinstance(params, dict):
-    raise ValueError(f"`params` must be a dict of submodules, got {type(params).__name__}.")
-  body = [k for k in params if re.search("block", str(k), re.IGNORECASE)]
-  if not body:
-    raise ValueError(f"No residual blocks (keys containing 'block') in params keys "
-                     f"{sorted(map(str, params))}.")
-
-  def stage_of(key):
-    kernels = [x for x in jax.tree.leaves(params[key]) if len(_shape(x)) >= 2]
-    return f"stage{_shape(kernels[-1])[-1]}" if kernels else "stage0"
-
-  labels = {}
-  for key, sub in params.items():
-    if key in body:
-      label = "body" if layout == "one" else stage_of(key)
-      labels[key] = jax.tree.map(lambda _, lb=label: lb, sub)
-    else:
-      labels[key] = jax.tree.map(lambda _: None, sub)
-  return labels
-
-
-def block_sharding(devices: Sequence[jax.Device] | None = None,
-                   axis_name: str = "blocks") -> jax.sharding.NamedSharding:
-  """A sharding that splits block-stacked arrays over a 1-D mesh of ``devices``.
-
-  Pass it as ``scale_by_mlbfgs(..., sharding=block_sharding())``: the block axis of every
-  block-stacked state array (histories included) is split over the devices, so each device
-  stores and runs the two-loop recursion for ``B / D`` blocks. Blocks are padded with empty
-  blocks up to a multiple of ``D``.
-
-  Args:
-    devices: Devices of the mesh; default ``jax.devices()``.
-    axis_name: Name of the mesh axis.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,),
-                           axis_types=(jax.sharding.AxisType.Auto,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
-
-
-# ------------------------------------------------------------------------------------------
-# The numerical pieces (all batched over the leading block axis).
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.sum(a * b, axis=-1)
-
-
-def damp_pair(s: jax.Array, y: jax.Array, damping, sigma_lo, sigma_hi, eps) -> jax.Array:
-  r"""Powell-style damping of a curvature pair towards the identity, batched over blocks.
-
-  .. math::
-    \tau = \frac{s^\top y}{s^\top s + \epsilon},\quad
-    \phi = \begin{cases} \frac{1-\sigma_L}{1-\tau} & \tau < \sigma_L\\
-                         \frac{\sigma_H-1}{\tau-1} & \tau > \sigma_H\\ 1 & \text{else}
-           \end{cases},\quad \phi \leftarrow \min(\phi, 1-\epsilon_d),\quad
-    \hat y = \phi y + (1-\phi) s.
-
-  For :math:`\sigma_L \le 1 \le \sigma_H` this gives :math:`s^\top\hat y / s^\top s \in
-  [\sigma_L, \sigma_H]`.
-
-  Args:
-    s: f[..., n].
-    y: f[..., n].
-    damping: :math:`\epsilon_d`, the minimum mix-in of ``s``.
-    sigma_lo: :math:`\sigma_L`.
-    sigma_hi: :math:`\sigma_H`.
-    eps: :math:`\epsilon` of the denominator.
-
-  Returns:
-    :math:`\hat y`, same shape as ``y``.
-  """
-  dt = s.dtype
-  tau = _dot(s, y) / (_dot(s, s) + jnp.asarray(eps, dt))
-  one = jnp.ones_like(tau)
-  lo, hi = jnp.asarray(sigma_lo, dt), jnp.asarray(sigma_hi, dt)
-  phi_lo = (1 - lo) / jnp.where(tau < lo, 1 - tau, one)
-  phi_hi = (hi - 1) / jnp.where(tau > hi, tau - 1, one)
-  phi = jnp.where(tau < lo, phi_lo, jnp.where(tau > hi, phi_hi, one))
-  phi = jnp.minimum(phi, 1 - jnp.asarray(damping, dt))
-  return phi[..., None] * y + (1 - phi)[..., None] * s
-
-
-def two_loop(q: jax.Array, s_hist: jax.Array, y_hist: jax.Array, valid: jax.Array,
-             h0: jax.Array, newest: jax.Array, sy: jax.Array | None = None,
-             yy: jax.Array | None = None) -> jax.Array:
-  r"""L-BFGS two-loop recursion :math:`H q` over ring buffers, batched over blocks.
-
-  The recursion is the textbook one (newest to oldest :math:`\alpha_i = s_i^\top q_i /
-  \rho_i`, :math:`q_{i-1} = q_i - \alpha_i y_i`; :math:`r = h_0 q`; oldest to newest
-  :math:`\beta_i = y_i^\top r / \rho_i`, :math:`r \mathrel{+}= (\alpha_i - \beta_i) s_i`),
-  carried out on coefficients: every inner product it needs is an entry of :math:`S^\top q`,
-  :math:`Y^\top q`, :math:`S^\top Y` or :math:`Y^\top Y`, and the result is :math:`h_0 q +
-  Y c_y + S c_s`. A step therefore reads each history buffer twice as two matrix-vector
-  products instead of :math:`4M` dependent vector passes (same arithmetic, about 10x faster
-  on CPU for M = 10). Slots are ordered by age starting after ``newest`` and wrapping
-  around; slots with ``valid == False`` get zero coefficients (they must hold finite values,
-  which the transform guarantees).
-
-  Args:
-    q: f[B, n] vectors to precondition.
-    s_hist: f[B, M, n] parameter differences.
-    y_hist: f[B, M, n] (damped) gradient differences.
-    valid: bool[B, M].
-    h0: f[B] initial scale :math:`H_0 = h_0 I`.
-    newest: i32[] slot holding the newest pair.
-    sy: Optional f[B, M, M] with ``sy[b, i, k]`` = :math:`s_i^\top y_k`; computed if absent.
-    yy: Optional f[B, M, M] with ``yy[b, i, k]`` = :math:`y_i^\top y_k`; computed if absent.
-
-  Returns:
-    f[B, n], :math:`H q` per block.
-  """
-  m = s_hist.shape[1]
-  if sy is None:
-    sy = jnp.einsum("bin,bkn->bik", s_hist, y_hist)
-  if yy is None:
-    yy = jnp.einsum("bin,bkn->bik", y_hist, y_hist)
-  # Chronological order: position i holds physical slot perm[i] (oldest first).
-  perm = (newest + 1 + jnp.arange(m)) % m
-  ok = jnp.take(valid, perm, axis=1)
-  both = ok[:, :, None] & ok[:, None, :]
-  sy = jnp.where(both, jnp.take(jnp.take(sy, perm, axis=1), perm, axis=2), 0)
-  yy = jnp.where(both, jnp.take(jnp.take(yy, perm, axis=1), perm, axis=2), 0)
-  sq = jnp.where(ok, jnp.take(jnp.einsum("bmn,bn->bm", s_hist, q), perm, axis=1), 0)
-  yq = jnp.where(ok, jnp.take(jnp.einsum("bmn,bn->bm", y_hist, q), perm, axis=1), 0)
-  rho = jnp.diagonal(sy, axis1=1, axis2=2)
-  inv_rho = jnp.where(ok, 1 / jnp.where(ok, rho, 1), 0)
-  h0 = h0.astype(q.dtype)
-  alpha = jnp.zeros_like(sq)
-  for i in reversed(range(m)):  # newest -> oldest; alpha_k = 0 for k <= i so far
-    a = (sq[:, i] - jnp.sum(alpha * sy[:, i, :], axis=1)) * inv_rho[:, i]
-    alpha = alpha.at[:, i].set(a)
-  c_y = -h0[:, None] * alpha  # r = h0 q + Y c_y + S c_s
-  c_s = jnp.zeros_like(sq)
-  for i in range(m):  # oldest -> newest; y_i^T s_k = sy[k, i]
-    y_r = h0 * yq[:, i] + jnp.sum(c_y * yy[:, i, :], axis=1) + jnp.sum(c_s * sy[:, :, i], axis=1)
-    c_s = c_s.at[:, i].set(alpha[:, i] - y_r * inv_rho[:, i])
-  inv_perm = (jnp.arange(m) - newest - 1) % m  # physical slot -> chronological position
-  c_y = jnp.take(c_y, inv_perm, axis=1)
-  c_s = jnp.take(c_s, inv_perm, axis=1)
-  return (h0[:, None] * q + jnp.einsum("bm,bmn->bn", c_y, y_hist)
-          + jnp.einsum("bm,bmn->bn", c_s, s_hist))
-
-
-# ------------------------------------------------------------------------------------------
-# The transformations.
 
 
 def _check_static(name: str, value: Any, lo: float | None = None, hi: float | None = None,
@@ -605,7 +328,7 @@ def scale_by_mlbfgs(
 
     def lbfgs_dir(q):
       d = two_loop(q, s_hist, y_hist, valid, h0, (num_pairs - 1) % mem, sy, yy)
-      nrm = jnp.sqrt(jnp.sum(d * d))
+      nrm = optax.tree.norm(d)
       scale = jnp.where(nrm > 0, 1 / jnp.where(nrm > 0, nrm, 1), 1) if normalize else cast(1)
       return constrain(d * scale), scale
 
@@ -738,11 +461,18 @@ def plain_stochastic_lbfgs(
     state_dtype: Any = None,
     sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Plain stochastic L-BFGS: raw minibatch pairs, no momentum on pairs, no damping.
+  r"""Plain stochastic L-BFGS: raw minibatch pairs, no momentum on pairs, no damping.
 
-  The baseline mL-BFGS fixes: :math:`s_k = \\theta_{kT} - \\theta_{(k-1)T}` and :math:`y_k =
-  g_{kT} - g_{(k-1)T}` from *different* minibatches, stored as they are (pairs with
-  :math:`s^\\top y \\le 0` are skipped, the usual safeguard). It is :func:`mlbfgs` with
+  The baseline mL-BFGS fixes: pairs from *different* minibatches, stored as they are,
+
+  .. math::
+    s_k = \theta_{kT} - \theta_{(k-1)T},\qquad y_k = g_{kT} - g_{(k-1)T},\qquad
+    \theta_{t+1} = \theta_t - \eta_t\, \frac{H_t (g_t + \lambda\theta_t)}
+      {\lVert H_t (g_t + \lambda\theta_t)\rVert_2}
+
+  (pairs with :math:`s^\top y \le 0` are skipped, the usual safeguard; :math:`H_t` is the
+  two-loop L-BFGS inverse Hessian of the last ``history`` pairs; before the first pair the step
+  is :math:`\eta_t (g_t + \lambda\theta_t)`). It is :func:`mlbfgs` with
   ``beta_p = beta_g = pair_momentum = 0``, ``use_damping=False`` and (by default) no
   heavy-ball momentum.
 
@@ -760,6 +490,11 @@ def plain_stochastic_lbfgs(
 
   Returns:
     A ``GradientTransformationExtraArgs`` needing ``params`` in ``update``.
+
+  References:
+    Niu et al., `mL-BFGS: A Momentum-based L-BFGS for Distributed Large-Scale Neural
+    Network Optimization <https://openreview.net/forum?id=9jnsPp8DP3>`_, TMLR 2023 (the
+    stochastic L-BFGS baseline).
   """
   return mlbfgs(learning_rate, block_labels, momentum=momentum, beta_p=0.0, beta_g=0.0,
                 pair_momentum=0.0, update_every=update_every, history=history, damping=0.0,

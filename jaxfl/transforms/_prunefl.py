@@ -60,7 +60,11 @@ def keep_top_fraction(scores: jax.Array, keep: float) -> jax.Array:
 def prunefl(keep: float = 0.7, reconfig_every: int = 50, *,
             kernels: Any | Callable[[Any], Any] | None = None
             ) -> optax.GradientTransformationExtraArgs:
-  """PruneFL's mask schedule.
+  r"""PruneFL's mask schedule.
+
+  The importance accumulates :math:`q \mathrel{+}= \frac{1}{m}\sum_i (\sum_s g^i_s)^{\odot 2}`
+  every round; every ``reconfig_every`` rounds each kernel keeps its
+  :math:`\lceil \text{keep}\cdot n_l \rceil` most important entries.
 
   Args:
     keep: fraction of each kernel tensor kept at a reconfiguration (0.7).
@@ -70,6 +74,14 @@ def prunefl(keep: float = 0.7, reconfig_every: int = 50, *,
 
   ``update`` needs ``client_grad_sums`` (f32[C, ...]) and ``client_weights``: declare
   ``Algorithm(server_inputs=("client_grad_sums",))`` (:func:`jaxfl.algorithms.prunefl`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`PruneFLState` (updates pass
+    unchanged; ``train_mask`` is what clients train and upload).
+
+  References:
+    Jiang, Wang, Valls, Ko, Lee, Leung & Tassiulas, "Model Pruning Enables Efficient
+    Federated Learning on Edge Devices", IEEE TNNLS 2022.
   """
   if not 0.0 < keep <= 1.0:
     raise ValueError(f"`keep` must be in (0, 1], got {keep!r}.")

@@ -36,6 +36,8 @@ __all__ = ["ScaffoldClientState", "ScaffoldState", "scaffold_client_control",
 def scaffold_correction() -> optax.GradientTransformationExtraArgs:
   r"""Client-side gradient correction :math:`g \mapsto g + (c - c_i)`.
 
+  .. math:: g \leftarrow g + (c - c_i)
+
   Chain it before the client optimizer: ``optax.chain(scaffold_correction(), optax.sgd(lr))``.
   ``update`` takes the correction as the keyword argument ``control`` (a params-shaped
   tree; the round passes it from the client view's ``ClientStart.context``); without it the
@@ -45,7 +47,9 @@ def scaffold_correction() -> optax.GradientTransformationExtraArgs:
     A stateless ``optax.GradientTransformationExtraArgs``.
 
   References:
-    Karimireddy et al., ICML 2020, Algorithm 1 line 10.
+    Karimireddy, Kale, Mohri, Reddi, Stich and Suresh, `SCAFFOLD: Stochastic Controlled
+    Averaging for Federated Learning <https://arxiv.org/abs/1910.06378>`_, ICML 2020,
+    Algorithm 1 line 10.
   """
 
   def init_fn(params):
@@ -88,16 +92,18 @@ def scaffold_client_control(local_steps: int, client_lr: float
     gives zero controls (the view normally supplies the state).
 
   References:
-    Karimireddy et al., ICML 2020, Algorithm 1 line 12, option II.
+    Karimireddy, Kale, Mohri, Reddi, Stich and Suresh, `SCAFFOLD: Stochastic Controlled
+    Averaging for Federated Learning <https://arxiv.org/abs/1910.06378>`_, ICML 2020,
+    Algorithm 1 line 12, option II.
   """
   if not isinstance(local_steps, int) or local_steps < 1:
     raise ValueError(f"`local_steps` must be a positive int, got {local_steps!r}.")
-  if not client_lr > 0:
+  if isinstance(client_lr, int | float) and not client_lr > 0:  # traced: inject_hyperparams
     raise ValueError(f"`client_lr` must be > 0, got {client_lr!r}.")
   inv = 1.0 / (local_steps * client_lr)
 
   def init_fn(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = optax.tree.zeros_like(params)
     return ScaffoldClientState(zeros, zeros)
 
   def update_fn(updates, state, params=None, **extra):
@@ -142,21 +148,24 @@ def scaffold_server_control(num_clients: int, local_steps: int, client_lr: float
     needs ``client_weights``.
 
   References:
-    Karimireddy et al., ICML 2020, Algorithm 1 line 17.
+    Karimireddy, Kale, Mohri, Reddi, Stich and Suresh, `SCAFFOLD: Stochastic Controlled
+    Averaging for Federated Learning <https://arxiv.org/abs/1910.06378>`_, ICML 2020,
+    Algorithm 1 line 17.
   """
   if not isinstance(num_clients, int) or num_clients < 1:
     raise ValueError(f"`num_clients` must be a positive int, got {num_clients!r}.")
   inv = 1.0 / (local_steps * client_lr)
 
   def init_fn(params):
-    return ScaffoldState(jax.tree.map(jnp.zeros_like, params))
+    return ScaffoldState(optax.tree.zeros_like(params))
 
   def update_fn(updates, state, params=None, *, client_weights=None, **extra):
     del params, extra
     if client_weights is None:
       raise ValueError("scaffold_server_control needs `client_weights` (the round passes it).")
     frac = jnp.sum(client_weights > 0).astype(jnp.float32) / num_clients
-    control = jax.tree.map(lambda c, d: c + frac * (d * inv - c), state.control, updates)
+    control = jax.tree.map(lambda c, d: (c + frac * (d * inv - c)).astype(c.dtype),
+                           state.control, updates)
     return updates, ScaffoldState(control)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxfl.transforms import compression
+from jaxfl import comm as qsgd_bits
+from jaxfl import transforms
 
 
 def _tree(rng):
@@ -21,7 +22,7 @@ def test_qsgd_unbiased_statistically(levels):
   v = rng.normal(size=(40,)).astype(np.float32)
   n = 20000
   keys = jax.random.split(jax.random.key(1), n)
-  q = np.asarray(jax.jit(jax.vmap(lambda k: compression.qsgd(jnp.asarray(v), k, levels)))(keys),
+  q = np.asarray(jax.jit(jax.vmap(lambda k: transforms.qsgd(jnp.asarray(v), k, levels)))(keys),
                  np.float64)
   # Reference: xi = floor(r) + Bernoulli(r - floor(r)), r = s|v|/||v||.
   norm = np.linalg.norm(v.astype(np.float64))
@@ -39,7 +40,7 @@ def test_qsgd_unbiased_statistically(levels):
 def test_qsgd_level_count_and_support(levels):
   rng = np.random.default_rng(2)
   v = rng.normal(size=(500,)).astype(np.float32)
-  q = np.asarray(compression.qsgd(jnp.asarray(v), jax.random.key(0), levels), np.float64)
+  q = np.asarray(transforms.qsgd(jnp.asarray(v), jax.random.key(0), levels), np.float64)
   norm = np.linalg.norm(v.astype(np.float64))
   xi = np.abs(q) * levels / norm
   np.testing.assert_allclose(xi, np.round(xi), atol=1e-3)
@@ -54,36 +55,36 @@ def test_qsgd_level_count_and_support(levels):
 
 def test_qsgd_exact_cases_and_zero():
   v = jnp.array([0.0, -3.0, 0.0], jnp.float32)  # one non-zero: |v|/||v|| = 1 -> exact
-  np.testing.assert_allclose(compression.qsgd(v, jax.random.key(0), 7), v, rtol=1e-6)
+  np.testing.assert_allclose(transforms.qsgd(v, jax.random.key(0), 7), v, rtol=1e-6)
   z = jnp.zeros((4, 4), jnp.float32)
-  np.testing.assert_array_equal(compression.qsgd(z, jax.random.key(0), 4), z)
+  np.testing.assert_array_equal(transforms.qsgd(z, jax.random.key(0), 4), z)
 
 
 def test_bits_per_element_and_bytes():
-  assert compression.qsgd_bits_per_element(16) == 1 + 5
-  assert compression.qsgd_bits_per_element(1) == 2
-  assert compression.qsgd_bits_per_element(15) == 1 + 4
+  assert qsgd_bits.qsgd_bits_per_element(16) == 1 + 5
+  assert qsgd_bits.qsgd_bits_per_element(1) == 2
+  assert qsgd_bits.qsgd_bits_per_element(15) == 1 + 4
   params = {"a": np.zeros((10, 10)), "b": np.zeros((4,))}
   elems = {"a": 3 * 100.0, "b": 2 * 4.0}  # 3 uploads of a, 2 of b
   want = (300 * 6 + 8 * 6) / 8 + (3 + 2) * 4
-  assert math.isclose(compression.qsgd_uplink_bytes(elems, params, 16), want)
+  assert math.isclose(qsgd_bits.qsgd_uplink_bytes(elems, params, 16), want)
 
 
 def test_bad_arguments():
   for bad in (0, -2, 2.5, True):
     with pytest.raises(ValueError, match="levels"):
-      compression.qsgd_quantize(bad)
+      transforms.qsgd_quantize(bad)
   with pytest.raises(ValueError, match="levels"):
-    compression.qsgd_bits_per_element(0)
+    qsgd_bits.qsgd_bits_per_element(0)
   for bad in (-0.1, 1.0, 1.5):
     with pytest.raises(ValueError, match="rate"):
-      compression.random_dropout(bad)
+      transforms.random_dropout(bad)
 
 
 def test_quantize_transform_with_and_without_key():
   rng = np.random.default_rng(3)
   t = _tree(rng)
-  tx = compression.qsgd_quantize(4)
+  tx = transforms.qsgd_quantize(4)
   s = tx.init(t)
   f0 = jax.jit(lambda u: tx.update(u, s, None)[0])
   fk = jax.jit(lambda u, k: tx.update(u, s, None, key=k)[0])
@@ -108,7 +109,7 @@ def test_dropout_rate_kernels_only_no_rescale():
   rng = np.random.default_rng(4)
   big = {"k": jnp.asarray(rng.normal(size=(200, 100)) + 3.0, jnp.float32),
          "b": jnp.asarray(rng.normal(size=(100,)), jnp.float32)}
-  tx = compression.random_dropout(0.75)
+  tx = transforms.random_dropout(0.75)
   out = jax.jit(lambda u, k: tx.update(u, tx.init(u), None, key=k)[0])(big, jax.random.key(0))
   k, kin = np.asarray(out["k"]), np.asarray(big["k"])
   kept = k != 0
@@ -125,6 +126,6 @@ def test_dropout_rate_kernels_only_no_rescale():
 
 def test_dropout_zero_rate_is_identity():
   t = _tree(np.random.default_rng(5))
-  tx = compression.random_dropout(0.0)
+  tx = transforms.random_dropout(0.0)
   out = jax.jit(lambda u: tx.update(u, tx.init(u), None)[0])(t)
   jax.tree.map(np.testing.assert_array_equal, out, t)

@@ -346,7 +346,7 @@ def test_simulate_fedluar_on_digits_uploads_less():
 
 
 def test_aggregate_transform_stores_processed_update_but_scores_raw_mean():
-  from jaxfl.transforms import compression
+  from jaxfl.transforms import _compression as compression
 
   rng = np.random.default_rng(9)
   params = _f32(_params(rng))

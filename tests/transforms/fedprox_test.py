@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 import jaxfl
-from jaxfl.transforms.fedprox import add_proximal_term
+from jaxfl.transforms import add_proximal_term
 
 
 def test_proximal_gradient_matches_formula():

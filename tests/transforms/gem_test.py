@@ -1,4 +1,4 @@
-"""Tests for GEM masks, the mask transform, the uplink and sparse deltas.
+"""Tests for jaxfl.masks (GEM masks, sparse deltas) and the GEM mask / uplink transforms.
 
 Expected values come from NumPy references written here, independently of the code under test.
 """
@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxfl.transforms import _sparse_delta as sd
-from jaxfl.transforms import gem
+from jaxfl import masks
+from jaxfl.transforms import GemMaskState, gem_mask, masked_uplink
 
 # ------------------------------------------------------------------------------------------
 # NumPy references.
@@ -86,7 +86,7 @@ def ref_topk(scores, k):
 def test_gradient_weight_ratio_matches_numpy():
   w, g = random_tree(0), random_tree(1)
   w = {**w, "dense": {**w["dense"], "bias": jnp.zeros(8)}}  # exact zeros -> |g| / eps
-  got = jax.jit(gem.gradient_weight_ratio, static_argnums=2)(g, w, 1e-3)
+  got = jax.jit(masks.gradient_weight_ratio, static_argnums=2)(g, w, 1e-3)
   want = jax.tree.map(lambda a, b: np.abs(np.asarray(a)) / (np.abs(np.asarray(b)) + 1e-3), g, w)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
 
@@ -96,7 +96,7 @@ def test_layer_entropy_matches_numpy_histogram(bins):
   tree = random_tree(2)
   tree["const"] = jnp.full((5, 5), 0.3)
   tree["two"] = jnp.array([[0.0, 1.0], [0.0, 1.0]])  # entropy log 2 for any bins
-  got = jax.jit(gem.layer_entropy, static_argnums=1)(tree, bins)
+  got = jax.jit(masks.layer_entropy, static_argnums=1)(tree, bins)
   want = jax.tree.map(lambda x: ref_entropy(x, bins), tree)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(float(a), b, rtol=1e-4, atol=1e-5),
                got, want)
@@ -121,7 +121,7 @@ def test_allocation_exact_capped_and_proportional(rule):
     n = int(sizes.sum())
     total = int(rng.choice([0, n, 1, n - 1, int(rng.integers(0, n + 1))]))
     total = max(0, min(n, total))
-    k = np.array(gem.allocate_budget(total, sizes, ent, rule))
+    k = np.array(masks.allocate_budget(total, sizes, ent, rule))
     assert k.sum() == total, (sizes, ent, total, k)
     assert np.all(k >= 0) and np.all(k <= sizes)
     ideal = ref_ideal_shares(_alloc_weights(rule, ent, sizes), sizes, total)
@@ -136,24 +136,24 @@ def test_allocation_equals_hamilton_reference_without_caps():
     ent = rng.uniform(0.5, 6, size=len(sizes))
     total = int(rng.integers(0, 500))
     for rule in ("entropy", "entropy_size", "uniform"):
-      np.testing.assert_array_equal(gem.allocate_budget(total, sizes, ent, rule),
+      np.testing.assert_array_equal(masks.allocate_budget(total, sizes, ent, rule),
                                     ref_hamilton(_alloc_weights(rule, ent, sizes), total))
 
 
 def test_allocation_callable_rule_and_zero_weights():
   sizes = np.array([10, 10, 10])
-  assert gem.allocate_budget(12, sizes, [1.0, 2.0, 3.0], lambda e, n: e ** 2) == [1, 3, 8]
+  assert masks.allocate_budget(12, sizes, [1.0, 2.0, 3.0], lambda e, n: e ** 2) == [1, 3, 8]
   # All-zero entropies fall back to spreading over capacity.
-  assert sum(gem.allocate_budget(7, sizes, [0.0, 0.0, 0.0], "entropy")) == 7
+  assert sum(masks.allocate_budget(7, sizes, [0.0, 0.0, 0.0], "entropy")) == 7
   # The capped layer is full, the rest goes to the zero-weight layer.
-  assert gem.allocate_budget(15, sizes, [1.0, 0.0, 0.0], "entropy") == [10, 3, 2]
+  assert masks.allocate_budget(15, sizes, [1.0, 0.0, 0.0], "entropy") == [10, 3, 2]
 
 
 def test_resolve_budget():
-  assert gem.resolve_budget(0.001, 1000) == 1  # no float drift to 2
-  assert gem.resolve_budget(0.0015, 1000) == 2  # ceil
-  assert gem.resolve_budget(0.0, 10) == 0 and gem.resolve_budget(1.0, 10) == 10
-  assert gem.resolve_budget(0.5, 10, 100, "all") == 10  # capped at the eligible count
+  assert masks.resolve_budget(0.001, 1000) == 1  # no float drift to 2
+  assert masks.resolve_budget(0.0015, 1000) == 2  # ceil
+  assert masks.resolve_budget(0.0, 10) == 0 and masks.resolve_budget(1.0, 10) == 10
+  assert masks.resolve_budget(0.5, 10, 100, "all") == 10  # capped at the eligible count
 
 
 # ------------------------------------------------------------------------------------------
@@ -193,44 +193,44 @@ def test_masks_match_numpy_reference(method, allocation, budget):
   default = {"gem": "entropy", "gem_uniform_budget": "uniform", "grad_magnitude": "entropy",
              "weight_magnitude": "entropy"}
   alloc = allocation or default[method]
-  mask = gem.build_mask(method, params, budget, grads=grads, bins=32, eps=1e-4,
+  mask = masks.build_mask(method, params, budget, grads=grads, bins=32, eps=1e-4,
                         allocation=allocation)
   want = ref_mask(method, params, grads, budget, 32, 1e-4, alloc)
   for n, m in want.items():
     np.testing.assert_array_equal(np.asarray(mask[n]["kernel"]), m, err_msg=n)
     if "bias" in mask[n]:  # not eligible by default
       assert not np.any(np.asarray(mask[n]["bias"]))
-  assert gem.mask_count(mask) == math.ceil(round(budget * (72 + 160 + 24 + 2), 9))
+  assert masks.mask_count(mask) == math.ceil(round(budget * (72 + 160 + 24 + 2), 9))
 
 
 def test_random_mask_counts_and_determinism():
   params = random_tree(7)
-  m1 = gem.build_mask("random", params, 0.2, key=jax.random.key(0))
-  m2 = gem.build_mask("random", params, 0.2, key=jax.random.key(0))
-  m3 = gem.build_mask("random", params, 0.2, key=jax.random.key(1))
+  m1 = masks.build_mask("random", params, 0.2, key=jax.random.key(0))
+  m2 = masks.build_mask("random", params, 0.2, key=jax.random.key(0))
+  m3 = masks.build_mask("random", params, 0.2, key=jax.random.key(1))
   jax.tree.map(np.testing.assert_array_equal, m1, m2)
   assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), m1, m3)))
-  gm = gem.build_mask("weight_magnitude", params, 0.2)  # same allocation, per-layer counts match
+  gm = masks.build_mask("weight_magnitude", params, 0.2)  # same allocation, per-layer counts match
   jax.tree.map(lambda a, b: np.testing.assert_equal(int(a.sum()), int(b.sum())), m1, gm)
 
 
 def test_eligibility_and_always():
   params, grads = random_tree(8), random_tree(9)
-  m = gem.build_mask("gem", params, 1.0, grads=grads, eligible="all")
+  m = masks.build_mask("gem", params, 1.0, grads=grads, eligible="all")
   assert all(bool(np.all(x)) for x in jax.tree.leaves(m))
-  m = gem.build_mask("gem", params, 0.3, grads=grads,
+  m = masks.build_mask("gem", params, 0.3, grads=grads,
                      eligible=lambda name, x: name.startswith("['dense']"),
                      always=lambda name, x: name.startswith("['head']"))
-  assert gem.mask_count(m["dense"]) == math.ceil(0.3 * (160 + 8))
+  assert masks.mask_count(m["dense"]) == math.ceil(0.3 * (160 + 8))
   assert np.all(np.asarray(m["head"]["kernel"])) and np.all(np.asarray(m["head"]["bias"]))
   assert not np.any(np.asarray(m["conv"]["kernel"])) and not np.any(np.asarray(m["tiny"]["kernel"]))
   tree_elig = jax.tree.map(lambda x: False, params)
   tree_elig["tiny"]["kernel"] = True
-  m = gem.build_mask("weight_magnitude", params, 0.5, eligible=tree_elig)
-  assert gem.mask_count(m) == 1 and bool(m["tiny"]["kernel"].ravel()[np.argmax(
+  m = masks.build_mask("weight_magnitude", params, 0.5, eligible=tree_elig)
+  assert masks.mask_count(m) == 1 and bool(m["tiny"]["kernel"].ravel()[np.argmax(
       np.abs(np.asarray(params["tiny"]["kernel"])).ravel())])
   with pytest.raises(ValueError, match="always"):
-    gem.build_mask("random", params, 0.1, key=jax.random.key(0), eligible="all",
+    masks.build_mask("random", params, 0.1, key=jax.random.key(0), eligible="all",
                    always=lambda name, x: True)
 
 
@@ -246,19 +246,19 @@ def test_eligibility_and_always():
 def test_bad_arguments_raise(kwargs, match):
   params = random_tree(10)
   with pytest.raises(ValueError, match=match):
-    gem.build_mask(params=params, grads=params, **kwargs)
+    masks.build_mask(params=params, grads=params, **kwargs)
 
 
 def test_missing_inputs_raise():
   params = random_tree(10)
   with pytest.raises(ValueError, match="grads"):
-    gem.build_mask("gem", params, 0.1)
+    masks.build_mask("gem", params, 0.1)
   with pytest.raises(ValueError, match="key"):
-    gem.build_mask("random", params, 0.1)
+    masks.build_mask("random", params, 0.1)
   with pytest.raises(ValueError, match="bins"):
-    gem.layer_entropy(params, bins=1)
+    masks.layer_entropy(params, bins=1)
   with pytest.raises(ValueError, match="reduce"):
-    gem.calibration_gradients(lambda p, b: 0.0, params, [1], reduce="max")
+    masks.calibration_gradients(lambda p, b: 0.0, params, [1], reduce="max")
 
 
 def test_calibration_gradients_stacked_and_sequence():
@@ -271,21 +271,21 @@ def test_calibration_gradients_stacked_and_sequence():
   w = np.asarray(params["w"], np.float64)
   per = [np.asarray(x, np.float64).T @ (np.asarray(x, np.float64) @ w - np.asarray(y)) / 5
          for x, y in zip(xs, ys)]
-  stacked = jax.jit(lambda p, b: gem.calibration_gradients(loss, p, b))(params, (xs, ys))
-  seq = gem.calibration_gradients(loss, params, [(x, y) for x, y in zip(xs, ys)])
+  stacked = jax.jit(lambda p, b: masks.calibration_gradients(loss, p, b))(params, (xs, ys))
+  seq = masks.calibration_gradients(loss, params, [(x, y) for x, y in zip(xs, ys)])
   np.testing.assert_allclose(stacked["w"], np.mean(per, 0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(seq["w"], np.mean(per, 0), rtol=1e-5, atol=1e-6)
-  ab = gem.calibration_gradients(loss, params, (xs, ys), reduce="abs_mean")
+  ab = masks.calibration_gradients(loss, params, (xs, ys), reduce="abs_mean")
   np.testing.assert_allclose(ab["w"], np.mean(np.abs(per), 0), rtol=1e-5, atol=1e-6)
 
 
 def test_topk_mask_jit_and_edges():
   s = jnp.asarray(np.random.default_rng(12).normal(size=(6, 5)), jnp.float32)
   for k in (0, 1, 7, 30):
-    got = jax.jit(gem.topk_mask, static_argnums=1)(s, k)
+    got = jax.jit(masks.topk_mask, static_argnums=1)(s, k)
     np.testing.assert_array_equal(got, ref_topk(s, k))
   with pytest.raises(ValueError, match="k"):
-    gem.topk_mask(s, 31)
+    masks.topk_mask(s, 31)
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,8 +304,8 @@ def _quad_loss(params, x):
 ], ids=["adamw", "sgd_momentum", "decay_nesterov"])
 def test_frozen_entries_bit_identical_after_training(make_opt):
   params = random_tree(13)
-  mask = gem.build_mask("weight_magnitude", params, 0.3)
-  tx = optax.chain(make_opt(), gem.gem_mask(mask))
+  mask = masks.build_mask("weight_magnitude", params, 0.3)
+  tx = optax.chain(make_opt(), gem_mask(mask))
 
   @jax.jit
   def step(p, s, x):
@@ -332,7 +332,7 @@ def test_frozen_entries_bit_identical_after_training(make_opt):
 
 def test_state_type_stable_and_mask_swap_without_recompile():
   params = random_tree(14)
-  tx = optax.chain(optax.adamw(1e-2), gem.gem_mask())
+  tx = optax.chain(optax.adamw(1e-2), gem_mask())
   traces = []
 
   @jax.jit
@@ -345,27 +345,27 @@ def test_state_type_stable_and_mask_swap_without_recompile():
   types0 = jax.tree.map(jax.typeof, s)
   p, s = step(params, s)
   assert jax.tree.map(jax.typeof, s) == types0
-  m1 = gem.build_mask("weight_magnitude", params, 0.1)
-  m2 = gem.build_mask("random", params, 0.1, key=jax.random.key(3))
+  m1 = masks.build_mask("weight_magnitude", params, 0.1)
+  m2 = masks.build_mask("random", params, 0.1, key=jax.random.key(3))
   for m in (m1, m2):
     s = optax.tree.set(s, mask=m)
     p2, _ = step(params, s)
     for mm, a, b in zip(jax.tree.leaves(m), jax.tree.leaves(p2), jax.tree.leaves(params)):
       np.testing.assert_array_equal(np.asarray(a)[~np.asarray(mm)], np.asarray(b)[~np.asarray(mm)])
   assert len(traces) == 1
-  assert isinstance(tx.init(params)[1], gem.GemMaskState)
+  assert isinstance(tx.init(params)[1], GemMaskState)
   # Shape-only init works and scalar leaves broadcast.
-  shapes = jax.eval_shape(gem.gem_mask(jax.tree.map(lambda x: True, params)).init, params)
+  shapes = jax.eval_shape(gem_mask(jax.tree.map(lambda x: True, params)).init, params)
   assert jax.tree.map(lambda x: x.shape, shapes.mask) == jax.tree.map(jnp.shape, params)
   with pytest.raises(ValueError, match="mask"):
-    gem.gem_mask({"a": True}).init(params)
+    gem_mask({"a": True}).init(params)
 
 
 def test_with_inject_hyperparams():
   params = random_tree(15)
-  mask = gem.build_mask("weight_magnitude", params, 0.2)
+  mask = masks.build_mask("weight_magnitude", params, 0.2)
   tx = optax.chain(optax.inject_hyperparams(optax.adamw)(learning_rate=0.1, weight_decay=0.1),
-                   gem.gem_mask(mask))
+                   gem_mask(mask))
   s = tx.init(params)
   s = optax.tree.set(s, learning_rate=jnp.asarray(0.0))  # lr 0: nothing moves at all
   u, s = jax.jit(tx.update)(jax.grad(_quad_loss)(params, 1.0), s, params)
@@ -379,8 +379,8 @@ def test_with_inject_hyperparams():
 
 def test_masked_uplink_under_vmap():
   params = random_tree(16)
-  mask = gem.build_mask("weight_magnitude", params, 0.25)
-  up = gem.masked_uplink(mask)
+  mask = masks.build_mask("weight_magnitude", params, 0.25)
+  up = masked_uplink(mask)
   rng = np.random.default_rng(17)
   deltas = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=(3, *x.shape)), x.dtype), params)
 
@@ -393,7 +393,7 @@ def test_masked_uplink_under_vmap():
   for m, d, s in zip(jax.tree.leaves(mask), jax.tree.leaves(deltas), jax.tree.leaves(sent)):
     np.testing.assert_array_equal(np.asarray(s), np.where(np.asarray(m)[None], np.asarray(d), 0))
   nnz = sum(int(np.count_nonzero(np.asarray(s))) for s in jax.tree.leaves(sent))
-  assert nnz == 3 * gem.mask_count(mask)
+  assert nnz == 3 * masks.mask_count(mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -402,24 +402,24 @@ def test_masked_uplink_under_vmap():
 
 def test_sparse_delta_round_trip(tmp_path):
   pre = random_tree(18)
-  mask = gem.build_mask("weight_magnitude", pre, 0.05)
-  tx = optax.chain(optax.adamw(0.1), gem.gem_mask(mask))
+  mask = masks.build_mask("weight_magnitude", pre, 0.05)
+  tx = optax.chain(optax.adamw(0.1), gem_mask(mask))
   s = tx.init(pre)
   u, _ = tx.update(jax.grad(_quad_loss)(pre, 1.0), s, pre)
   ft = optax.apply_updates(pre, u)
   path = tmp_path / "delta.npz"
-  size = sd.save_sparse_delta(path, ft, pre)
+  size = masks.save_sparse_delta(path, ft, pre)
   assert size == path.stat().st_size > 0
-  back = sd.load_sparse_delta(path, pre)
+  back = masks.load_sparse_delta(path, pre)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ft)):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
-  delta = sd.sparse_delta(ft, pre)
-  assert sum(len(i) for i, _ in delta.values()) == gem.mask_count(mask)
+  delta = masks.sparse_delta(ft, pre)
+  assert sum(len(i) for i, _ in delta.values()) == masks.mask_count(mask)
   # With an explicit mask exactly its entries are stored, unchanged or not.
-  delta_m = sd.sparse_delta(pre, pre, mask)
-  assert sum(len(i) for i, _ in delta_m.values()) == gem.mask_count(mask)
+  delta_m = masks.sparse_delta(pre, pre, mask)
+  assert sum(len(i) for i, _ in delta_m.values()) == masks.mask_count(mask)
   with pytest.raises(ValueError, match="structure"):
-    sd.sparse_delta({"a": jnp.zeros(2)}, pre)
+    masks.sparse_delta({"a": jnp.zeros(2)}, pre)
 
 
 @pytest.mark.slow

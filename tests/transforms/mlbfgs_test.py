@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxfl.transforms import _mlbfgs as M
+from jaxfl import transforms as M
 
 # ------------------------------------------------------------------------------------------
 # Independent references.
@@ -492,7 +492,7 @@ def test_vmap_over_clients_equals_python_loop():
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
-    from jaxfl.transforms import _mlbfgs as M
+    from jaxfl import transforms as M
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
     params = {"a": {"k": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},

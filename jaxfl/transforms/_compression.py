@@ -1,21 +1,24 @@
 """Uplink compression baselines of the FedLUAR comparison (ALGORITHMS.md §11).
 
-Both are per-client uplink transforms (``Algorithm.uplink``): the round applies
-``update(delta, init(delta), global_params)`` to every client's ``global - local`` delta inside
-``vmap``.
+Both are per-client uplink transforms (``Algorithm.uplink``). The round runs them inside
+``vmap`` on every client's ``global - local`` delta, through
+``optax.with_extra_args_support``, as ``uplink.update(delta, uplink.init(delta),
+global_params, key=uplink_key)`` with a fresh per-client, per-round ``uplink_key`` (split from
+the client's slot key); the FedLUAR server transform passes its own ``key`` to an
+``aggregate_transform`` the same way.
 
 * :func:`qsgd_quantize`: FedPAQ's stochastic (QSGD) quantiser with ``s`` levels per tensor.
 * :func:`random_dropout`: FedDropoutAvg's element dropout of kernel deltas (no rescaling).
 
-Randomness: pass ``key=`` to ``update`` (the server side does). The round currently calls the
-uplink transform without a key; then a key is derived deterministically from ``seed`` and a hash
-of the delta's bits, so different clients and rounds get (almost surely) different draws and a
-rerun reproduces them bit for bit.
+Randomness comes from ``key`` (a typed key or raw ``uint32[2]`` key data). Called without
+one (e.g. by hand), the transforms derive a key deterministically from ``seed`` and a hash of
+the delta's bits (:func:`content_key`), so different deltas get (almost surely) different
+draws and a rerun reproduces them bit for bit. Bit accounting of quantised uploads
+(``qsgd_bits_per_element``, ``qsgd_uplink_bytes``) lives in :mod:`jaxfl.comm`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +29,7 @@ import optax
 
 from jaxfl import tree as jtree
 
-__all__ = ["content_key", "qsgd", "qsgd_bits_per_element", "qsgd_quantize",
-           "qsgd_uplink_bytes", "random_dropout"]
+__all__ = ["content_key", "qsgd", "qsgd_quantize", "random_dropout"]
 
 
 def content_key(tree: Any, seed: int = 0) -> jax.Array:
@@ -62,9 +64,17 @@ def qsgd(v: jax.Array, key: jax.Array, levels: int) -> jax.Array:
     \xi_j = \lfloor s|v_j|/\lVert v\rVert_2 \rfloor + \mathrm{Bernoulli}(\text{frac. part})
 
   so :math:`\mathbb E[Q(v)] = v` and :math:`\xi_j\in\{0,\dots,s\}`. A zero tensor stays zero.
+
+  Args:
+    v: the tensor.
+    key: typed PRNG key of the Bernoulli draws.
+    levels: :math:`s`, a static int >= 1.
+
+  Returns:
+    :math:`Q(v)`, with the shape and dtype of ``v``.
   """
   vf = v.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(vf)))
+  norm = optax.tree.norm(vf)
   safe = jnp.where(norm > 0, norm, 1.0)
   r = levels * jnp.abs(vf) / safe
   xi = jnp.floor(r + jax.random.uniform(key, v.shape, jnp.float32))
@@ -77,7 +87,8 @@ def qsgd_quantize(levels: int = 16, *, seed: int = 0) -> optax.GradientTransform
 
   Every leaf :math:`v` of the update is replaced by :math:`Q(v)` (:func:`qsgd`): unbiased,
   :math:`s` = ``levels`` magnitude levels. Upload cost per tensor: one f32 norm plus
-  :func:`qsgd_bits_per_element` bits per element (see :func:`qsgd_uplink_bytes`).
+  ``jaxfl.comm.qsgd_bits_per_element(levels)`` bits per element (see
+  ``jaxfl.comm.qsgd_uplink_bytes``).
 
   .. math::
     Q(v) = \lVert v\rVert_2\,\mathrm{sign}(v)\,\xi/s,\quad
@@ -88,7 +99,9 @@ def qsgd_quantize(levels: int = 16, *, seed: int = 0) -> optax.GradientTransform
     seed: seed of the content-derived key used when ``update`` gets no ``key``.
 
   Returns:
-    A stateless ``optax.GradientTransformationExtraArgs``; ``update`` accepts ``key=``.
+    A stateless ``optax.GradientTransformationExtraArgs``. ``update(updates, state,
+    params=None, *, key=None)`` draws from ``key`` (the round passes a per-client key), or
+    from :func:`content_key` of ``updates`` and ``seed`` when ``key`` is None.
 
   References:
     Reisizadeh et al., `FedPAQ: A Communication-Efficient Federated Learning Method with
@@ -114,36 +127,6 @@ def qsgd_quantize(levels: int = 16, *, seed: int = 0) -> optax.GradientTransform
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def qsgd_bits_per_element(levels: int) -> int:
-  """Bits per element of a QSGD-quantised tensor: 1 sign bit + ``ceil(log2(levels + 1))``."""
-  if isinstance(levels, bool) or not isinstance(levels, int | np.integer) or levels < 1:
-    raise ValueError(f"`levels` must be an int >= 1, got {levels!r}.")
-  return 1 + math.ceil(math.log2(levels + 1))
-
-
-def qsgd_uplink_bytes(uplink_elements: Any, params: Any, levels: int,
-                      norm_bits: int = 32) -> float:
-  """Bytes of a quantised run from the round's per-leaf element ledger.
-
-  Args:
-    uplink_elements: params-shaped tree of uploaded element counts (e.g. the final
-      ``ServerState.uplink_elements``).
-    params: the params (for the leaf sizes).
-    levels: quantiser levels.
-    norm_bits: bits of the per-tensor norm sent with every uploaded tensor.
-
-  Returns:
-    ``sum_l e_l * bits / 8 + (e_l / n_l) * norm_bits / 8``.
-  """
-  bits = qsgd_bits_per_element(levels)
-  sizes = jtree.leaf_sizes(params)
-  total = 0.0
-  for e, n in zip(jax.tree.leaves(uplink_elements), jax.tree.leaves(sizes)):
-    e = float(e)
-    total += e * bits / 8.0 + (e / n) * norm_bits / 8.0
-  return total
-
-
 def random_dropout(rate: float = 0.75, *, candidates: Callable[[Any], Any] | Any | None = None,
                    seed: int = 0) -> optax.GradientTransformationExtraArgs:
   r"""FedDropoutAvg's uplink: zero each element of the kernel deltas with probability ``rate``.
@@ -163,7 +146,9 @@ def random_dropout(rate: float = 0.75, *, candidates: Callable[[Any], Any] | Any
     seed: seed of the content-derived key used when ``update`` gets no ``key``.
 
   Returns:
-    A stateless ``optax.GradientTransformationExtraArgs``; ``update`` accepts ``key=``.
+    A stateless ``optax.GradientTransformationExtraArgs``. ``update(updates, state,
+    params=None, *, key=None)`` draws from ``key`` (the round passes a per-client key), or
+    from :func:`content_key` of ``updates`` and ``seed`` when ``key`` is None.
 
   References:
     Gunesli et al., `FedDropoutAvg: Generalizable federated learning for histopathology image

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax
 import optax
 
+__all__ = ["ProximalState", "add_proximal_term"]
+
 
 class ProximalState(NamedTuple):
   """State of :func:`add_proximal_term`.
@@ -30,7 +32,12 @@ def add_proximal_term(mu: float) -> optax.GradientTransformation:
   local regulariser of FedACG as implemented in the FedLUAR code (ALGORITHMS.md §11).
 
   Args:
-    mu: proximal coefficient (>= 0); may be a traced value under ``inject_hyperparams``.
+    mu: proximal coefficient :math:`\mu \ge 0`; may be a traced value under
+      ``inject_hyperparams``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ProximalState`; ``update`` needs
+    ``params`` (:math:`x`).
 
   References:
     Li et al., `Federated Optimization in Heterogeneous Networks
