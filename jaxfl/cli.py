@@ -40,6 +40,13 @@ def _build(args):
     kw.pop("local_epochs")
     kw.pop("weighting")
   algo = jaxfl.algorithms.get_algorithm(args.algorithm, **kw)
+  if args.sampler != "uniform":
+    if args.sampler == "multi_metric":
+      sampler = jaxfl.sampling.multi_metric(args.sampler_extra, args.sampler_ratio,
+                                            seed=args.seed)
+    else:
+      sampler = jaxfl.sampling.power_of_choice(args.sampler_candidates)
+    algo = algo._replace(sampler=sampler)
   return data, model, algo
 
 
@@ -56,6 +63,12 @@ def _add_run_args(p):
                  choices=["iid", "dirichlet", "shards", "quantity_skew"])
   p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet / quantity-skew alpha")
   p.add_argument("--clients-per-round", type=int, default=10)
+  p.add_argument("--sampler", default="uniform", choices=sorted(jaxfl.sampling.SAMPLERS),
+                 help="client activation: uniform, multi_metric (Lim et al. 2026), "
+                      "power_of_choice (Cho et al. 2022)")
+  p.add_argument("--sampler-extra", type=int, default=8, help="multi_metric's b")
+  p.add_argument("--sampler-ratio", type=float, default=256.0, help="multi_metric's r")
+  p.add_argument("--sampler-candidates", type=int, default=48, help="power_of_choice's d")
   p.add_argument("--rounds", type=int, default=100)
   p.add_argument("--client-lr", type=float, default=0.05)
   p.add_argument("--client-momentum", type=float, default=0.0)

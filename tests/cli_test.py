@@ -21,6 +21,18 @@ def test_run_command_writes_outputs(tmp_path):
   assert rc == 0 and (tmp_path / "history.csv").exists()
 
 
+def test_run_with_the_multi_metric_sampler_reports_its_diagnostics(tmp_path):
+  import json
+
+  from jaxfl.cli import main
+  rc = main(["run", "--dataset", "digits", "--model", "mlp", "--num-clients", "20",
+             "--clients-per-round", "4", "--rounds", "3", "--eval-every", "3", "--out",
+             str(tmp_path), "--no-progress", "--sampler", "multi_metric", "--sampler-extra", "2"])
+  assert rc == 0
+  hist = json.loads((tmp_path / "history.json").read_text())
+  assert [h["sampler/unseen_clients"] for h in hist] == [16.0, 12.0, 8.0]
+
+
 def test_every_public_name_imports():
   for mod in (jaxfl, jaxfl.data, jaxfl.models, jaxfl.algorithms, jaxfl.transforms, jaxfl.masks):
     for name in mod.__all__:
