@@ -16,3 +16,7 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 1500 --skip-se
 python experiments/bench_round.py --workload digits --cohort 100 --rounds 20 --json "$OUT/bench_round_digits_c100_gpu.json"
 python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map --skip-sequential \
   --json "$OUT/bench_round_pfl_cifar10_gpu_map.json"
+# Paper-scale experiments (one command each; minutes to hours on a GPU, not part of the
+# 15-minute device check): multi-metric client activation on CIFAR-10 / ResNet-20 (TFDS
+# cifar10 must be prepared under ~/tensorflow_datasets; the GPU image has no TFDS: carry it).
+# python experiments/client_activation.py --preset cifar10_resnet20
