@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-DEMO_DIR = "jaxfl_demo"
+DEMO_DIR = os.path.join("runs", "demo")  # covered by .gitignore (/runs/)
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
