@@ -17,8 +17,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
-import time
+
+from _common import command_line, interleaved_times, timed, write_json
 
 
 def main():
@@ -33,7 +33,6 @@ def main():
   import drjax
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   import jaxfl
   from jaxfl.data import device_data
@@ -80,23 +79,13 @@ def main():
       with jax.set_mesh(mesh):  # DrJAX shards the placement over "clients"
         return drjax_jit(params, dd, key)
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(rnd.step(state, dd, jax.random.key(0)))
-    jaxfl_compile = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(run_drjax(state.params, jax.random.key(0)))
-    drjax_compile = time.perf_counter() - t0
-    times = {"jaxfl": [], "drjax": []}
-    for r in range(args.rounds):
-      key = jax.random.key(r + 1)
-      for name in (("jaxfl", "drjax") if r % 2 else ("drjax", "jaxfl")):
-        t0 = time.perf_counter()
-        if name == "jaxfl":
-          out = rnd.step(state, dd, key)[0].params
-        else:
-          out = run_drjax(state.params, key)
-        jax.block_until_ready(out)
-        times[name].append(time.perf_counter() - t0)
+    _, jaxfl_compile = timed(lambda: rnd.step(state, dd, jax.random.key(0)))
+    _, drjax_compile = timed(lambda: run_drjax(state.params, jax.random.key(0)))
+    keys = [jax.random.key(r + 1) for r in range(args.rounds)]
+    # alternating order: drjax first in even rounds, jaxfl first in odd ones
+    times = interleaved_times({"drjax": lambda r: run_drjax(state.params, keys[r]),
+                               "jaxfl": lambda r: rnd.step(state, dd, keys[r])[0].params},
+                              args.rounds, rotate=True)
     same_key = jax.random.key(99)
     a = rnd.step(state, dd, same_key)[0].params
     b = run_drjax(state.params, same_key)
@@ -111,9 +100,8 @@ def main():
     rows.append(row)
     print(json.dumps(row), flush=True)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"command": " ".join(["python"] + sys.argv), "jax": jax.__version__,
-                 "drjax": getattr(drjax, "__version__", "0.2.1"), "rows": rows}, f, indent=1)
+    write_json(args.json, {"command": command_line(__file__), "jax": jax.__version__,
+                           "drjax": getattr(drjax, "__version__", "0.2.1"), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import command_line, md_table, timed, write_json, write_text  # noqa: E402
 from bench_round import WORKLOADS  # noqa: E402
 
 MODES = ("stream", "chunked", "full")
@@ -139,9 +140,7 @@ def child(cfg, out_path):
   state = rnd.init(jax.random.key(0))
   key = jax.random.key(1)
   reset_ok = _reset_hwm()
-  t = time.perf_counter()
-  compiled = rnd.step.lower(state, dd, key).compile()
-  compile_s = time.perf_counter() - t
+  compiled, compile_s = timed(lambda: rnd.step.lower(state, dd, key).compile())
   mem = {}
   try:
     ma = compiled.memory_analysis()
@@ -156,10 +155,9 @@ def child(cfg, out_path):
   _reset_hwm()
   times, cpu = [], []
   for r in range(cfg["rounds"]):
-    t, c = time.perf_counter(), time.process_time()
-    state, metrics = compiled(state, dd, jax.random.fold_in(key, r))
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
+    c = time.process_time()
+    (state, metrics), t = timed(lambda: compiled(state, dd, jax.random.fold_in(key, r)))
+    times.append(t)
     cpu.append(time.process_time() - c)
   emit(stage="done", round_s=min(times), round_times_s=times, round_cpu_s=min(cpu),
        round_cpu_times_s=cpu, hwm_round_kb=_status_kb("VmHWM"),
@@ -249,7 +247,7 @@ def table(rows, baseline):
   cols = ["cohort", "mode", "chunk", "status", "peak RSS GB", "net GB", "compile peak GB",
           "round peak GB", "round growth GB", "XLA temp GB", "XLA args+out GB", "compile s",
           "round s", "round CPU s", "load"]
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  table_rows = []
   for r in rows:
     status = "ok" if r["ok"] else f"failed: {r['failure']}"
     if not r["ok"] and "compiled" in r["reached"]:
@@ -258,18 +256,17 @@ def table(rows, baseline):
       status += f" (reached: {', '.join(r['reached']) or 'nothing'})"
     xla_io = (r["xla_argument_bytes"] + r["xla_output_bytes"] - r["xla_alias_bytes"]
               if "xla_argument_bytes" in r else None)
-    cells = [r["cohort"], r["mode"], "-" if r["mode"] == "full" else r["chunk"], status,
-             fmt_gb(r["peak_rss_bytes"]), fmt_gb(r["peak_rss_bytes"] - baseline),
-             fmt_gb(r.get("hwm_compile_bytes")), fmt_gb(r.get("hwm_round_bytes")),
-             fmt_gb(r["hwm_round_bytes"] - r["rss_compiled_bytes"])
-             if "hwm_round_bytes" in r else "",
-             fmt_gb(r.get("xla_temp_bytes")), fmt_gb(xla_io),
-             f"{r['compile_s']:.1f}" if "compile_s" in r else "",
-             f"{r['round_s']:.2f}" if "round_s" in r else "",
-             f"{r['round_cpu_s']:.2f}" if "round_cpu_s" in r else "",
-             f"{r['load_avg_1min_at_start']:.1f}"]
-    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-  return "\n".join(lines)
+    table_rows.append([r["cohort"], r["mode"], "-" if r["mode"] == "full" else r["chunk"], status,
+                       fmt_gb(r["peak_rss_bytes"]), fmt_gb(r["peak_rss_bytes"] - baseline),
+                       fmt_gb(r.get("hwm_compile_bytes")), fmt_gb(r.get("hwm_round_bytes")),
+                       fmt_gb(r["hwm_round_bytes"] - r["rss_compiled_bytes"])
+                       if "hwm_round_bytes" in r else "",
+                       fmt_gb(r.get("xla_temp_bytes")), fmt_gb(xla_io),
+                       f"{r['compile_s']:.1f}" if "compile_s" in r else "",
+                       f"{r['round_s']:.2f}" if "round_s" in r else "",
+                       f"{r['round_cpu_s']:.2f}" if "round_cpu_s" in r else "",
+                       f"{r['load_avg_1min_at_start']:.1f}"])
+  return md_table(cols, table_rows)
 
 
 def main():
@@ -305,7 +302,7 @@ def main():
       "population": f"num_clients = cohort, {args.examples_per_client} resampled digits examples "
                     "per client",
       "baseline_peak_rss_bytes": baseline, "limit_gb": args.limit_gb, "timeout_s": args.timeout,
-      "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+      "command": command_line(__file__),
       "total_s": time.perf_counter() - t_start, "jax_version": jax.__version__,
       "machine": f"{platform.machine()} {os.cpu_count()} cores, "
                  f"{_status_like('/proc/meminfo', 'MemTotal') / 2**20:.0f} GB RAM",
@@ -323,13 +320,9 @@ def main():
   print()
   print(header + md)
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump({"meta": meta, "baseline": base, "rows": rows}, f, indent=1)
+    write_json(args.json, {"meta": meta, "baseline": base, "rows": rows})
   if args.md:
-    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
-    with open(args.md, "w") as f:
-      f.write(header + md + "\n")
+    write_text(args.md, header + md + "\n")
   return rows
 
 

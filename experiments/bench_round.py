@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
 import sys
-import time
+
+from _common import carry_times, command_line, md_table, repeat_times, timed, write_json
 
 WORKLOADS = {
     # name: (dataset, clients, cohort, model, batch, local_steps, local_epochs)
@@ -99,13 +99,7 @@ def sustained_rates(convs):
   from jaxfl.models import conv2d
 
   def best(f, *a):
-    jax.block_until_ready(f(*a))
-    ts = []
-    for _ in range(5):
-      t = time.perf_counter()
-      jax.block_until_ready(f(*a))
-      ts.append(time.perf_counter() - t)
-    return min(ts)
+    return min(repeat_times(lambda _: f(*a), 5, warmup=1))
 
   a = jax.random.normal(jax.random.key(0), (2048, 2048))
   matmul = 2 * 2048 ** 3 / best(jax.jit(lambda a: a @ a), a)
@@ -160,9 +154,7 @@ def main():
   dd = device_data(data, mesh)
   state = jaxfl.sharding.put_replicated(jax.tree.map(np.asarray, rnd.init(jax.random.key(0))), mesh)
   key = jax.random.key(1)
-  t0 = time.perf_counter()
-  rnd.step.lower(state, dd, key).compile()
-  compile_s = time.perf_counter() - t0
+  _, compile_s = timed(lambda: rnd.step.lower(state, dd, key).compile())
   # XLA's cost analysis counts a loop body once, so FLOPs come from the fully vmapped,
   # fully unrolled lowering of the same round (compiled, never run).
   flop_algo = algo._replace(local=algo.local._replace(unroll=True))
@@ -177,10 +169,9 @@ def main():
   jax.block_until_ready(m)
   times, examples = [], []
   for r in range(args.rounds):
-    t = time.perf_counter()
-    state, m = rnd.step(state, dd, jax.random.fold_in(key, r))
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+    (state, m), t = timed(lambda: rnd.step(state, dd, jax.random.fold_in(key, r)),
+                          ready=lambda out: out[1])
+    times.append(t)
     examples.append(float(m["examples"]))
   vec = statistics.median(times)
 
@@ -233,14 +224,7 @@ def main():
         ws.append(float(data.client_sizes[cid]))
       return average(p, locals_, jnp.asarray(ws))
 
-    p = seq_round(params0)  # warm-up / compile
-    jax.block_until_ready(p)
-    stimes = []
-    for _ in range(args.rounds):
-      t = time.perf_counter()
-      p = seq_round(p)
-      jax.block_until_ready(p)
-      stimes.append(time.perf_counter() - t)
+    _, stimes = carry_times(seq_round, params0, args.rounds, warmup=1)  # warm-up = compile
     return statistics.median(stimes)
 
   seq_options = compiler_options(jax.default_backend())
@@ -279,18 +263,14 @@ def main():
       "stream_aggregate": args.stream, "unroll": args.unroll, "conv_impl": args.conv_impl,
       "jax_version": jax.__version__, "backend": jax.default_backend(),
       "machine": f"{platform.machine()} {os.cpu_count()} cores",
+      "command": command_line(__file__),
   }
   cols = ["workload", "cohort", "devices", "mode", "vectorized_s_per_round", "sequential_s_per_round",
           "speedup", "sequential_default_xla_s_per_round", "speedup_vs_default_xla", "x_of_bound",
           "compile_s", "client_updates_per_s"]
-  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-  print("| " + " | ".join(cols) + " |")
-  print("|" + "---|" * len(cols))
-  print("| " + " | ".join(fmt(row[c]) for c in cols) + " |")
+  print(md_table(cols, [row], fmt=lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(row, f, indent=1)
+    write_json(args.json, row)
   return row
 
 

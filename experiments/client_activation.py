@@ -23,9 +23,16 @@ import sys
 import time
 
 import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+from _common import (
+  RESULTS,
+  command_line,
+  md_table,
+  plot_accuracy,
+  save_plot,
+  timed,
+  write_json,
+  write_results,
+)
 
 PRESETS = {
     # 2-core CPU scale: tau 10 instead of the paper's 20 and 100 rounds instead of 250, so
@@ -100,12 +107,13 @@ def build(cfg: dict, arm: str, seed: int):
     model = jaxfl.models.get_model(cfg["model"], data.example_shape, data.num_classes)
   r = cfg["rounds"]
   decay = optax.piecewise_constant_schedule(1.0, {int(0.5 * r): 0.1, int(0.72 * r): 0.1})
-  client = optax.chain(optax.add_decayed_weights(cfg["weight_decay"]),
-                       optax.sgd(cfg["lr"], momentum=0.9),
-                       jaxfl.transforms.scale_by_round_schedule(decay))
-  local = jaxfl.LocalTraining(client, batch_size=cfg["batch"], local_steps=cfg["tau"])
-  algo = jaxfl.Algorithm(arm, local, optax.sgd(1.0), weighting="uniform",
-                         sampler=counting(make_sampler(arm, seed)))
+  algo = jaxfl.algorithms.fedavg(name=arm, client_lr=cfg["lr"], client_momentum=0.9,
+                                 weight_decay=cfg["weight_decay"], batch_size=cfg["batch"],
+                                 local_steps=cfg["tau"], weighting="uniform")
+  # the preset's client optimizer (decayed weights, SGD with momentum), then the round schedule
+  client = optax.chain(algo.local.optimizer, jaxfl.transforms.scale_by_round_schedule(decay))
+  algo = algo._replace(local=algo.local._replace(optimizer=client),
+                       sampler=counting(make_sampler(arm, seed)))
   return algo, model, data
 
 
@@ -117,21 +125,17 @@ def run_piece(preset: str, arm: str, seed: int, out: str) -> None:
   jaxfl.set_cpu_devices()
   cfg = PRESETS[preset]
   algo, model, data = build(cfg, arm, seed)
-  t0 = time.perf_counter()
-  res = jaxfl.simulate(algo, model, data, rounds=cfg["rounds"], clients_per_round=cfg["cohort"],
-                       seed=seed, eval_every=cfg["eval_every"], progress=False)
+  res, seconds = timed(jaxfl.simulate, algo, model, data, rounds=cfg["rounds"],
+                       clients_per_round=cfg["cohort"], seed=seed, eval_every=cfg["eval_every"],
+                       progress=False)
   counts = np.asarray(jax.device_get(res.state.sampler_state[1])).tolist()
   keep = ("round", "test_accuracy", "train_loss", "sampler/outside_norm_set",
           "sampler/outside_loss_set", "sampler/unseen_clients")
   piece = {"preset": preset, "arm": arm, "seed": seed, "config": cfg,
-           "seconds": time.perf_counter() - t0, "summary": res.summary,
+           "seconds": seconds, "summary": res.summary,
            "participation": counts,
            "history": [{k: h[k] for k in keep if k in h} for h in res.history]}
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(piece, f)
-  os.replace(tmp, out)  # a killed piece leaves no half-written result
+  write_json(out, piece, indent=None)  # atomic: a killed piece leaves no half-written result
   print(f"{arm} seed {seed}: final {res.summary['final_acc']:.4f} "
         f"best {res.summary['best_acc']:.4f} ({piece['seconds']:.0f} s)", flush=True)
 
@@ -178,16 +182,21 @@ def report(preset: str, arms, seeds, command: str) -> dict | None:
         "seconds_per_piece": float(np.mean([p["seconds"] for p in ps])),
     })
   name = "client_activation" if preset == "fashion_mnist" else f"client_activation_{preset}"
-  base = os.path.join(RESULTS, name)
   result = {"preset": preset, "config": cfg, "command": command, "rows": rows}
-  with open(base + ".json", "w") as f:
-    json.dump(result, f, indent=1)
-  _write_md(base + ".md", preset, cfg, rows, command)
-  _plot(base + ".png", pieces)
+  write_results(RESULTS, name, command=command, data=result,
+                md=_report_md(preset, cfg, rows, command),
+                plot=lambda path: _plot(path, pieces))
   return result
 
 
-def _write_md(path, preset, cfg, rows, command):
+def _report_md(preset, cfg, rows, command):
+  cols = ["arm", "seeds", "final acc", "best acc", "outside S_N / round", "outside S_L / round",
+          "rounds until all seen", "never selected", "max participations", "s / piece"]
+  cells = [[r["arm"], len(r["seeds"]), f"{r['final_acc_mean']:.4f} ± {r['final_acc_std']:.4f}",
+            f"{r['best_acc_mean']:.4f} ± {r['best_acc_std']:.4f}",
+            f"{r['outside_norm_set_per_round']:.3f}", f"{r['outside_loss_set_per_round']:.3f}",
+            r["rounds_until_all_seen"], f"{r['never_selected_clients']:.1f}",
+            f"{r['participation_max']:.0f}", f"{r['seconds_per_piece']:.0f}"] for r in rows]
   lines = [f"# Client activation: {preset}", "",
            f"Command: `{command}`", "",
            f"N={cfg['num_clients']}, m={cfg['cohort']}, Dirichlet alpha={cfg['alpha']}, "
@@ -195,49 +204,25 @@ def _write_md(path, preset, cfg, rows, command):
            f"decayed weights {cfg['weight_decay']}, LR x0.1 at rounds "
            f"{int(0.5 * cfg['rounds'])} and {int(0.72 * cfg['rounds'])}, {cfg['rounds']} rounds, "
            "unweighted mean, the same LR for every arm (only the sampler differs).", "",
-           "| arm | seeds | final acc | best acc | outside S_N / round | outside S_L / round | "
-           "rounds until all seen | never selected | max participations | s / piece |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| {r['arm']} | {len(r['seeds'])} | {r['final_acc_mean']:.4f} ± {r['final_acc_std']:.4f}"
-        f" | {r['best_acc_mean']:.4f} ± {r['best_acc_std']:.4f} | "
-        f"{r['outside_norm_set_per_round']:.3f} | {r['outside_loss_set_per_round']:.3f} | "
-        f"{r['rounds_until_all_seen']} | {r['never_selected_clients']:.1f} | "
-        f"{r['participation_max']:.0f} | {r['seconds_per_piece']:.0f} |")
-  lines += ["", "Mean ± std over the seeds listed; outside-set counts are nan for samplers "
-            "without those sets."]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+           md_table(cols, cells), "",
+           "Mean ± std over the seeds listed; outside-set counts are nan for samplers "
+           "without those sets."]
+  return "\n".join(lines) + "\n"
 
 
 def _plot(path, pieces):
-  import matplotlib
+  def draw(axes):
+    ax, bx = axes
+    plot_accuracy(ax, {arm: [p["history"] for p in ps] for arm, ps in pieces.items()})
+    for arm, ps in pieces.items():
+      counts = np.sort(np.array(ps[0]["participation"]))[::-1]
+      bx.plot(np.arange(len(counts)), counts, label=arm)
+    bx.set_xlabel("client (sorted by participations, first seed)")
+    bx.set_ylabel("rounds participated")
+    bx.grid(alpha=0.3)
+    bx.legend()
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-  for arm, ps in pieces.items():
-    rounds = [h["round"] for h in ps[0]["history"] if "test_accuracy" in h]
-    accs = np.array([[h["test_accuracy"] for h in p["history"] if "test_accuracy" in h]
-                     for p in ps])
-    mean, std = accs.mean(0), accs.std(0)
-    ax.plot(rounds, mean, label=f"{arm} ({len(ps)} seeds)")
-    ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
-    counts = np.sort(np.array(ps[0]["participation"]))[::-1]
-    bx.plot(np.arange(len(counts)), counts, label=arm)
-  ax.set_xlabel("round")
-  ax.set_ylabel("test accuracy")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  bx.set_xlabel("client (sorted by participations, first seed)")
-  bx.set_ylabel("rounds participated")
-  bx.grid(alpha=0.3)
-  bx.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return save_plot(path, draw, ncols=2, figsize=(11, 4))
 
 
 def main():
@@ -255,8 +240,8 @@ def main():
     arm, seed = args.piece[0], int(args.piece[1])
     run_piece(args.preset, arm, seed, _piece_path(args.preset, arm, seed))
     return
-  command = "python experiments/client_activation.py" + (
-      f" --preset {args.preset}" if args.preset != "fashion_mnist" else "")
+  # the driver's command, less the flags that only pace it (the report covers all pieces done)
+  command = command_line(__file__, drop={"--report-only": 0, "--max-minutes": 1})
   t0 = time.time()
   if not args.report_only:
     for seed in args.seeds:  # seed-major: every arm gets a first seed before any gets three

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import command_line, interleaved_times, md_table, save_plot, timed, write_results
 
 import jaxfl
 from jaxfl.transforms import gem
@@ -92,6 +92,7 @@ def split_tasks(ds, args):
 
 def main(argv=None):
   args = parse_args(argv)
+  command = command_line(__file__, argv)
   os.makedirs(args.out_dir, exist_ok=True)
   t_start = time.time()
   cpu0 = time.process_time()
@@ -224,22 +225,20 @@ def main(argv=None):
       "jax": jax.__version__, "optax": optax.__version__, "machine": platform.machine(),
       "wall_seconds": time.time() - t_start, "process_cpu_seconds": time.process_time() - cpu0,
   })
-  with open(os.path.join(args.out_dir, "gem.json"), "w") as f:
-    json.dump(rows, f, indent=1)
-  write_markdown(rows, args)
-  write_plot(rows, args)
-  print(open(os.path.join(args.out_dir, "gem.md")).read())
+  md = markdown(rows, args, command)
+  write_results(args.out_dir, "gem", command=command, data=rows, md=md,
+                plot=lambda path: write_plot(path, rows, args))
+  print(md)
 
 
-def _median_step_time(step, params, state, x, y, n):
+def _step_times(step, params, state, x, y, n):
+  """Seconds of ``n`` jitted train steps (waiting for the loss), each on its own batch."""
   times = []
   for i in range(n):
     idx = np.arange(i * 7, i * 7 + x.shape[0] // 8)[:32] % len(x)
     xi, yi = x[idx], y[idx]
-    t = time.perf_counter()
-    params, state, loss = step(params, state, xi, yi)
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t)
+    (params, state, _), t = timed(step, params, state, xi, yi, ready=lambda out: out[2])
+    times.append(t)
   return times
 
 
@@ -251,8 +250,8 @@ def benchmark(full_step, sparse_step, ft_tx, sparse_tx, params, mask, x, y, args
   sparse_step(params, s_mask, x[:32], y[:32])
   tf, tm = [], []
   for _ in range(5):
-    tf += _median_step_time(full_step, params, s_full, x, y, args.bench_steps)
-    tm += _median_step_time(sparse_step, params, s_mask, x, y, args.bench_steps)
+    tf += _step_times(full_step, params, s_full, x, y, args.bench_steps)
+    tm += _step_times(sparse_step, params, s_mask, x, y, args.bench_steps)
   mf, mm = float(np.median(tf)), float(np.median(tm))
   return {"step_ms_adamw": 1e3 * mf, "step_ms_adamw_gem_mask": 1e3 * mm,
           "step_overhead_ratio": mm / mf, "bench_steps_each": len(tf)}
@@ -266,25 +265,25 @@ def optimizer_only_benchmark(ft_tx, sparse_tx, params, args):
   sf, sm = ft_tx.init(params), sparse_tx.init(params)
   jax.block_until_ready(upd_f(grads, sf, params))
   jax.block_until_ready(upd_m(grads, sm, params))
-  tf, tm = [], []
-  for _ in range(5 * args.bench_steps):
-    t = time.perf_counter()
-    jax.block_until_ready(upd_f(grads, sf, params))
-    tf.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    jax.block_until_ready(upd_m(grads, sm, params))
-    tm.append(time.perf_counter() - t)
-  mf, mm = float(np.median(tf)), float(np.median(tm))
+  times = interleaved_times({"adamw": lambda _: upd_f(grads, sf, params),
+                             "gem_mask": lambda _: upd_m(grads, sm, params)},
+                            5 * args.bench_steps)
+  mf, mm = float(np.median(times["adamw"])), float(np.median(times["gem_mask"]))
   return {"update_ms_adamw": 1e3 * mf, "update_ms_adamw_gem_mask": 1e3 * mm,
           "update_overhead_ratio": mm / mf}
 
 
-def write_markdown(rows, args):
+def markdown(rows, args, command):
   acc = [r for r in rows if r["kind"] == "accuracy"]
   bench = next(r for r in rows if r["kind"] == "benchmark")
   full = next(r for r in acc if r["method"] == "full")
   head = next(r for r in acc if r["method"] == "head_only")
   fls = next(r for r in acc if r["method"] == "full_lr_sparse")
+
+  def cell(method, budget):
+    r = next(r for r in acc if r["method"] == method and r["budget"] == budget)
+    return f"{r['acc_mean']:.4f} ± {r['acc_std']:.4f}"
+
   lines = [
       "# GEM sparse fine-tuning: ablation",
       "",
@@ -301,16 +300,8 @@ def write_markdown(rows, args):
       f"{fls['acc_mean']:.4f} ± {fls['acc_std']:.4f}",
       f"* head only (budget 0, linear probe): {head['acc_mean']:.4f} ± {head['acc_std']:.4f}",
       "",
-      "| method | " + " | ".join(f"{100 * b:g}%" for b in args.budgets) + " |",
-      "|---|" + "---|" * len(args.budgets),
-  ]
-  for m in args.methods:
-    cells = []
-    for b in args.budgets:
-      r = next(r for r in acc if r["method"] == m and r["budget"] == b)
-      cells.append(f"{r['acc_mean']:.4f} ± {r['acc_std']:.4f}")
-    lines.append(f"| {m} | " + " | ".join(cells) + " |")
-  lines += [
+      md_table(["method"] + [f"{100 * b:g}%" for b in args.budgets],
+               [[m] + [cell(m, b) for b in args.budgets] for m in args.methods]),
       "",
       "Mask overhead (median jitted step, same run, batch 32): "
       f"adamw {bench['step_ms_adamw']:.2f} ms, adamw+gem_mask "
@@ -321,38 +312,30 @@ def write_markdown(rows, args):
       f"Wall time {bench['wall_seconds']:.0f} s, process CPU time "
       f"{bench['process_cpu_seconds']:.0f} s; jax {bench['jax']}, optax {bench['optax']}.",
       "",
-      "Command: `python experiments/gem_finetune.py" + (" --quick" if args.quick else "") + "`"
-      " (defaults; see `--help`).",
+      f"Command: `{command}` (defaults; see `--help`).",
       "",
   ]
-  with open(os.path.join(args.out_dir, "gem.md"), "w") as f:
-    f.write("\n".join(lines))
+  return "\n".join(lines)
 
 
-def write_plot(rows, args):
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib not installed; skipping the plot")
-    return
+def write_plot(path, rows, args):
   acc = [r for r in rows if r["kind"] == "accuracy"]
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for m in args.methods:
-    rs = sorted((r for r in acc if r["method"] == m), key=lambda r: r["budget"])
-    ax.errorbar([100 * r["budget"] for r in rs], [r["acc_mean"] for r in rs],
-                yerr=[r["acc_std"] for r in rs], marker="o", capsize=3, label=m)
-  for m, style in (("full", "k--"), ("head_only", "k:")):
-    r = next(r for r in acc if r["method"] == m)
-    ax.axhline(r["acc_mean"], color=style[0], linestyle=style[1:], label=m)
-  ax.set_xscale("log")
-  ax.set_xlabel("budget (% of body kernel parameters)")
-  ax.set_ylabel("test accuracy, task B")
-  ax.set_title("Sparse fine-tuning, Fashion-MNIST 0-4 -> 5-9")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(args.out_dir, "gem.png"), dpi=120)
+
+  def draw(ax):
+    for m in args.methods:
+      rs = sorted((r for r in acc if r["method"] == m), key=lambda r: r["budget"])
+      ax.errorbar([100 * r["budget"] for r in rs], [r["acc_mean"] for r in rs],
+                  yerr=[r["acc_std"] for r in rs], marker="o", capsize=3, label=m)
+    for m, style in (("full", "k--"), ("head_only", "k:")):
+      r = next(r for r in acc if r["method"] == m)
+      ax.axhline(r["acc_mean"], color=style[0], linestyle=style[1:], label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("budget (% of body kernel parameters)")
+    ax.set_ylabel("test accuracy, task B")
+    ax.set_title("Sparse fine-tuning, Fashion-MNIST 0-4 -> 5-9")
+    ax.legend(fontsize=8)
+
+  return save_plot(path, draw, figsize=(6.5, 4.2))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import zlib
 
@@ -38,6 +39,9 @@ import numpy as np
 import optax
 
 from jaxfl.transforms import gem
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
+from _common import command_line, write_results  # noqa: E402
 
 # Text fields and number of classes per GLUE task (TFDS feature names).
 GLUE = {"cola": (("sentence",), 2), "sst2": (("sentence",), 2),
@@ -116,7 +120,7 @@ def build_model(args, num_classes):
   return params, lambda p, i, m: module.apply({"params": p}, i, m)
 
 
-def run(args):
+def run(args, command):
   t0 = time.time()
   fields, num_classes = GLUE[args.task]
   if num_classes == 1:
@@ -168,10 +172,9 @@ def run(args):
          "tuned_incl_head": None if mask is None else gem.mask_count(mask),
          "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
          "eval_acc": float(np.mean(preds == ev_y)), "final_loss": float(loss),
-         "steps": args.steps, "mock": args.mock, "seconds": time.time() - t0}
-  os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, "gem_glue.json"), "w") as f:
-    json.dump(out, f, indent=1)
+         "steps": args.steps, "mock": args.mock, "seconds": time.time() - t0,
+         "command": command}
+  write_results(args.out_dir, "gem_glue", command=command, data=out)
   print(json.dumps(out))
   return out
 
@@ -200,14 +203,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  command = command_line(__file__, argv)
   if not args.mock:
-    return run(args)
+    return run(args, command)
   import tensorflow_datasets as tfds
   # USE_CODE: generate examples from the builder's features (no metadata on disk); splits must
   # then be named explicitly, which load_glue does.
   with tfds.testing.mock_data(num_examples=args.mock, policy=tfds.testing.MockPolicy.USE_CODE):
     args.data_dir = args.data_dir or "/nonexistent-mock-data-dir"
-    return run(args)
+    return run(args, command)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,23 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import (
+  RESULTS,
+  command_line,
+  interleaved_times,
+  md_table,
+  median_time,
+  save_accuracy_plot,
+  timed,
+  write_json,
+  write_results,
+)
 
 import jaxfl
 from jaxfl import comm as compression  # QSGD bit accounting
@@ -45,10 +54,6 @@ from jaxfl.algorithms import fedavg
 from jaxfl.algorithms import layerwise as lw
 from jaxfl.data import device_data
 from jaxfl.round import build_round
-from jaxfl.simulation import plot_histories
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 
 # Presets. Fashion-MNIST: rounds/tau chosen so that the whole comparison fits a small shared
 # CPU (see docs/layerwise.md); the CIFAR-10 preset is the authors' configuration.
@@ -77,38 +82,31 @@ def build_algorithm(method: str, cfg: dict, seed: int):
   common = dict(client_lr=cfg["lr"], client_momentum=0.9, weight_decay=cfg["weight_decay"],
                 batch_size=cfg["batch"], local_steps=cfg["tau"])
   d, s = cfg["num_recycle"], cfg["levels"]
-  if method == "fedavg":
-    return fedavg(weighting="uniform", name="fedavg", **common)
-  if method == "fedavg_2tau":
-    return fedavg(weighting="uniform", name="fedavg_2tau", **{**common,
-                                                             "local_steps": 2 * cfg["tau"]})
-  if method == "fedluar":
-    return lw.fedluar(d, seed=seed, **common)
-  if method == "fedlama":  # tau' = tau, phi = 2, reassignment after round 5 (repo defaults)
-    return lw.fedlama(2, **common)
-  if method == "lbgm":
-    return lw.lbgm(0.95, **common)
-  if method == "prunefl":  # the reference reconfigures every 50 of 200 rounds: R/4 here
-    return lw.prunefl(0.7, max(1, cfg["rounds"] // 4), **common)
-  if method == "fedluar_uniform":
-    return lw.fedluar(d, selection="uniform", seed=seed, name=method, **common)
-  if method == "fedluar_drop":
-    return lw.fedluar(d, recycle=False, seed=seed, name=method, **common)
-  if method == "fedpaq":
-    return lw.fedpaq(s, seed=seed, **common)
-  if method == "feddropoutavg":
-    return lw.feddropoutavg(0.75, seed=seed, **common)
-  if method == "fedluar+fedpaq":
-    return lw.fedluar(d, quantize_levels=s, seed=seed, **common)
-  if method == "fedopt+fedluar":
-    return lw.fedluar(d, server_lr=cfg["server_lr_fedopt"], seed=seed, **common)
-  if method == "fedacg":
-    return lw.fedacg(seed=seed, **common)
-  if method == "fedacg+fedluar":
-    return lw.fedacg(num_recycle=d, seed=seed, **common)
-  if method == "fedprox+fedluar":
-    return lw.fedluar(d, prox_mu=0.001, seed=seed, **common)
-  raise ValueError(f"Unknown method {method!r}; expected one of {METHODS + ABLATIONS + EXTRA}.")
+  arms = {
+      "fedavg": lambda: fedavg(weighting="uniform", name="fedavg", **common),
+      "fedavg_2tau": lambda: fedavg(weighting="uniform", name="fedavg_2tau",
+                                    **{**common, "local_steps": 2 * cfg["tau"]}),
+      "fedluar": lambda: lw.fedluar(d, seed=seed, **common),
+      # tau' = tau, phi = 2, reassignment after round 5 (repo defaults)
+      "fedlama": lambda: lw.fedlama(2, **common),
+      "lbgm": lambda: lw.lbgm(0.95, **common),
+      # the reference reconfigures every 50 of 200 rounds: R/4 here
+      "prunefl": lambda: lw.prunefl(0.7, max(1, cfg["rounds"] // 4), **common),
+      "fedluar_uniform": lambda: lw.fedluar(d, selection="uniform", seed=seed, name=method,
+                                            **common),
+      "fedluar_drop": lambda: lw.fedluar(d, recycle=False, seed=seed, name=method, **common),
+      "fedpaq": lambda: lw.fedpaq(s, seed=seed, **common),
+      "feddropoutavg": lambda: lw.feddropoutavg(0.75, seed=seed, **common),
+      "fedluar+fedpaq": lambda: lw.fedluar(d, quantize_levels=s, seed=seed, **common),
+      "fedopt+fedluar": lambda: lw.fedluar(d, server_lr=cfg["server_lr_fedopt"], seed=seed,
+                                           **common),
+      "fedacg": lambda: lw.fedacg(seed=seed, **common),
+      "fedacg+fedluar": lambda: lw.fedacg(num_recycle=d, seed=seed, **common),
+      "fedprox+fedluar": lambda: lw.fedluar(d, prox_mu=0.001, seed=seed, **common),
+  }
+  if method not in arms:
+    raise ValueError(f"Unknown method {method!r}; expected one of {METHODS + ABLATIONS + EXTRA}.")
+  return arms[method]()
 
 
 def load_setup(cfg: dict, seed: int, data_dir: str | None, smoke: bool):
@@ -147,10 +145,9 @@ def run_comparison(cfg: dict, methods, seed: int, data, model, tag: str, on_row=
   for method in methods:
     rounds = cfg["rounds"] // 2 if method == "fedavg_2tau" else cfg["rounds"]
     algo = build_algorithm(method, cfg, seed)
-    t0 = time.perf_counter()
-    res = jaxfl.simulate(algo, model, data, rounds=rounds, clients_per_round=cfg["cohort"],
-                         seed=seed, eval_every=cfg["eval_every"], progress=False)
-    secs = time.perf_counter() - t0
+    res, secs = timed(jaxfl.simulate, algo, model, data, rounds=rounds,
+                      clients_per_round=cfg["cohort"], seed=seed, eval_every=cfg["eval_every"],
+                      progress=False)
     elems, nbytes, factor = _uplink(method, cfg, res)
     if method == "fedavg":
       base_elems = elems
@@ -177,7 +174,7 @@ def bench(cfg: dict, data, model, seed: int, rounds: int = 6) -> dict:
   process (rotating order)."""
   algos = {m: build_algorithm(m, cfg, seed) for m in ("fedavg", "fedluar", "fedlama")}
   dd = device_data(data)
-  built, states, times = {}, {}, {k: [] for k in algos}
+  built, states = {}, {}
   for name, algo in algos.items():
     built[name] = build_round(algo, model, num_clients=data.num_clients,
                               max_client_size=data.max_client_size,
@@ -185,13 +182,15 @@ def bench(cfg: dict, data, model, seed: int, rounds: int = 6) -> dict:
     states[name] = jax.tree.map(np.asarray, built[name].init(jax.random.key(seed)))
     states[name], m = built[name].step(states[name], dd, jax.random.key(0))  # compile
     jax.block_until_ready(m)
-  for r in range(rounds):
-    order = list(algos)[r % 3:] + list(algos)[:r % 3]
-    for name in order:
-      t0 = time.perf_counter()
+
+  def round_of(name):
+    def run(r):
       states[name], m = built[name].step(states[name], dd, jax.random.key(r + 1))
-      jax.block_until_ready(m)
-      times[name].append(time.perf_counter() - t0)
+      return m
+    return run
+
+  # rotating order: round r starts with the (r % 3)-th method
+  times = interleaved_times({name: round_of(name) for name in algos}, rounds, rotate=True)
   med = {k: statistics.median(v) for k, v in times.items()}
 
   # Server-side transform alone (the only extra work of FedLUAR besides skipped uploads).
@@ -207,13 +206,7 @@ def bench(cfg: dict, data, model, seed: int, rounds: int = 6) -> dict:
     upd = jax.jit(lambda g, s, p, k, cu, tx=tx: tx.update(g, s, p, key=k, client_updates=cu,
                                                           client_weights=w))
     s = tx.init(params)
-    jax.block_until_ready(upd(g, s, params, jax.random.key(0), cu))
-    ts = []
-    for i in range(50):
-      t0 = time.perf_counter()
-      jax.block_until_ready(upd(g, s, params, jax.random.key(i), cu))
-      ts.append(time.perf_counter() - t0)
-    out[name] = statistics.median(ts)
+    out[name] = median_time(lambda i: upd(g, s, params, jax.random.key(i), cu), 50, warmup=1)
   return {"dataset": cfg["dataset"], "cohort": cfg["cohort"], "tau": cfg["tau"],
           "rounds_timed": rounds, "round_s": med, "round_times": times,
           "overhead_ratio": med["fedluar"] / med["fedavg"],
@@ -226,21 +219,19 @@ def bench(cfg: dict, data, model, seed: int, rounds: int = 6) -> dict:
           "cpu_count": os.cpu_count()}
 
 
-def write_table(rows, path, cmd, cfg):
-  lines = [f"# Layer-wise communication: {rows[0]['dataset']}", "",
-           f"Command: `{cmd}`", "",
-           f"{cfg['num_clients']} clients, {cfg['cohort']} active/round, Dirichlet "
-           f"alpha={cfg['alpha']}, unweighted mean, client SGD(lr={cfg['lr']}, momentum 0.9), "
-           f"batch {cfg['batch']}, tau={cfg['tau']}, delta={cfg['num_recycle']}, "
-           f"QSGD s={cfg['levels']}.", "",
-           "| method | rounds | tau | final acc | best acc | rel. uplink | uplink MB | s |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['method']} | {r['rounds']} | {r['tau']} | {r['final_acc']:.4f} | "
-                 f"{r['best_acc']:.4f} | {r['rel_uplink_cost']:.3f} | "
-                 f"{r['uplink_bytes'] / 1e6:.1f} | {r['seconds']:.0f} |")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+def table_md(rows, cmd, cfg):
+  cols = ["method", "rounds", "tau", "final acc", "best acc", "rel. uplink", "uplink MB", "s"]
+  cells = [[r["method"], r["rounds"], r["tau"], f"{r['final_acc']:.4f}", f"{r['best_acc']:.4f}",
+            f"{r['rel_uplink_cost']:.3f}", f"{r['uplink_bytes'] / 1e6:.1f}", f"{r['seconds']:.0f}"]
+           for r in rows]
+  return "\n".join([
+      f"# Layer-wise communication: {rows[0]['dataset']}", "",
+      f"Command: `{cmd}`", "",
+      f"{cfg['num_clients']} clients, {cfg['cohort']} active/round, Dirichlet "
+      f"alpha={cfg['alpha']}, unweighted mean, client SGD(lr={cfg['lr']}, momentum 0.9), "
+      f"batch {cfg['batch']}, tau={cfg['tau']}, delta={cfg['num_recycle']}, "
+      f"QSGD s={cfg['levels']}.", "",
+      md_table(cols, cells)]) + "\n"
 
 
 def main(argv=None):
@@ -283,32 +274,23 @@ def main(argv=None):
     methods = args.methods.split(",")
   tag = name + ("_smoke" if args.smoke else "") + ("_quick" if args.quick else "")
   os.makedirs(args.out_dir, exist_ok=True)
-  import sys
-  cmd = "python experiments/layerwise_comm.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  cmd = command_line(__file__, argv)
 
   data, model = load_setup(cfg, args.seed, args.data_dir, args.smoke)
   print(f"{tag}: {data.num_clients} clients, {jtree.num_params(model.init(jax.random.key(0))[0])} "
         f"params, methods {methods}", flush=True)
   stem = "layerwise_comm" if tag == "fashion_mnist" else f"layerwise_comm_{tag}"
   def save(rows, histories):
-    with open(os.path.join(args.out_dir, stem + ".json"), "w") as f:
-      json.dump(rows, f, indent=1)
-    with open(os.path.join(args.out_dir, stem + "_histories.json"), "w") as f:
-      json.dump(histories, f)
-    write_table(rows, os.path.join(args.out_dir, stem + ".md"), cmd, cfg)
-    try:
-      plot_histories(histories, os.path.join(args.out_dir, stem + ".png"), x="uplink_bytes")
-    except ImportError as e:
-      print(f"no plot: {e}")
+    write_json(os.path.join(args.out_dir, stem + "_histories.json"), histories, indent=None)
+    write_results(args.out_dir, stem, command=cmd, data=rows, md=table_md(rows, cmd, cfg),
+                  plot=lambda path: save_accuracy_plot(path, histories, x="uplink_bytes"))
 
   if not args.bench_only:
     run_comparison(cfg, methods, args.seed, data, model, tag, on_row=save)
   if not args.no_bench and not args.smoke:
     b = bench(cfg, data, model, args.seed, args.bench_rounds)
-    b["command"] = cmd
     bstem = "bench_layerwise" if tag == "fashion_mnist" else f"bench_layerwise_{tag}"
-    with open(os.path.join(args.out_dir, bstem + ".json"), "w") as f:
-      json.dump(b, f, indent=1)
+    write_results(args.out_dir, bstem, command=cmd, data=b)
     print(f"bench: fedavg {b['round_s']['fedavg']:.3f}s/round, fedluar "
           f"{b['round_s']['fedluar']:.3f}s/round, fedlama {b['round_s']['fedlama']:.3f}s/round "
           f"(x{b['fedlama_overhead_ratio']:.3f}), fedluar overhead x{b['overhead_ratio']:.3f} (min "

@@ -21,16 +21,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import carry_times, command_line, md_table, save_plot, timed, write_json, write_results
 
 import jaxfl.data
 import jaxfl.models
@@ -75,10 +75,9 @@ def train(loss_fn, params, tx, data, steps, eval_fn, eval_every, seed=0):
   jax.block_until_ready(step(params, state, x, y, idx[0]))  # compile outside the clock
   hist_s, hist_l, hist_t, clock = [0], [float(eval_fn(params))], [0.0], 0.0
   for i in range(steps):
-    t0 = time.perf_counter()
-    params, state = step(params, state, x, y, idx[i])
-    jax.block_until_ready(params)
-    clock += time.perf_counter() - t0
+    (params, state), dt = timed(lambda: step(params, state, x, y, idx[i]),
+                                ready=lambda out: out[0])
+    clock += dt
     if (i + 1) % eval_every == 0 or i + 1 == steps:
       loss = float(eval_fn(params))
       hist_s.append(i + 1)
@@ -102,10 +101,8 @@ def train_lbfgs_full(loss_full, params, steps, eval_every):
   step_fn = lambda carry: step(*carry)
   hist_s, hist_l, hist_t, clock = [0], [float(loss_full(params))], [0.0], 0.0
   for i in range(steps):
-    t0 = time.perf_counter()
-    params, state = step(params, state)
-    jax.block_until_ready(params)
-    clock += time.perf_counter() - t0
+    (params, state), dt = timed(step, params, state, ready=lambda out: out[0])
+    clock += dt
     if (i + 1) % eval_every == 0 or i + 1 == steps:
       hist_s.append(i + 1)
       hist_l.append(float(loss_full(params)))
@@ -115,14 +112,7 @@ def train_lbfgs_full(loss_full, params, steps, eval_every):
 
 def median_step_time(step_fn, carry, reps):
   """Median seconds of ``carry = step_fn(carry)`` after two warm-up calls."""
-  for _ in range(2):
-    carry = jax.block_until_ready(step_fn(carry))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    carry = jax.block_until_ready(step_fn(carry))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return float(statistics.median(carry_times(step_fn, carry, reps, warmup=2)[1]))
 
 
 def step_timer(loss_fn, params, tx, xb, yb):
@@ -239,12 +229,15 @@ def resnet_cost(quick, log):
   return rows
 
 
-def write_outputs(out_dir, rows, curves, meta, log):
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "mlbfgs.json"), "w") as f:
-    json.dump(rows, f, indent=1)
-  with open(os.path.join(out_dir, "mlbfgs_curves.json"), "w") as f:
-    json.dump({"meta": meta, "curves": curves}, f)
+def write_outputs(out_dir, rows, curves, meta):
+  write_json(os.path.join(out_dir, "mlbfgs_curves.json"), {"meta": meta, "curves": curves},
+             indent=None)
+  fmt = lambda v: "-" if v is None else str(v)
+  cols = ["problem", "optimizer", "lr", "target loss", "steps to target", "s to target",
+          "final loss", "ms/step", "step time / Adam"]
+  cells = [[r["problem"], r["optimizer"], r.get("lr"), r["target_loss"], r["steps_to_target"],
+            r.get("seconds_to_target"), r["final_loss"], r["step_time_ms"],
+            r["step_time_ratio_vs_adam"]] for r in rows]
   lines = [
       "# mL-BFGS benchmark", "",
       f"Command: `{meta['command']}`  ",
@@ -255,24 +248,9 @@ def write_outputs(out_dir, rows, curves, meta, log):
       "Cosine-decayed lr from the grid, picked by final loss; batch 64. Target loss = 1.05 x "
       "worst final loss of SGD/Adam/mL-BFGS. optax.lbfgs is full-batch (one step = one "
       "iteration incl. its zoom line search).", "",
-      "| problem | optimizer | lr | target loss | steps to target | s to target | final loss "
-      "| ms/step | step time / Adam |",
-      "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    fmt = lambda v: "-" if v is None else str(v)
-    lines.append(f"| {r['problem']} | {r['optimizer']} | {fmt(r.get('lr'))} | "
-                 f"{fmt(r['target_loss'])} | {fmt(r['steps_to_target'])} | "
-                 f"{fmt(r.get('seconds_to_target'))} | {fmt(r['final_loss'])} | "
-                 f"{r['step_time_ms']} | {r['step_time_ratio_vs_adam']} |")
-  with open(os.path.join(out_dir, "mlbfgs.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  try:
-    import matplotlib
+      md_table(cols, cells, fmt)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+  def draw(axes):
     for row, problem in enumerate(("logreg", "cnn_fashion_mnist")):
       for name, c in curves.get(problem, {}).items():
         axes[row, 0].plot(c["steps"], c["loss"], label=name)
@@ -284,10 +262,10 @@ def write_outputs(out_dir, rows, curves, meta, log):
         ax.set_ylabel("train loss")
         ax.set_title(problem)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "mlbfgs.png"), dpi=110)
-  except Exception as e:  # plotting is optional
-    log(f"plot skipped: {e!r}")
+
+  write_results(out_dir, "mlbfgs", command=meta["command"], data=rows, md="\n".join(lines),
+                plot=lambda path: save_plot(path, draw, nrows=2, ncols=2, figsize=(11, 8),
+                                            dpi=110))
 
 
 def main(argv=None):
@@ -306,12 +284,12 @@ def main(argv=None):
   if not args.quick:  # ResNet-20 compiles take minutes on a small CPU
     log("[resnet20_cost]")
     rows += resnet_cost(args.quick, log)
-  meta = dict(command="python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+  meta = dict(command=command_line(__file__, argv),
               machine=f"{platform.processor() or platform.machine()}, "
                       f"{os.cpu_count()} cores, {jax.devices()[0].platform}",
               jax=jax.__version__, optax=optax.__version__, seconds=time.time() - t0,
               quick=args.quick)
-  write_outputs(args.out_dir, rows, curves, meta, log)
+  write_outputs(args.out_dir, rows, curves, meta)
   log(f"wrote {args.out_dir}/mlbfgs.json, mlbfgs.md, mlbfgs.png in {meta['seconds']:.0f} s")
 
 

@@ -461,9 +461,12 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
   size = float(jtree.num_params(params))
   itemsize = float(np.dtype(jax.tree.leaves(params)[0].dtype).itemsize)
   m = outs.metrics
+  took = participants > 0
+  # A quarantined client's loss may be NaN: select, never multiply by its zero weight.
+  mean = lambda v: jnp.where(jnp.any(took), jnp.sum(jnp.where(took, v, 0.0)) / n_part, jnp.nan)
   metrics = {
-      "train_loss": jnp.sum(m["loss"] * participants) / n_part,
-      "grad_norm": jnp.sum(m["grad_norm"] * participants) / n_part,
+      "train_loss": mean(m["loss"]),
+      "grad_norm": mean(m["grad_norm"]),
       "examples": jnp.sum(m["examples"] * real),
       "participants": jnp.sum(participants),
       "nonfinite_clients": jnp.sum(real * (1.0 - outs.finite)),

@@ -10,6 +10,8 @@ import os
 import jax
 import numpy as np
 
+from jaxfl._jsonio import write_json
+
 
 def _checkpointer():
   import orbax.checkpoint as ocp
@@ -26,8 +28,7 @@ def save(directory: str, state, history: list[dict], round_index: int) -> str:
   ckpt.save(path, jax.tree.map(np.asarray, state), force=True)
   ckpt.wait_until_finished()
   if jax.process_index() == 0:  # multi-process: orbax coordinates the save, one writes history
-    with open(path + ".history.json", "w") as f:
-      json.dump(history, f)
+    write_json(path + ".history.json", history, indent=None)
   return path
 
 

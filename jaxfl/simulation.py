@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 import warnings
@@ -15,6 +14,7 @@ import numpy as np
 from jaxfl import checkpoint as jckpt
 from jaxfl import comm
 from jaxfl import sharding as jshard
+from jaxfl._jsonio import write_json
 from jaxfl.algorithms._base import Algorithm, validate_algorithm
 from jaxfl.data import FederatedData, device_data
 from jaxfl.evaluation import make_evaluate
@@ -205,15 +205,13 @@ def summarize(history: list[dict], method: str = "", dataset: str = "") -> dict:
 def write_outputs(output_dir: str, history: list[dict], summary: dict, plot: bool = False) -> None:
   """Writes history (JSON + CSV), summary JSON and optionally an accuracy plot."""
   os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, "history.json"), "w") as f:
-    json.dump(history, f, indent=1)
+  write_json(os.path.join(output_dir, "history.json"), history)
   keys = sorted({k for h in history for k in h}, key=lambda k: (k != "round", k))
   with open(os.path.join(output_dir, "history.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=keys)
     w.writeheader()
     w.writerows(history)
-  with open(os.path.join(output_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  write_json(os.path.join(output_dir, "summary.json"), summary)
   if plot:
     plot_histories({summary.get("method", "run"): history},
                    os.path.join(output_dir, "accuracy.png"))

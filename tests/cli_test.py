@@ -37,3 +37,13 @@ def test_every_public_name_imports():
   for mod in (jaxfl, jaxfl.data, jaxfl.models, jaxfl.algorithms, jaxfl.transforms, jaxfl.masks):
     for name in mod.__all__:
       assert getattr(mod, name) is not None, (mod.__name__, name)
+
+
+def test_demo_writes_under_an_ignored_run_folder():
+  import os
+
+  from jaxfl.cli import DEMO_DIR
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ignored = open(os.path.join(root, ".gitignore")).read().split()
+  top = DEMO_DIR.split(os.sep)[0]
+  assert not os.path.isabs(DEMO_DIR) and f"/{top}/" in ignored

@@ -1,0 +1,53 @@
+"""Faults and bad inputs: nothing lost, nothing silent (issue "Nothing lost, nothing silent")."""
+
+import json
+
+import numpy as np
+from conftest import tiny_data
+
+import jaxfl
+
+
+def _strict_json(path):
+  def refuse(token):
+    raise ValueError(f"non-strict JSON token {token}")
+  with open(path) as f:
+    return json.load(f, parse_constant=refuse)
+
+
+def test_a_quarantined_client_does_not_turn_the_round_metrics_nan(tmp_path):
+  data = tiny_data(num_clients=6, seed=1)
+  bad = data.client_indices[2, : data.client_sizes[2]]
+  x = data.x.copy()
+  x[bad] = np.nan  # client 2's features are NaN: its update is quarantined
+  data = data._replace(x=x)
+  model = jaxfl.models.mlp((5,), 3, hidden=(4,))
+  algo = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=2, batch_size=3)._replace(
+      sampler=jaxfl.sampling.fixed_schedule([[2, 0, 1]]))
+  res = jaxfl.simulate(algo, model, data, rounds=2, clients_per_round=3, progress=False,
+                       output_dir=str(tmp_path))
+  for h in res.history:
+    assert h["nonfinite_clients"] == 1 and h["participants"] == 2
+    assert np.isfinite(h["train_loss"]) and np.isfinite(h["grad_norm"])
+  assert jaxfl.tree.all_finite(res.state.params)
+  _strict_json(tmp_path / "history.json")
+
+
+def test_a_round_without_participants_reports_no_loss_and_strict_json(tmp_path):
+  """Every client of round 2 quarantined: its loss is reported as missing (NaN in-graph, null
+  in JSON, not 0.0) and the history and summary stay strict JSON."""
+  data = tiny_data(num_clients=4, seed=2)
+  model = jaxfl.models.mlp((5,), 3, hidden=(4,))
+  algo = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=2, batch_size=3)
+  sched = [[0, 1], [2, 3], [0, 1]]
+  rows = np.concatenate([data.client_indices[c, : data.client_sizes[c]] for c in (2, 3)])
+  nan_x = data.x.copy()
+  nan_x[rows] = np.nan
+  data = data._replace(x=nan_x.astype(np.float32))
+  algo = algo._replace(sampler=jaxfl.sampling.fixed_schedule(sched))
+  jaxfl.simulate(algo, model, data, rounds=3, clients_per_round=2, progress=False,
+                 output_dir=str(tmp_path))
+  hist = _strict_json(tmp_path / "history.json")
+  assert hist[1]["train_loss"] is None and hist[1]["participants"] == 0.0
+  assert hist[0]["train_loss"] is not None and hist[2]["train_loss"] is not None
+  _strict_json(tmp_path / "summary.json")
