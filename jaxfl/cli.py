@@ -81,13 +81,29 @@ def _add_run_args(p):
   p.add_argument("--eval-every", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--data-seed", type=int, default=0)
-  p.add_argument("--clients-per-chunk", type=int, default=None)
+  p.add_argument("--clients-per-chunk", type=_chunk_arg, default="auto",
+                 help="clients trained at once: 'auto' (the library's default: by backend), "
+                      "'all' (vmap the whole cohort) or a positive int")
   p.add_argument("--checkpoint-dir", default=None)
   p.add_argument("--checkpoint-every", type=int, default=0)
   p.add_argument("--out", default=None, help="output folder (history.json/csv, summary.json)")
   p.add_argument("--plot", action="store_true")
   p.add_argument("--no-progress", action="store_true")
   _add_device_arg(p)
+
+
+def _chunk_arg(value: str):
+  if value == "auto":
+    return "auto"
+  if value == "all":
+    return None
+  try:
+    n = int(value)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"expected 'auto', 'all' or a positive int, got {value!r}")
+  return n
 
 
 def _add_device_arg(p):
@@ -200,10 +216,19 @@ def main(argv=None) -> int:
   p_run.set_defaults(fn=cmd_run)
   p_list = sub.add_parser("list", help="list algorithms, datasets and models")
   p_list.set_defaults(fn=cmd_list)
+  for p in (p_demo, p_run):
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   args = parser.parse_args(argv)
   if hasattr(args, "cpu_devices"):
     _set_cpu_devices(args.cpu_devices)
-  return args.fn(args)
+  try:
+    return args.fn(args)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    if getattr(args, "debug", False):
+      raise
+    # A bad argument or input is the user's to fix: one line, not a traceback.
+    print(f"jaxfl {args.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

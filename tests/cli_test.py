@@ -33,6 +33,23 @@ def test_run_with_the_multi_metric_sampler_reports_its_diagnostics(tmp_path):
   assert [h["sampler/unseen_clients"] for h in hist] == [16.0, 12.0, 8.0]
 
 
+def test_cli_defaults_to_the_library_chunking_and_reports_errors_in_one_line(tmp_path):
+  base = [sys.executable, "-m", "jaxfl", "run", "--dataset", "digits", "--model", "mlp",
+          "--num-clients", "20", "--rounds", "1", "--no-progress", "--cpu-devices", "1"]
+  proc = subprocess.run(base + ["--clients-per-round", "30"], capture_output=True, text=True)
+  assert proc.returncode == 2
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert lines[-1].startswith("jaxfl run: error: ") and "clients_per_round" in lines[-1]
+  assert "Traceback" not in proc.stderr
+  proc = subprocess.run(base + ["--clients-per-chunk", "0"], capture_output=True, text=True)
+  assert proc.returncode == 2 and "clients-per-chunk" in proc.stderr
+  from jaxfl.cli import _chunk_arg, main
+  assert _chunk_arg("auto") == "auto" and _chunk_arg("all") is None and _chunk_arg("3") == 3
+  assert main(["run", "--dataset", "digits", "--model", "mlp", "--num-clients", "20",
+               "--clients-per-round", "4", "--rounds", "1", "--no-progress",
+               "--out", str(tmp_path)]) == 0
+
+
 def test_every_public_name_imports():
   for mod in (jaxfl, jaxfl.data, jaxfl.models, jaxfl.algorithms, jaxfl.transforms, jaxfl.masks):
     for name in mod.__all__:
