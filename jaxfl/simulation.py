@@ -70,6 +70,22 @@ def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every,
                      f"[{data.y.min()}, {data.y.max()}].")
 
 
+def _check_writable_dir(name: str, path: str | None) -> None:
+  """Creates ``path`` if needed and proves it writable now, not after the whole run."""
+  if path is None:
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"`{name}`={path!r} is a file, expected a directory.")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".jaxfl-write-test-{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"`{name}`={path!r} is not a writable directory: {e}.") from e
+
+
 def _hint_cpu_devices(devices) -> None:
   """Warns once when a multi-core host runs the whole cohort on one XLA CPU device."""
   cores = host_cores()
@@ -117,6 +133,9 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     init_params: optional initial params (e.g. pre-trained) replacing ``model.init``'s.
   """
   _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed)
+  if jax.process_index() == 0:
+    _check_writable_dir("output_dir", output_dir)
+  _check_writable_dir("checkpoint_dir", checkpoint_dir)
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"`nan_policy` must be one of {NAN_POLICIES}, got {nan_policy!r}.")
   if checkpoint_every < 0:

@@ -1,8 +1,11 @@
 """Faults and bad inputs: nothing lost, nothing silent (issue "Nothing lost, nothing silent")."""
 
 import json
+import os
 
+import jax
 import numpy as np
+import pytest
 from conftest import tiny_data
 
 import jaxfl
@@ -51,3 +54,25 @@ def test_a_round_without_participants_reports_no_loss_and_strict_json(tmp_path):
   assert hist[1]["train_loss"] is None and hist[1]["participants"] == 0.0
   assert hist[0]["train_loss"] is not None and hist[2]["train_loss"] is not None
   _strict_json(tmp_path / "summary.json")
+
+
+@pytest.mark.parametrize("arg", ["output_dir", "checkpoint_dir"])
+def test_output_locations_are_checked_before_any_compile(arg, tmp_path, monkeypatch):
+  a_file = tmp_path / "taken"
+  a_file.write_text("x")
+  compiled = []
+  real_jit = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1) or real_jit(*a, **k))
+  algo = jaxfl.algorithms.fedavg(local_steps=1)
+  with pytest.raises(ValueError, match=f"`{arg}`.*is a file"):
+    jaxfl.simulate(algo, jaxfl.models.mlp((5,), 3), tiny_data(), rounds=1,
+                   clients_per_round=2, progress=False, **{arg: str(a_file)})
+  assert not compiled
+  locked = tmp_path / "ro"
+  locked.mkdir()
+  locked.chmod(0o500)
+  if os.access(locked, os.W_OK):  # root ignores permission bits: nothing more to test here
+    return
+  with pytest.raises(ValueError, match="not a writable directory"):
+    jaxfl.simulate(algo, jaxfl.models.mlp((5,), 3), tiny_data(), rounds=1,
+                   clients_per_round=2, progress=False, **{arg: str(locked / "sub")})
