@@ -76,3 +76,15 @@ def test_output_locations_are_checked_before_any_compile(arg, tmp_path, monkeypa
   with pytest.raises(ValueError, match="not a writable directory"):
     jaxfl.simulate(algo, jaxfl.models.mlp((5,), 3), tiny_data(), rounds=1,
                    clients_per_round=2, progress=False, **{arg: str(locked / "sub")})
+
+
+@pytest.mark.parametrize("preset", ["fedavg", "fedavgm", "fedadam", "fedprox", "fedluar",
+                                    "fedlama", "lbgm", "prunefl", "fedpaq", "fednova"])
+@pytest.mark.parametrize("bad", [dict(client_lr=-0.1), dict(client_lr=float("nan")),
+                                 dict(client_lr=float("inf")), dict(server_lr=float("nan")),
+                                 dict(server_lr=-1.0), dict(client_momentum=1.0)])
+def test_bad_learning_rates_and_momentum_are_refused_by_every_preset(preset, bad):
+  factory = getattr(jaxfl.algorithms, preset)
+  name = next(iter(bad))
+  with pytest.raises(ValueError, match=f"`{name}`"):
+    factory(**bad)

@@ -14,7 +14,7 @@ from jaxfl import memory as jmemory
 from jaxfl.aggregation import fednova as fednova_aggregator
 from jaxfl.aggregation import weighted_mean
 from jaxfl.algorithms._base import Algorithm
-from jaxfl.algorithms._fedopt import _local
+from jaxfl.algorithms._fedopt import _local, _lr
 from jaxfl.client import LocalTraining
 from jaxfl.transforms import _scaffold
 
@@ -68,10 +68,11 @@ def scaffold(num_clients: int, *, server_lr: float = 1.0, client_lr: float = 0.0
   Returns:
     An :class:`Algorithm` (see :mod:`jaxfl.transforms` ``scaffold_*``).
   """
-  local = LocalTraining(optax.chain(_scaffold.scaffold_correction(), optax.sgd(client_lr)),
+  local = LocalTraining(optax.chain(_scaffold.scaffold_correction(),
+                                    optax.sgd(_lr("client_lr", client_lr))),
                         batch_size=batch_size, local_steps=local_steps)
   server = optax.chain(_scaffold.scaffold_server_control(num_clients, local_steps, client_lr),
-                       optax.sgd(server_lr))
+                       optax.sgd(_lr("server_lr", server_lr)))
   view, memory, ledger = _scaffold_contracts()
   return Algorithm(name, local, server, weighted_mean(),
                    _scaffold.scaffold_client_control(local_steps, client_lr), "uniform",
@@ -101,4 +102,5 @@ def fednova(*, server_lr: float = 1.0, client_lr: float = 0.05, client_momentum:
     local_epochs = None
   return Algorithm(name, _local(client_lr, client_momentum, weight_decay, batch_size,
                                 local_steps, local_epochs),
-                   optax.sgd(server_lr), fednova_aggregator(client_momentum), None, "examples")
+                   optax.sgd(_lr("server_lr", server_lr)), fednova_aggregator(client_momentum),
+                   None, "examples")

@@ -26,7 +26,7 @@ from jaxfl import comm, sampling, views
 from jaxfl import memory as jmemory
 from jaxfl.aggregation import weighted_mean
 from jaxfl.algorithms._base import Algorithm
-from jaxfl.algorithms._fedopt import _local
+from jaxfl.algorithms._fedopt import _local, _lr
 from jaxfl.transforms import _compression as compression
 from jaxfl.transforms import _fedlama as lama_lib
 from jaxfl.transforms import _fedluar as luar_lib
@@ -80,7 +80,8 @@ def fedluar(num_recycle: int = 2, *, server_lr: float = 1.0, selection: str = "i
   view = views.server_masks(upload=lambda opt_state: opt_state[0].uplink_mask)
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps, prox_mu),
-                   optax.chain(tx, optax.sgd(server_lr)), weighted_mean(), uplink, "uniform",
+                   optax.chain(tx, optax.sgd(_lr("server_lr", server_lr))), weighted_mean(),
+                   uplink, "uniform",
                    view=view)
 
 
@@ -125,7 +126,8 @@ def fedlama(phi: int = 2, *, local_steps: int = 10, warmup_rounds: int = 6,
   sampler, view, memory = _fedlama_contracts(phi)
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps),
-                   optax.chain(tx, optax.sgd(server_lr)), weighted_mean(), None, "uniform",
+                   optax.chain(tx, optax.sgd(_lr("server_lr", server_lr))), weighted_mean(),
+                   None, "uniform",
                    sampler=sampler, view=view, memory=memory,
                    server_inputs=("client_updates",))
 
@@ -140,7 +142,7 @@ def fedpaq(levels: int = 16, *, server_lr: float = 1.0, client_lr: float = 0.01,
   """
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps),
-                   optax.sgd(server_lr), weighted_mean(),
+                   optax.sgd(_lr("server_lr", server_lr)), weighted_mean(),
                    compression.qsgd_quantize(levels, seed=seed), "uniform")
 
 
@@ -153,7 +155,7 @@ def feddropoutavg(rate: float = 0.75, *, server_lr: float = 1.0, client_lr: floa
   """
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps),
-                   optax.sgd(server_lr), weighted_mean(),
+                   optax.sgd(_lr("server_lr", server_lr)), weighted_mean(),
                    compression.random_dropout(rate, seed=seed), "uniform",
                    ledger=comm.sparse_ledger())
 
@@ -200,7 +202,7 @@ def lbgm(threshold: float = 0.95, *, server_lr: float = 1.0, client_lr: float = 
   uplink = _lbgm.lbgm(threshold)
   return Algorithm(name, _lab_local(client_lr, client_momentum, weight_decay, batch_size,
                                     local_steps),
-                   optax.sgd(server_lr), weighted_mean(), uplink, "uniform",
+                   optax.sgd(_lr("server_lr", server_lr)), weighted_mean(), uplink, "uniform",
                    ledger=_lbgm.lbgm_ledger(),
                    view=views.ClientView(lambda server, slot, row: views.ClientStart(
                        uplink_state=row)),
@@ -218,11 +220,12 @@ def prunefl(keep: float = 0.7, reconfig_every: int = 50, *, server_lr: float = 1
   """
   local = _lab_local(client_lr, client_momentum, weight_decay, batch_size, local_steps)
   return Algorithm(name, local,
-                   optax.chain(_prunefl.prunefl(keep, reconfig_every), optax.sgd(server_lr)),
+                   optax.chain(_prunefl.prunefl(keep, reconfig_every),
+                               optax.sgd(_lr("server_lr", server_lr))),
                    weighted_mean(), None, "uniform",
                    view=views.server_masks(train=lambda opt_state: opt_state[0].train_mask),
                    server_inputs=("client_grad_sums",))
 
 
-LAYERWISE_ALGORITHMS = {"lbgm": lbgm, "prunefl": prunefl, "fedlama": fedlama, "fedluar": fedluar, "fedpaq": fedpaq, "feddropoutavg": feddropoutavg,
-                        "fedacg": fedacg}
+LAYERWISE_ALGORITHMS = {"lbgm": lbgm, "prunefl": prunefl, "fedlama": fedlama, "fedluar": fedluar,
+                        "fedpaq": fedpaq, "feddropoutavg": feddropoutavg, "fedacg": fedacg}
