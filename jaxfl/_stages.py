@@ -411,7 +411,8 @@ def aggregate(aggregator, aggregator_state, params, res, key, stream: bool) -> A
 
 def server_step(server_tx, server_inputs, state, agg: Aggregate, outs: SlotOutputs, key,
                 mesh):
-  """Feeds the pseudo-gradient to the server transform and applies it.
+  """Feeds the pseudo-gradient to the server transform and applies it; a round in which no
+  client has weight leaves the params and the server state unchanged.
 
   Returns:
     ``(updates, opt_state, params)``.
@@ -422,7 +423,13 @@ def server_step(server_tx, server_inputs, state, agg: Aggregate, outs: SlotOutpu
   updates, opt_state = server_tx.update(agg.update, state.opt_state, state.params,
                                         client_weights=outs.weight, key=key, round=state.round,
                                         **extra)
-  params = jshard.constrain_replicated(optax.apply_updates(state.params, updates), mesh)
+  # Nobody took part (all dropped or quarantined): the server step is skipped, so FedAvgM's
+  # stale momentum or Adam's bias correction cannot move the model on an empty round.
+  took_part = jnp.sum(outs.weight) > 0
+  params = jtree.select_tree(took_part, optax.apply_updates(state.params, updates), state.params)
+  params = jshard.constrain_replicated(params, mesh)
+  updates = jtree.select_tree(took_part, updates, optax.tree.zeros_like(updates))
+  opt_state = jtree.select_tree(took_part, opt_state, state.opt_state)
   return updates, opt_state, params
 
 
@@ -470,6 +477,7 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
       "examples": jnp.sum(m["examples"] * real),
       "participants": jnp.sum(participants),
       "nonfinite_clients": jnp.sum(real * (1.0 - outs.finite)),
+      "server_step_skipped": (jnp.sum(outs.weight) <= 0).astype(jnp.float32),
       "update_norm": jtree.global_norm(updates),
       "uplink_elements": up_elems,
       "uplink_bytes": up_elems * itemsize * algorithm.ledger.words_per_element,

@@ -86,6 +86,9 @@ def _add_run_args(p):
                       "'all' (vmap the whole cohort) or a positive int")
   p.add_argument("--checkpoint-dir", default=None)
   p.add_argument("--checkpoint-every", type=int, default=0)
+  p.add_argument("--allow-config-change", action="store_true",
+                 help="resume a checkpoint written with another configuration (recorded in "
+                      "the history); refused by default")
   p.add_argument("--out", default=None, help="output folder (history.json/csv, summary.json)")
   p.add_argument("--plot", action="store_true")
   p.add_argument("--no-progress", action="store_true")
@@ -142,7 +145,8 @@ def cmd_run(args) -> int:
                        eval_every=args.eval_every, clients_per_chunk=args.clients_per_chunk,
                        checkpoint_dir=args.checkpoint_dir,
                        checkpoint_every=args.checkpoint_every, output_dir=args.out,
-                       plot=args.plot, progress=not args.no_progress)
+                       plot=args.plot, progress=not args.no_progress,
+                       allow_config_change=args.allow_config_change)
   if jax.process_index() == 0:  # multi-process runs (jaxfl.launch): report once
     print(json.dumps(res.summary, indent=1))
   return 0
@@ -223,7 +227,7 @@ def main(argv=None) -> int:
     _set_cpu_devices(args.cpu_devices)
   try:
     return args.fn(args)
-  except (ValueError, TypeError, FileNotFoundError) as e:
+  except (ValueError, TypeError, FileNotFoundError, jaxfl.checkpoint.DirectoryInUseError) as e:
     if getattr(args, "debug", False):
       raise
     # A bad argument or input is the user's to fix: one line, not a traceback.

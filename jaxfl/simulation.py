@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import time
@@ -17,6 +18,7 @@ from jaxfl import sharding as jshard
 from jaxfl._jsonio import write_json
 from jaxfl.algorithms._base import Algorithm, validate_algorithm
 from jaxfl.data import FederatedData, device_data
+from jaxfl.data import validate as validate_data
 from jaxfl.evaluation import make_evaluate
 from jaxfl.models import Model
 from jaxfl.round import NAN_POLICIES, ServerState, build_round
@@ -42,7 +44,8 @@ class SimulationResult(NamedTuple):
   summary: dict
 
 
-def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed):
+def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed,
+                  check_data):
   validate_algorithm(algorithm)
   if not isinstance(model, Model):
     raise TypeError(f"`model` must be a jaxfl.models.Model, got {type(model).__name__}.")
@@ -60,14 +63,7 @@ def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every,
                      f"got {eval_every!r}.")
   if not isinstance(seed, int | np.integer):
     raise ValueError(f"`seed` must be an int, got {seed!r}.")
-  if model.input_shape and tuple(model.input_shape) != tuple(data.example_shape):
-    raise ValueError(f"`model` expects examples of shape {tuple(model.input_shape)} but `data` "
-                     f"has {tuple(data.example_shape)}.")
-  if np.any(data.client_sizes < 1):
-    raise ValueError(f"`data` has empty clients: {np.flatnonzero(data.client_sizes < 1)[:10]}.")
-  if data.y.min() < 0 or data.y.max() >= data.num_classes:
-    raise ValueError(f"`data` labels must lie in [0, {data.num_classes}), got "
-                     f"[{data.y.min()}, {data.y.max()}].")
+  validate_data(data, model, check_values=check_data)
 
 
 def _check_writable_dir(name: str, path: str | None) -> None:
@@ -104,7 +100,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
              stream_aggregate: bool | str = "auto", nan_policy: str = "drop",
              dropout_rate: float = 0.0, checkpoint_dir: str | None = None,
              checkpoint_every: int = 0, output_dir: str | None = None, plot: bool = False,
-             progress: bool = True, init_params=None) -> SimulationResult:
+             progress: bool = True, init_params=None, check_data: bool = True,
+             allow_config_change: bool = False) -> SimulationResult:
   """Runs a federated simulation: one compiled round, a Python loop over rounds only.
 
   Args:
@@ -132,7 +129,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     progress: show a progress bar (process 0 only).
     init_params: optional initial params (e.g. pre-trained) replacing ``model.init``'s.
   """
-  _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed)
+  _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed,
+                check_data)
   if jax.process_index() == 0:
     _check_writable_dir("output_dir", output_dir)
   _check_writable_dir("checkpoint_dir", checkpoint_dir)
@@ -140,6 +138,59 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     raise ValueError(f"`nan_policy` must be one of {NAN_POLICIES}, got {nan_policy!r}.")
   if checkpoint_every < 0:
     raise ValueError(f"`checkpoint_every` must be >= 0, got {checkpoint_every!r}.")
+  with contextlib.ExitStack() as locks:
+    # One run per directory: a second run writing the same place would lose one's results.
+    for name, where in _directories(output_dir=output_dir, checkpoint_dir=checkpoint_dir):
+      locks.enter_context(jckpt.lock(where, name))
+    return _run(algorithm, model, data, rounds=rounds, clients_per_round=clients_per_round,
+                seed=seed, eval_every=eval_every, devices=devices,
+                clients_per_chunk=clients_per_chunk, stream_aggregate=stream_aggregate,
+                nan_policy=nan_policy, dropout_rate=dropout_rate,
+                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                output_dir=output_dir, plot=plot, progress=progress, init_params=init_params,
+                allow_config_change=allow_config_change)
+
+
+def _directories(**dirs):
+  """The distinct directories to lock (process 0 holds the locks for every process)."""
+  seen = {}
+  for name, where in dirs.items():
+    if where and jax.process_index() == 0:
+      seen.setdefault(os.path.realpath(where), (name, where))
+  return list(seen.values())
+
+
+def _resume(checkpoint_dir, state, fp, rounds, allow_config_change):
+  """(state, history, start round, config changes) from the newest intact checkpoint; a
+  checkpoint of another configuration, or of more rounds than asked, is refused."""
+  changes = []
+
+  def accept(saved_fp, history, start):
+    if saved_fp is None:
+      warnings.warn(f"jaxfl: the checkpoint in {checkpoint_dir!r} has no configuration "
+                    "fingerprint (written by an older jaxfl); resuming unchecked.",
+                    stacklevel=4)
+    changes.extend([] if saved_fp is None else jckpt.config_changes(saved_fp, fp))
+    if changes and not allow_config_change:
+      raise ValueError(
+          f"`checkpoint_dir`={checkpoint_dir!r} holds a run with another configuration: "
+          f"{'; '.join(changes)}. Use another directory, or pass allow_config_change=True to "
+          "continue it anyway (the change is recorded in the history).")
+    if start > rounds:
+      raise ValueError(f"`rounds`={rounds} is below the {start} rounds already in "
+                       f"`checkpoint_dir`={checkpoint_dir!r}; ask for >= {start} rounds or "
+                       "use another directory.")
+
+  found = jckpt.restore_latest(checkpoint_dir, state, accept)
+  if found is None:
+    return state, [], 0, []
+  restored, history, start, _ = found
+  return restored, history, start, changes
+
+
+def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every, devices,
+         clients_per_chunk, stream_aggregate, nan_policy, dropout_rate, checkpoint_dir,
+         checkpoint_every, output_dir, plot, progress, init_params, allow_config_change):
   devices = jax.devices() if devices is None else list(devices)
   _hint_cpu_devices(devices)
   mesh = jshard.client_mesh(devices) if len(devices) > 1 else None
@@ -154,13 +205,13 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
   if init_params is not None:
     state = state._replace(params=init_params)
   state = jax.tree.map(np.asarray, state)  # fresh host buffers: the round donates its input
-  history: list[dict] = []
-  start = 0
+  fp = jckpt.fingerprint(algorithm, data, state, seed=seed,
+                         clients_per_round=clients_per_round, nan_policy=nan_policy,
+                         dropout_rate=dropout_rate)
+  history, start, changes = [], 0, []
   if checkpoint_dir:
-    found = jckpt.latest(checkpoint_dir)
-    if found:
-      path, start = found
-      state, history = jckpt.restore(path, state)
+    state, history, start, changes = _resume(checkpoint_dir, state, fp, rounds,
+                                             allow_config_change)
   state = jshard.put_replicated(state, mesh)
   dd = device_data(data, mesh)
   x_test, y_test = jshard.put_replicated((data.x_test, data.y_test), mesh)
@@ -187,6 +238,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     if (eval_every and (r + 1) % eval_every == 0) or r + 1 == rounds:
       ev = jax.device_get(evaluate(state.params, state.model_state, x_test, y_test))
       row["test_accuracy"], row["test_loss"] = float(ev["accuracy"]), float(ev["loss"])
+    if changes and r == start:
+      row["config_changed"] = 1.0  # the fields are in summary["config_changes"]
     history.append(row)
     if bar is not None:
       bar.update(1)
@@ -195,13 +248,15 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
     if checkpoint_dir and ((checkpoint_every and (r + 1) % checkpoint_every == 0)
                            or r + 1 == rounds):
       # to_host, not device_get: client-sharded leaves span processes in multi-process runs
-      jckpt.save(checkpoint_dir, jshard.to_host(state), history, r + 1)
+      jckpt.save(checkpoint_dir, jshard.to_host(state), history, r + 1, fp)
   if bar is not None:
     bar.close()
   total_s = time.perf_counter() - t0
   summary = summarize(history, algorithm.name, data.name)
   summary.update(seconds=total_s, compile_seconds=compile_s, devices=len(devices),
                  seed=seed, clients_per_round=clients_per_round, num_clients=data.num_clients)
+  if changes:
+    summary["config_changes"] = [{"round": start, "fields": changes}]
   if output_dir and primary:
     write_outputs(output_dir, history, summary, plot)
   return SimulationResult(history, state, summary)

@@ -67,9 +67,12 @@ def test_nan_policy_raise(model):
   data = tiny_data(num_clients=3, sizes=[3, 3, 3])
   x = data.x.copy()
   x[:] = np.nan
+  with pytest.raises(ValueError, match=r"`data.x`\[0\] has non-finite"):
+    _sim(data._replace(x=x), model, clients_per_round=2)  # refused unless injected on purpose
   with pytest.raises(jaxfl.NonFiniteUpdateError, match="non-finite"):
-    _sim(data._replace(x=x), model, clients_per_round=2, nan_policy="raise")
-  res = _sim(data._replace(x=x), model, clients_per_round=2, nan_policy="drop", rounds=2)
+    _sim(data._replace(x=x), model, clients_per_round=2, nan_policy="raise", check_data=False)
+  res = _sim(data._replace(x=x), model, clients_per_round=2, nan_policy="drop", rounds=2,
+             check_data=False)
   assert res.summary["nonfinite_clients"] == 4
   assert jaxfl.tree.all_finite(res.state.params)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import optax
 
@@ -40,6 +43,9 @@ class Algorithm(NamedTuple):
       ``("client_updates", "client_grad_sums")``: the stacked f32[C, ...] deltas (FedLAMA's
       discrepancy) and the summed local gradients (PruneFL's importance; the round then tracks
       them in local training). Declaring either keeps every client's update (no streaming).
+    config: the preset's arguments, defaults included (set by :func:`preset`; None for
+      hand-built algorithms). Checkpoints fingerprint it, so a resume with another learning
+      rate is refused.
   """
 
   name: str
@@ -53,6 +59,44 @@ class Algorithm(NamedTuple):
   view: views.ClientView = views.global_view()
   memory: jmemory.ClientMemory | None = None
   server_inputs: tuple[str, ...] = ()
+  config: dict[str, Any] | None = None
+
+
+def _describe(value):
+  """A JSON-safe, process-independent description of a preset argument (no addresses)."""
+  if value is None or isinstance(value, bool | int | float | str):
+    return value
+  if isinstance(value, tuple | list):
+    return [_describe(v) for v in value]
+  if isinstance(value, dict):
+    return {str(k): _describe(v) for k, v in value.items()}
+  if hasattr(value, "item") and getattr(value, "size", 2) == 1:  # numpy / jax scalars
+    return value.item()
+  return f"<{getattr(value, '__qualname__', type(value).__qualname__)}>"
+
+
+def preset(factory: Callable[..., Algorithm]) -> Callable[..., Algorithm]:
+  """Decorates an algorithm factory so the :class:`Algorithm` it returns records its
+  arguments (defaults included) in ``config``; an outer preset's arguments extend an inner
+  one's, and ``config["preset"]`` names the outermost."""
+  sig = inspect.signature(factory)
+
+  @functools.wraps(factory)
+  def build(*args, **kwargs) -> Algorithm:
+    algo = factory(*args, **kwargs)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = {}
+    for name, value in bound.arguments.items():
+      if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+        given.update(value)
+      else:
+        given[name] = value
+    config = {**(algo.config or {}), **{k: _describe(v) for k, v in given.items()},
+              "preset": factory.__name__}
+    return algo._replace(config=config)
+
+  return build
 
 
 def _check_type(value, types, name, what):

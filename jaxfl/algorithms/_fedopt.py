@@ -13,7 +13,7 @@ import math
 import optax
 
 from jaxfl.aggregation import weighted_mean
-from jaxfl.algorithms._base import Algorithm
+from jaxfl.algorithms._base import Algorithm, preset
 from jaxfl.client import LocalTraining
 from jaxfl.transforms._fedprox import add_proximal_term
 
@@ -48,6 +48,7 @@ def _local(client_lr, client_momentum, weight_decay, batch_size, local_steps, lo
                        local_epochs=local_epochs)
 
 
+@preset
 def fedopt(server_optimizer: optax.GradientTransformation, *, name: str = "fedopt",
            client_lr: float = 0.05, client_momentum: float = 0.0, weight_decay: float = 0.0,
            batch_size: int = 32, local_steps: int = 5, local_epochs: float | None = None,
@@ -59,18 +60,21 @@ def fedopt(server_optimizer: optax.GradientTransformation, *, name: str = "fedop
                    server_optimizer, aggregator or weighted_mean(), uplink, weighting)
 
 
+@preset
 def fedavg(*, server_lr: float = 1.0, **kw) -> Algorithm:
   """FedAvg: server ``sgd(server_lr)`` (1.0 = plain averaging)."""
   return fedopt(optax.sgd(_lr("server_lr", server_lr)), name=kw.pop("name", "fedavg"),
                 **kw)
 
 
+@preset
 def fedavgm(*, server_lr: float = 1.0, server_momentum: float = 0.9, **kw) -> Algorithm:
   """FedAvgM: server SGD with heavy-ball momentum."""
   return fedopt(optax.sgd(_lr("server_lr", server_lr), momentum=server_momentum),
                 name=kw.pop("name", "fedavgm"), **kw)
 
 
+@preset
 def fedadam(*, server_lr: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3,
             **kw) -> Algorithm:
   """FedAdam (Reddi et al., 2021), with their adaptivity eps default 1e-3."""
@@ -78,6 +82,7 @@ def fedadam(*, server_lr: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: 
                 name=kw.pop("name", "fedadam"), **kw)
 
 
+@preset
 def fedyogi(*, server_lr: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3,
             **kw) -> Algorithm:
   """FedYogi (Reddi et al., 2021)."""
@@ -85,12 +90,14 @@ def fedyogi(*, server_lr: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: 
                 name=kw.pop("name", "fedyogi"), **kw)
 
 
+@preset
 def fedadagrad(*, server_lr: float = 1e-1, eps: float = 1e-3, **kw) -> Algorithm:
   """FedAdagrad (Reddi et al., 2021)."""
   return fedopt(optax.adagrad(_lr("server_lr", server_lr), eps=eps),
                 name=kw.pop("name", "fedadagrad"), **kw)
 
 
+@preset
 def fedprox(*, mu: float = 0.01, server_lr: float = 1.0, **kw) -> Algorithm:
   """FedProx: FedAvg with the proximal term mu/2 ||x - x_t||^2 in every client's loss."""
   if mu < 0:

@@ -13,7 +13,7 @@ from jaxfl import comm, views
 from jaxfl import memory as jmemory
 from jaxfl.aggregation import fednova as fednova_aggregator
 from jaxfl.aggregation import weighted_mean
-from jaxfl.algorithms._base import Algorithm
+from jaxfl.algorithms._base import Algorithm, preset
 from jaxfl.algorithms._fedopt import _local, _lr
 from jaxfl.client import LocalTraining
 from jaxfl.transforms import _scaffold
@@ -47,6 +47,7 @@ def _scaffold_contracts():
   return views.ClientView(view), memory, comm.Ledger(count, 1.0)
 
 
+@preset
 def scaffold(num_clients: int, *, server_lr: float = 1.0, client_lr: float = 0.05,
              batch_size: int = 32, local_steps: int = 5, name: str = "scaffold") -> Algorithm:
   r"""SCAFFOLD (Karimireddy et al., ICML 2020), option II control variates.
@@ -79,6 +80,7 @@ def scaffold(num_clients: int, *, server_lr: float = 1.0, client_lr: float = 0.0
                    ledger=ledger, view=view, memory=memory)
 
 
+@preset
 def fednova(*, server_lr: float = 1.0, client_lr: float = 0.05, client_momentum: float = 0.0,
             weight_decay: float = 0.0, batch_size: int = 32, local_steps: int | None = None,
             local_epochs: float | None = 1.0, name: str = "fednova") -> Algorithm:

@@ -25,7 +25,7 @@ import optax
 from jaxfl import comm, sampling, views
 from jaxfl import memory as jmemory
 from jaxfl.aggregation import weighted_mean
-from jaxfl.algorithms._base import Algorithm
+from jaxfl.algorithms._base import Algorithm, preset
 from jaxfl.algorithms._fedopt import _local, _lr
 from jaxfl.transforms import _compression as compression
 from jaxfl.transforms import _fedlama as lama_lib
@@ -40,6 +40,7 @@ def _lab_local(client_lr, client_momentum, weight_decay, batch_size, local_steps
   return _local(client_lr, client_momentum, weight_decay, batch_size, local_steps, None, prox_mu)
 
 
+@preset
 def fedluar(num_recycle: int = 2, *, server_lr: float = 1.0, selection: str = "inverse_score",
             recycle: bool = True, quantize_levels: int | None = None, prox_mu: float = 0.0,
             client_lr: float = 0.01, client_momentum: float = 0.9, weight_decay: float = 0.0,
@@ -108,6 +109,7 @@ def _fedlama_contracts(phi: int):
           jmemory.per_slot(lambda params: params, write))
 
 
+@preset
 def fedlama(phi: int = 2, *, local_steps: int = 10, warmup_rounds: int = 6,
             server_lr: float = 1.0, client_lr: float = 0.01, client_momentum: float = 0.9,
             weight_decay: float = 0.0, batch_size: int = 32, name: str = "fedlama"
@@ -132,6 +134,7 @@ def fedlama(phi: int = 2, *, local_steps: int = 10, warmup_rounds: int = 6,
                    server_inputs=("client_updates",))
 
 
+@preset
 def fedpaq(levels: int = 16, *, server_lr: float = 1.0, client_lr: float = 0.01,
            client_momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 32,
            local_steps: int = 20, seed: int = 0, name: str = "fedpaq") -> Algorithm:
@@ -146,6 +149,7 @@ def fedpaq(levels: int = 16, *, server_lr: float = 1.0, client_lr: float = 0.01,
                    compression.qsgd_quantize(levels, seed=seed), "uniform")
 
 
+@preset
 def feddropoutavg(rate: float = 0.75, *, server_lr: float = 1.0, client_lr: float = 0.01,
                   client_momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 32,
                   local_steps: int = 20, seed: int = 0, name: str = "feddropoutavg") -> Algorithm:
@@ -160,6 +164,7 @@ def feddropoutavg(rate: float = 0.75, *, server_lr: float = 1.0, client_lr: floa
                    ledger=comm.sparse_ledger())
 
 
+@preset
 def fedacg(*, server_momentum: float = 0.7, beta: float = 0.01, num_recycle: int = 0,
            selection: str = "inverse_score", client_lr: float = 0.01,
            client_momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 32,
@@ -190,6 +195,7 @@ def fedacg(*, server_momentum: float = 0.7, beta: float = 0.01, num_recycle: int
                    server, weighted_mean(), None, "uniform", view=view)
 
 
+@preset
 def lbgm(threshold: float = 0.95, *, server_lr: float = 1.0, client_lr: float = 0.01,
          client_momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 32,
          local_steps: int = 20, name: str = "lbgm") -> Algorithm:
@@ -209,6 +215,7 @@ def lbgm(threshold: float = 0.95, *, server_lr: float = 1.0, client_lr: float = 
                    memory=jmemory.per_client(uplink.init, _lbgm.lbgm_memory_write))
 
 
+@preset
 def prunefl(keep: float = 0.7, reconfig_every: int = 50, *, server_lr: float = 1.0,
             client_lr: float = 0.01, client_momentum: float = 0.9, weight_decay: float = 0.0,
             batch_size: int = 32, local_steps: int = 20, name: str = "prunefl") -> Algorithm:

@@ -19,6 +19,7 @@ from jaxfl.data._sources import load_digits as load_digits
 from jaxfl.data._sources import load_fashion_mnist as load_fashion_mnist
 from jaxfl.data._sources import load_mnist5k as load_mnist5k
 from jaxfl.data._synthetic import synthetic as synthetic
+from jaxfl.data._validate import validate as validate
 
 
 def load_tfds(*args, **kwargs):
@@ -28,7 +29,7 @@ def load_tfds(*args, **kwargs):
   return _load_tfds(*args, **kwargs)
 
 
-__all__ = ["DATASETS", "PARTITIONERS", "ArrayDataset", "DeviceData", "FederatedData", "device_data", "dirichlet", "federate",
-           "from_client_indices", "from_index_files", "iid", "load", "load_digits",
-           "load_fashion_mnist", "load_mnist5k", "load_tfds", "quantity_skew", "random_images",
-           "shards", "synthetic"]
+__all__ = ["DATASETS", "PARTITIONERS", "ArrayDataset", "DeviceData", "FederatedData",
+           "device_data", "dirichlet", "federate", "from_client_indices", "from_index_files", "iid",
+           "load", "load_digits", "load_fashion_mnist", "load_mnist5k", "load_tfds",
+           "quantity_skew", "random_images", "shards", "synthetic", "validate"]
