@@ -239,8 +239,116 @@ def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTr
   return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
 
-AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean,
-               "dp_mean": dp_mean, "fednova": fednova}
+VALUES = "params"
+COUNTS = "counts"
 
-__all__ = ["AGGREGATORS", "LinearAggregator", "coordinate_median", "dp_mean", "fednova",
-           "linear_aggregator", "trimmed_mean", "weighted_mean"]
+
+def counted(values: Any, counts: Any) -> dict:
+  """An upload (or params tree) that carries its own per-entry counts: ``{"params": values,
+  "counts": counts}``, the input :func:`masked_mean` reads.
+
+  ``counts`` mirrors ``values`` leaf by leaf, each count leaf broadcastable to its value leaf
+  (``()`` for a leaf every client trains whole, the mask's shape for a masked one).
+  """
+  return {VALUES: values, COUNTS: counts}
+
+
+def is_counted(tree: Any) -> bool:
+  """Whether ``tree`` is a :func:`counted` tree (a dict with exactly those two keys)."""
+  return hasattr(tree, "keys") and set(tree.keys()) == {VALUES, COUNTS}
+
+
+def masked_mean(diagnostics: Callable[[Any, jax.Array], dict] | None = None
+                ) -> LinearAggregator | optax.GradientTransformationExtraArgs:
+  r"""Per-entry masked mean over the clients that trained each entry (linear).
+
+  Sub-model methods (PriSM, HeteroFL, FjORD, EmbracingFL) train and upload a different part
+  of the model on every client. Client :math:`i` uploads its masked delta
+  :math:`m_i \odot \Delta_i` *and* its mask :math:`m_i`, as a :func:`counted` tree
+  ``{"params": m_i * delta_i, "counts": m_i}`` (count leaves may be any shape that
+  broadcasts to their value leaves). With weights :math:`w_i` (0 = not taking part),
+
+  .. math::
+    c = \sum_i w_i m_i, \qquad
+    \bar\Delta = \begin{cases} \sum_i w_i m_i\Delta_i \,/\, c & c > 0 \\
+                               0 & c = 0 \end{cases}
+
+  per entry, and the aggregate is ``{"params": mean, "counts": c}``. Both sums are weighted
+  sums of the uploads, so the aggregator is a :class:`LinearAggregator`: the round may
+  stream it chunk by chunk and all-reduce it over devices like :func:`weighted_mean`. With
+  ``weighting="uniform"`` the counts are the number of clients that trained each entry.
+
+  **Fallback to the old server value.** Where no client trained an entry (:math:`c = 0`) the
+  mean delta is 0, so a server step that maps a zero pseudo-gradient to no change (FedAvg's
+  ``sgd(1.0)``, :func:`jaxfl.transforms.prism_server`) keeps the old server value there. The
+  counts are passed on in the aggregate's ``"counts"`` entry, so a stateful server transform
+  (momentum) can hold those entries itself.
+
+  Why the masks travel inside the upload: the round hands an aggregator the stacked uploads,
+  the weights and four per-client scalars, not the per-client masks of
+  ``ClientStart.upload_mask``. A view that starts client :math:`i`'s count leaves at
+  ``server_counts - m_i`` and never trains them makes the engine's own upload
+  (``x_t - x^i``) equal to :math:`m_i` there, exactly (0/1 values); see
+  :func:`jaxfl.algorithms.prism`. A round contract that passed the upload masks to the
+  aggregator (``client_masks=``, and a masked sum in the streamed form) would make the count
+  leaves unnecessary.
+
+  A tree that is not :func:`counted` is aggregated as the plain weighted mean (every client
+  trained every entry).
+
+  Args:
+    diagnostics: optional ``(counts, weights) -> {name: f32[]}`` of the summed counts tree
+      (PriSM's component coverage). The round reports aux scalars only from a stacked
+      (general) aggregator, so with ``diagnostics`` this returns the general form (not
+      streamable) that computes the same aggregate plus those scalars as aux.
+
+  Returns:
+    A :class:`LinearAggregator`, or with ``diagnostics`` an
+    ``optax.GradientTransformationExtraArgs`` returning ``(aggregate, state, aux)``.
+
+  References:
+    Niu, Prakash, Kundu, Lee and Avestimehr, `Overcoming Resource Constraints in Federated
+    Learning: Large Models Can Be Trained with only Weak Clients
+    <https://openreview.net/forum?id=lx1WnkL9fk>`_, TMLR 2023 (per-component aggregation
+    counts, ALGORITHMS.md §7.2); Diao, Ding and Tarokh, `HeteroFL
+    <https://arxiv.org/abs/2010.01264>`_, ICLR 2021.
+  """
+
+  def coefficients(weights, client_metrics):
+    del client_metrics
+    return weights, {"weight": weights}
+
+  def finalize(total, sums):
+    if not is_counted(total):
+      inv = jtree.safe_reciprocal(sums["weight"])
+      return jax.tree.map(lambda s: s * inv.astype(s.dtype), total)
+
+    def mean(path, s, c):
+      if c.ndim not in (0, s.ndim) or any(a not in (1, b) for a, b in zip(c.shape, s.shape)):
+        raise ValueError(f"masked_mean: the count leaf {jax.tree_util.keystr(path)} of shape "
+                         f"{c.shape} does not broadcast to its value leaf {s.shape}.")
+      c = c.astype(jnp.float32)
+      inv = jnp.where(c > 0, 1.0 / jnp.where(c > 0, c, 1.0), 0.0)
+      return (s.astype(jnp.float32) * inv).astype(s.dtype)
+
+    return counted(jax.tree_util.tree_map_with_path(mean, total[VALUES], total[COUNTS]),
+                   total[COUNTS])
+
+  linear = linear_aggregator(coefficients, finalize)
+  if diagnostics is None:
+    return linear
+
+  def update_fn(client_updates, state, params=None, *, weights, **extra):
+    agg, state = linear.update(client_updates, state, params, weights=weights, **extra)
+    aux = diagnostics(agg[COUNTS], weights) if is_counted(agg) else {}
+    return agg, state, aux
+
+  return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
+
+
+AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean,
+               "dp_mean": dp_mean, "fednova": fednova, "masked_mean": masked_mean}
+
+__all__ = ["AGGREGATORS", "COUNTS", "LinearAggregator", "VALUES", "coordinate_median", "counted",
+           "dp_mean", "fednova", "is_counted", "linear_aggregator", "masked_mean", "trimmed_mean",
+           "weighted_mean"]

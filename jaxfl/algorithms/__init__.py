@@ -10,6 +10,13 @@ from jaxfl.algorithms._fedopt import fedopt as fedopt
 from jaxfl.algorithms._fedopt import fedprox as fedprox
 from jaxfl.algorithms._fedopt import fedyogi as fedyogi
 from jaxfl.algorithms._fedopt import get_algorithm as get_algorithm
+from jaxfl.algorithms._prism import draw_capacities as draw_capacities
+from jaxfl.algorithms._prism import prism as prism
+from jaxfl.algorithms._prism import prism_counts as prism_counts
+from jaxfl.algorithms._prism import prism_fedavg as prism_fedavg
+from jaxfl.algorithms._prism import prism_model as prism_model
+from jaxfl.algorithms._prism import prism_view as prism_view
+from jaxfl.algorithms._prism import submodel_fraction as submodel_fraction
 from jaxfl.algorithms._scaffold_fednova import fednova as fednova
 from jaxfl.algorithms._scaffold_fednova import scaffold as scaffold
 from jaxfl.algorithms.layerwise import LAYERWISE_ALGORITHMS as LAYERWISE_ALGORITHMS
@@ -23,6 +30,11 @@ from jaxfl.algorithms.layerwise import prunefl as prunefl
 
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
 
-__all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "fedacg", "fedadagrad", "fedadam",
-           "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar", "fednova", "fedopt", "fedpaq",
-           "fedprox", "fedyogi", "get_algorithm", "lbgm", "prunefl", "scaffold"]
+# PriSM is not in ALGORITHMS: it needs its own model (factorised layers + count leaves,
+# prism_model), which the CLI's `run --algorithm` cannot pair with its registry models.
+
+__all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "draw_capacities", "fedacg",
+           "fedadagrad", "fedadam", "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar",
+           "fednova", "fedopt", "fedpaq", "fedprox", "fedyogi", "get_algorithm", "lbgm", "prism",
+           "prism_counts", "prism_fedavg", "prism_model", "prism_view", "prunefl", "scaffold",
+           "submodel_fraction"]

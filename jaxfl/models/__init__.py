@@ -1,5 +1,21 @@
 """Flax models as pure ``Model(init, apply)`` pairs, and adapters for user models."""
 
+from jaxfl.models._counted import with_counts as with_counts
+from jaxfl.models._factorised import BatchStatNorm as BatchStatNorm
+from jaxfl.models._factorised import FactorisedConv as FactorisedConv
+from jaxfl.models._factorised import FactorisedDense as FactorisedDense
+from jaxfl.models._factorised import PrismCNN as PrismCNN
+from jaxfl.models._factorised import PrismResNet as PrismResNet
+from jaxfl.models._factorised import component_norms as component_norms
+from jaxfl.models._factorised import eligible_conv as eligible_conv
+from jaxfl.models._factorised import factor_layers as factor_layers
+from jaxfl.models._factorised import factorise_kernel as factorise_kernel
+from jaxfl.models._factorised import factorise_params as factorise_params
+from jaxfl.models._factorised import merge_factors as merge_factors
+from jaxfl.models._factorised import merge_params as merge_params
+from jaxfl.models._factorised import prism_cnn as prism_cnn
+from jaxfl.models._factorised import prism_resnet18 as prism_resnet18
+from jaxfl.models._factorised import refactorise as refactorise
 from jaxfl.models._layers import CONV_IMPLS as CONV_IMPLS
 from jaxfl.models._layers import Conv as Conv
 from jaxfl.models._layers import batched_clients as batched_clients
@@ -20,6 +36,9 @@ from jaxfl.models._zoo import mlp as mlp
 from jaxfl.models._zoo import resnet20 as resnet20
 from jaxfl.models._zoo import small_cnn as small_cnn
 
-__all__ = ["CNN", "CONV_IMPLS", "MLP", "MODELS", "Conv", "Model", "ResNet", "SmallCNN",
-           "batched_clients", "cnn", "conv2d", "femnist_cnn", "from_linen", "from_nnx",
-           "get_model", "max_pool", "mlp", "resnet20", "small_cnn"]
+__all__ = ["CNN", "CONV_IMPLS", "MLP", "MODELS", "BatchStatNorm", "Conv", "FactorisedConv",
+           "FactorisedDense", "Model", "PrismCNN", "PrismResNet", "ResNet", "SmallCNN",
+           "batched_clients", "cnn", "component_norms", "conv2d", "eligible_conv",
+           "factor_layers", "factorise_kernel", "factorise_params", "femnist_cnn", "from_linen",
+           "from_nnx", "get_model", "max_pool", "merge_factors", "merge_params", "mlp",
+           "prism_cnn", "prism_resnet18", "refactorise", "resnet20", "small_cnn", "with_counts"]

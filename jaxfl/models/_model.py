@@ -29,17 +29,32 @@ class Model(NamedTuple):
   input_shape: tuple[int, ...]
 
 
-def from_linen(module, input_shape: tuple[int, ...], name: str | None = None) -> Model:
+def from_linen(module, input_shape: tuple[int, ...], name: str | None = None,
+               fast_layers: bool = True) -> Model:
   """Wraps any ``flax.linen`` module whose ``__call__(x, train)`` returns logits.
 
   The module may take ``train`` as a keyword (BatchNorm/Dropout) or not. Collections other
   than ``params`` become ``model_state``; ``batch_stats`` is updated in training mode and
   averaged by the server like the papers' FedAvg does.
+
+  Args:
+    module: the Flax module.
+    input_shape: shape of one example (no batch axis).
+    name: short name for logs (default: the module's class name).
+    fast_layers: apply stock ``nn.Conv`` / ``nn.max_pool`` calls with jaxfl's lowerings
+      (same parameters, values and gradients; several times faster inside the round, see
+      :mod:`jaxfl.models._intercept`). A conv whose configuration has no fast lowering is
+      named in a warning when the model is wrapped. The conv's custom VJP has no
+      forward-mode rule: pass False for a method that needs ``jax.jvp`` through the model.
   """
   import inspect
+  import warnings
+
+  from jaxfl.models import _intercept
 
   takes_train = "train" in inspect.signature(module.__call__).parameters
   input_shape = tuple(int(d) for d in input_shape)
+  name = name or type(module).__name__
 
   def call_kwargs(train):
     return {"train": train} if takes_train else {}
@@ -52,7 +67,7 @@ def from_linen(module, input_shape: tuple[int, ...], name: str | None = None) ->
     params = variables.pop("params")
     return params, variables
 
-  def apply(params, model_state, x, *, train: bool, rng=None):
+  def plain_apply(params, model_state, x, *, train: bool, rng=None):
     variables = {"params": params, **model_state}
     rngs = {"dropout": rng} if rng is not None else {}
     if train and model_state:
@@ -62,7 +77,29 @@ def from_linen(module, input_shape: tuple[int, ...], name: str | None = None) ->
     logits = module.apply(variables, x, rngs=rngs, **call_kwargs(train))
     return logits, model_state
 
-  return Model(init, apply, name or type(module).__name__, input_shape)
+  if not fast_layers:
+    return Model(init, plain_apply, name, input_shape)
+
+  def apply(params, model_state, x, *, train: bool, rng=None):
+    with _intercept.fast_layers():
+      return plain_apply(params, model_state, x, train=train, rng=rng)
+
+  if input_shape:  # trace once (no compile) to name the convs left on Flax's lowering
+    slow: list[str] = []
+
+    def probe(key):
+      params, model_state = init(key)
+      with _intercept.fast_layers(slow):
+        return plain_apply(params, model_state, jnp.zeros((2,) + input_shape, jnp.float32),
+                           train=True, rng=key)
+
+    jax.eval_shape(probe, jax.random.key(0))
+    if slow:
+      warnings.warn(f"jaxfl: {name}: {len(slow)} nn.Conv call(s) keep Flax's lowering, which "
+                    f"is several times slower inside the round: {'; '.join(sorted(set(slow)))}. "
+                    "Use jaxfl.models.Conv or a configuration it supports (2-D, SAME/VALID, "
+                    "no dilation/groups/mask).", stacklevel=2)
+  return Model(init, apply, name, input_shape)
 
 
 def from_nnx(module, name: str | None = None, input_shape: tuple[int, ...] = ()) -> Model:

@@ -1,13 +1,14 @@
 """Optax transformations in the four roles of a federated round.
 
 * client optimizers: :func:`mlbfgs`, :func:`scale_by_mlbfgs`, :func:`plain_stochastic_lbfgs`,
-  :func:`add_proximal_term`, :func:`scaffold_correction`, :func:`scale_by_round_schedule`
-  (+ any optax optimizer);
+  :func:`add_proximal_term`, :func:`scaffold_correction`, :func:`scale_by_round_schedule`,
+  :func:`frobenius_decay`, :func:`mask_gradients` (+ any optax optimizer);
 * uplink transforms (per client, inside vmap, called with ``key=``): :func:`masked_uplink`,
   :func:`qsgd_quantize`, :func:`random_dropout`, :func:`lbgm` (per-client state),
   :func:`scaffold_client_control`;
 * server transforms on the pseudo-gradient: :func:`fedluar`, :func:`fedluar_bypass`,
-  :func:`fedlama`, :func:`prunefl`, :func:`scaffold_server_control` (+ any optax optimizer);
+  :func:`fedlama`, :func:`prunefl`, :func:`scaffold_server_control`, :func:`prism_server`
+  (+ any optax optimizer);
 * parameter masks for sparse fine-tuning: :func:`gem_mask` (masks are built by
   :mod:`jaxfl.masks`).
 
@@ -17,7 +18,8 @@
 that go with one transform are importable from here but are not transforms and are not in
 ``__all__``: mL-BFGS's ``block_sharding``, ``resnet_block_labels``, ``top_level_block_labels``,
 ``damp_pair``, ``two_loop``; FedLAMA's ``fedlama_intervals``, ``layer_discrepancy``; FedLUAR's
-``recycle_mask``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); the one-tensor
+``recycle_mask``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
+``sample_components``, ``sampling_logits``, ``top_n_mask``; the one-tensor
 quantiser ``qsgd`` and ``content_key``. QSGD bit accounting is in :mod:`jaxfl.comm`.
 """
 
@@ -50,6 +52,13 @@ from jaxfl.transforms._mlbfgs_blocks import resnet_block_labels as resnet_block_
 from jaxfl.transforms._mlbfgs_blocks import top_level_block_labels as top_level_block_labels
 from jaxfl.transforms._mlbfgs_two_loop import damp_pair as damp_pair
 from jaxfl.transforms._mlbfgs_two_loop import two_loop as two_loop
+from jaxfl.transforms._prism import PrismState as PrismState
+from jaxfl.transforms._prism import frobenius_decay as frobenius_decay
+from jaxfl.transforms._prism import mask_gradients as mask_gradients
+from jaxfl.transforms._prism import prism_server as prism_server
+from jaxfl.transforms._prism import sample_components as sample_components
+from jaxfl.transforms._prism import sampling_logits as sampling_logits
+from jaxfl.transforms._prism import top_n_mask as top_n_mask
 from jaxfl.transforms._prunefl import PruneFLState as PruneFLState
 from jaxfl.transforms._prunefl import keep_top_fraction as keep_top_fraction
 from jaxfl.transforms._prunefl import prunefl as prunefl
@@ -62,9 +71,10 @@ from jaxfl.transforms._scaffold import scaffold_server_control as scaffold_serve
 
 __all__ = [
     "FedLAMAState", "FedLUARBypassState", "FedLUARState", "GemMaskState", "LBGMState",
-    "MLBFGSState", "ProximalState", "PruneFLState", "ScaffoldClientState", "ScaffoldState",
-    "add_proximal_term", "fedlama", "fedluar", "fedluar_bypass", "gem_mask", "lbgm",
-    "masked_uplink", "mlbfgs", "plain_stochastic_lbfgs", "prunefl", "qsgd_quantize",
+    "MLBFGSState", "PrismState", "ProximalState", "PruneFLState", "ScaffoldClientState",
+    "ScaffoldState", "add_proximal_term", "fedlama", "fedluar", "fedluar_bypass",
+    "frobenius_decay", "gem_mask", "lbgm", "mask_gradients", "masked_uplink", "mlbfgs",
+    "plain_stochastic_lbfgs", "prism_server", "prunefl", "qsgd_quantize",
     "random_dropout", "scaffold_client_control", "scaffold_correction",
     "scaffold_server_control", "scale_by_mlbfgs", "scale_by_round_schedule",
 ]
