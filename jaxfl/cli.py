@@ -115,6 +115,18 @@ def _add_device_arg(p):
                       "already by XLA_FLAGS or jaxfl.launch), or a number (1 = one device)")
 
 
+def _compile_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache (unless the user configured one): a rerun of
+  the same command loads the compiled round from disk instead of compiling it again."""
+  import jax
+
+  if not path or path == "off" or jax.config.jax_compilation_cache_dir:
+    return
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _set_cpu_devices(value: str) -> None:
   from jaxfl import sharding
 
@@ -222,9 +234,15 @@ def main(argv=None) -> int:
   p_list.set_defaults(fn=cmd_list)
   for p in (p_demo, p_run):
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--compile-cache", default=os.environ.get(
+        "JAXFL_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxfl", "xla")),
+        help="persistent XLA compilation cache folder ('off' to disable; env "
+             "JAXFL_COMPILE_CACHE)")
   args = parser.parse_args(argv)
   if hasattr(args, "cpu_devices"):
     _set_cpu_devices(args.cpu_devices)
+  if hasattr(args, "compile_cache"):
+    _compile_cache(args.compile_cache)
   try:
     return args.fn(args)
   except (ValueError, TypeError, FileNotFoundError, jaxfl.checkpoint.DirectoryInUseError) as e:

@@ -50,6 +50,22 @@ def test_cli_defaults_to_the_library_chunking_and_reports_errors_in_one_line(tmp
                "--out", str(tmp_path)]) == 0
 
 
+def test_cli_persistent_compile_cache_is_reused_by_a_rerun(tmp_path):
+  import os
+
+  cache = tmp_path / "cache"
+  cmd = [sys.executable, "-m", "jaxfl", "run", "--dataset", "digits", "--model", "mlp",
+         "--num-clients", "20", "--clients-per-round", "4", "--rounds", "2", "--no-progress",
+         "--cpu-devices", "1", "--compile-cache", str(cache)]
+  subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, capture_output=True)
+  first = sorted(os.listdir(cache))
+  assert first, "the first run wrote no compiled program to the cache"
+  subprocess.run(cmd + ["--out", str(tmp_path / "b")], check=True, capture_output=True)
+  assert sorted(os.listdir(cache)) == first  # every program was a cache hit
+  assert (tmp_path / "a" / "history.json").read_text() == (
+      tmp_path / "b" / "history.json").read_text()
+
+
 def test_every_public_name_imports():
   for mod in (jaxfl, jaxfl.data, jaxfl.models, jaxfl.algorithms, jaxfl.transforms, jaxfl.masks):
     for name in mod.__all__:

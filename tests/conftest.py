@@ -1,6 +1,12 @@
 """Test configuration and small shared builders."""
 
-import jax
+import os
+
+# The CLI turns on a persistent compilation cache in ~/.cache by default; tests (in-process
+# and their subprocesses) leave the user's cache alone unless a test asks for one.
+os.environ.setdefault("JAXFL_COMPILE_CACHE", "off")
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
