@@ -43,6 +43,55 @@ class SimulationResult(NamedTuple):
   state: Any
   summary: dict
 
+  def _repr_html_(self) -> str:
+    """A one-row summary table (how a notebook displays the result)."""
+    import html
+
+    s = self.summary
+
+    def fmt(v, spec):
+      return "-" if v is None else format(v, spec)
+
+    cells = {"method": s.get("method", ""), "dataset": s.get("dataset", ""),
+             "rounds": s.get("rounds"), "final acc": fmt(s.get("final_acc"), ".4f"),
+             "best acc": fmt(s.get("best_acc"), ".4f"),
+             "rel. uplink": fmt(s.get("rel_uplink_cost"), ".3g"),
+             "uplink MB": fmt(s.get("uplink_bytes", 0.0) / 1e6, ".3g"),
+             "seconds": fmt(s.get("seconds"), ".1f"),
+             "compile s": fmt(s.get("compile_seconds"), ".1f")}
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in cells)
+    row = "".join(f"<td>{html.escape(str(v))}</td>" for v in cells.values())
+    return f"<table><tr>{head}</tr><tr>{row}</tr></table>"
+
+  def _repr_pretty_(self, p, cycle) -> None:
+    """A short text form in IPython (the full state and history stay in the fields)."""
+    s = self.summary
+    keys = ("method", "dataset", "rounds", "final_acc", "best_acc", "rel_uplink_cost")
+    p.text("SimulationResult(" + ", ".join(f"{k}={s.get(k)!r}" for k in keys)
+           + f", history=[{len(self.history)} rows], state=...)")
+
+  def plot(self, ax=None, x: str = "round", label: str | None = None):
+    """Test accuracy vs ``x`` (``"round"`` or cumulative ``"uplink_bytes"``, in MB) on ``ax``
+    (a new figure when None); pass the same ``ax`` to put several runs on one figure.
+    Returns the matplotlib Axes."""
+    if x not in ("round", "uplink_bytes"):
+      raise ValueError(f"`x` must be 'round' or 'uplink_bytes', got {x!r}.")
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+      _, ax = plt.subplots(figsize=(6, 4))
+    cum = np.cumsum([h["uplink_bytes"] for h in self.history]) / 1e6
+    pts = [(cum[i] if x == "uplink_bytes" else h["round"], h["test_accuracy"])
+           for i, h in enumerate(self.history) if "test_accuracy" in h]
+    if pts:
+      xs, ys = zip(*pts)
+      ax.plot(xs, ys, label=label or self.summary.get("method") or "run")
+    ax.set_xlabel("uplink MB" if x == "uplink_bytes" else "round")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
 
 def _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed,
                   check_data):

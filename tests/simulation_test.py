@@ -63,6 +63,31 @@ def test_outputs_written(tmp_path, data, model):
   assert 0.0 <= summary["final_acc"] <= 1.0
 
 
+def test_result_displays_as_a_table_and_plots_in_one_call(data, model):
+  matplotlib = pytest.importorskip("matplotlib")
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  a = _sim(data, model, eval_every=2)
+  b = _sim(data, model, eval_every=1, algo=_algo(server_lr=0.5))
+  table = a._repr_html_()
+  assert table.startswith("<table>") and "fedavg" in table
+  assert f"{a.summary['final_acc']:.4f}" in table
+  ax = a.plot()
+  assert b.plot(ax=ax, label="b") is ax  # several runs on one figure
+  (xa, ya), (xb, _) = [line.get_data() for line in ax.get_lines()]
+  assert list(xa) == [2, 4] and list(xb) == [1, 2, 3, 4]
+  assert list(ya) == [h["test_accuracy"] for h in a.history if "test_accuracy" in h]
+  ax2 = a.plot(x="uplink_bytes")
+  xs = ax2.get_lines()[0].get_xdata()
+  np.testing.assert_allclose(xs[-1], a.summary["uplink_bytes"] / 1e6)
+  with pytest.raises(ValueError, match="`x`"):
+    a.plot(x="time")
+  plt.close("all")
+  pretty = pytest.importorskip("IPython.lib.pretty")
+  text = pretty.pretty(a)  # IPython's text form: short, not the whole state
+  assert text.startswith("SimulationResult(method='fedavg'") and len(text) < 300
+
 def test_nan_policy_raise(model):
   data = tiny_data(num_clients=3, sizes=[3, 3, 3])
   x = data.x.copy()
