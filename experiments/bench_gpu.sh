@@ -20,3 +20,14 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 # 15-minute device check): multi-metric client activation on CIFAR-10 / ResNet-20 (TFDS
 # cifar10 must be prepared under ~/tensorflow_datasets; the GPU image has no TFDS: carry it).
 # python experiments/client_activation.py --preset cifar10_resnet20
+# Converged layer-wise comparison (issue 16) in FedLUAR's CIFAR-10 / ResNet-20 setting (tau'
+# 20, 200 rounds, delta 12, LR grid 0.1/0.2/0.4, 3 seeds: 12 regime + 50 main pieces, 9 of
+# them copies; an estimated 2-5 min each on an H200 from bench_round's achieved FLOP rate, not
+# measured). Resumable: seed $OUT with the pieces already done (they travel in the working
+# tree), run for a few minutes per device call, bring the new pieces back from $OUT. Same TFDS
+# requirement as above:
+# cp -r experiments/results/layerwise_converged "$OUT"/ 2>/dev/null || true
+# python experiments/layerwise_converged.py --preset cifar10_resnet20 --regime-sweep \
+#   --data-dir ~/tensorflow_datasets --out-dir "$OUT" --max-minutes 5
+# python experiments/layerwise_converged.py --preset cifar10_resnet20 \
+#   --data-dir ~/tensorflow_datasets --out-dir "$OUT" --max-minutes 5

@@ -143,3 +143,101 @@ def test_timing_helpers_time_every_call_in_order():
   assert len(c.repeat_times(seen.append, 3, warmup=1)) == 3 and seen == [0, 0, 1, 2]
   out, secs = c.timed(lambda a, b=0: (a, b), 1, b=2)
   assert out == (1, 2) and secs >= 0
+
+
+def _layerwise_converged():
+  """experiments/layerwise_converged.py as a module (its helpers import no JAX)."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import layerwise_converged
+
+  return layerwise_converged
+
+
+def _fake_piece(lc, cfg, arm, lr, seed, accs, bytes_per_round):
+  """A piece as run_piece writes it: accuracy evaluated every round, fixed uplink per round."""
+  run = lc.run_config(cfg, arm, lr, seed)
+  hist = [{"round": r + 1, "steps": (r + 1) * run["interval"], "train_loss": 1.0,
+           "uplink_bytes": bytes_per_round, "test_accuracy": a} for r, a in enumerate(accs)]
+  return {"preset": cfg["preset"], "arm": arm, "lr": lr, "seed": seed, "run": run,
+          "seconds": 60.0, "final_acc": accs[-1], "best_acc": max(accs),
+          "uplink_bytes": bytes_per_round * len(accs), "rel_uplink": 0.0, "num_params": 100,
+          "layers": [{"name": "Dense_0/kernel", "size": 90, "kernel": True,
+                      "upload_fraction": 0.5 if arm == "fedluar" else 1.0},
+                     {"name": "Dense_0/bias", "size": 10, "kernel": False,
+                      "upload_fraction": 1.0}],
+          "history": hist}
+
+
+def test_layerwise_converged_plan_lr_choice_and_report(tmp_path):
+  """Piece order, per-arm LR choice, relative uplink and bytes-to-target on synthetic pieces
+  (no training: the bookkeeping alone, in a second)."""
+  lc = _layerwise_converged()
+  cfg = lc.config("fmnist_cnn", steps=40, lrs=[0.01, 0.02, 0.05])  # tau' 10: 4 / 2 rounds
+  arms = ["fedavg_tau", "fedavg_2tau", "fedluar"]
+  # phases A (middle LR), B (other LRs) on seed 0, then C/D at each tuned arm's best LR
+  plan = lc.main_plan(arms, cfg["lrs"], [0, 1, 2], {"fedluar": 0.05})
+  assert plan[:3] == [(a, 0.02, 0) for a in arms]
+  assert plan[3:9] == [(a, lr, 0) for lr in (0.01, 0.05) for a in arms]
+  assert plan[9:] == [("fedluar", 0.05, 1), ("fedluar", 0.05, 2)]
+  regime = lc.regime_plan(cfg)
+  assert regime[:2] == [("fedavg_i10", 0.02, 0), ("fedavg_i20", 0.02, 0)]
+  assert len(regime) == 12 and len(set(regime)) == 12
+
+  roots = lc._roots(cfg, str(tmp_path))
+  full = 32 * 4.0 * 100  # one round of FedAvg: cohort x f32 x params
+  curves = {  # final accuracies; fedluar is best at LR 0.05
+      ("fedavg_tau", 0.01): [.5, .6, .7, .70], ("fedavg_tau", 0.02): [.5, .7, .8, .80],
+      ("fedavg_tau", 0.05): [.5, .6, .6, .60], ("fedavg_2tau", 0.01): [.5, .60],
+      ("fedavg_2tau", 0.02): [.6, .75], ("fedavg_2tau", 0.05): [.5, .55],
+      ("fedluar", 0.01): [.4, .5, .6, .6], ("fedluar", 0.02): [.5, .6, .7, .7],
+      ("fedluar", 0.05): [.6, .795, .8, .8]}
+  for (arm, lr), accs in curves.items():  # fedluar uploads half the model every round
+    per_round = full / 2 if arm == "fedluar" else full
+    lc.write_json(lc.piece_path(roots["main"], arm, lr, 0),
+                  _fake_piece(lc, cfg, arm, lr, 0, accs, per_round))
+  lc.write_json(lc.piece_path(roots["main"], "fedluar", 0.05, 1),
+                _fake_piece(lc, cfg, "fedluar", 0.05, 1, [.6, .7, .76, .78], full / 2))
+  res = lc.report(cfg, roots, arms, [0, 1], "python experiments/layerwise_converged.py",
+                  str(tmp_path))
+  assert res["chosen_lr"] == {"fedavg_tau": 0.02, "fedavg_2tau": 0.02, "fedluar": 0.05}
+  rows = {r["arm"]: r for r in res["rows"]}
+  assert rows["fedavg_tau"]["rel_uplink"] == pytest.approx(1.0)
+  assert rows["fedavg_2tau"]["rel_uplink"] == pytest.approx(0.5)
+  assert rows["fedluar"]["rel_uplink"] == pytest.approx(0.5)
+  assert rows["fedluar"]["seeds"] == [0, 1]
+  assert rows["fedluar"]["final_acc_mean"] == pytest.approx(0.79)
+  # target = 0.80 - 0.01: fedluar seed 0 reaches it at round 2, seed 1 never
+  assert res["target_acc"] == pytest.approx(0.79)
+  assert rows["fedluar"]["reached"] == 1
+  assert rows["fedluar"]["reach_target_mb"] == pytest.approx(2 * full / 2 / 1e6)
+  assert rows["fedavg_tau"]["reach_target_mb"] == pytest.approx(3 * full / 1e6)
+  assert res["layers"] == [{"name": "Dense_0/kernel", "share": 0.9, "fedluar": 0.5}]
+  md = open(tmp_path / "layerwise_converged_fmnist_cnn_steps40.md").read()
+  assert "| fedluar | 10 | 4 | 0.05 | 2 |" in md and "Command: `python" in md
+  # a piece of another configuration is ignored (and named), never mixed in
+  other = _fake_piece(lc, dict(cfg, batch=64), "fedpaq", 0.02, 0, [.5], full)
+  lc.write_json(lc.piece_path(roots["main"], "fedpaq", 0.02, 0), other)
+  res = lc.report(cfg, roots, arms + ["fedpaq"], [0, 1], "cmd", str(tmp_path))
+  assert res["ignored_pieces"] == ["fedpaq_lr0.02_s0.json"]
+  assert "fedpaq" not in {r["arm"] for r in res["rows"]}
+
+
+@pytest.mark.slow
+def test_layerwise_converged_smoke_piece_and_report(tmp_path):
+  """One tiny real piece (16 clients, 4 local steps) and the report from it."""
+  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("Fashion-MNIST is not installed")
+  script = os.path.join(ROOT, "experiments", "layerwise_converged.py")
+  base = [sys.executable, script, "--smoke", "--out-dir", str(tmp_path), "--arms", "fedluar",
+          "--seeds", "0"]
+  for extra in (["--piece", "fedluar", "0.02", "0"], ["--report-only"]):
+    proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  piece = json.load(open(tmp_path / "layerwise_converged" / "fmnist_cnn_smoke"
+                         / "fedluar_lr0.02_s0.json"))
+  assert piece["run"]["rounds"] == 4 and len(piece["history"]) == 4
+  assert 0.0 < piece["rel_uplink"] < 1.0  # delta = 3 of 6 kernel layers recycled
+  assert [q["kernel"] for q in piece["layers"]].count(True) == 6
+  res = json.load(open(tmp_path / "layerwise_converged_fmnist_cnn_smoke.json"))
+  assert [r["arm"] for r in res["rows"]] == ["fedluar"]
+  assert (tmp_path / "layerwise_converged_fmnist_cnn_smoke.png").exists()
