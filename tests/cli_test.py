@@ -61,7 +61,14 @@ def test_cli_persistent_compile_cache_is_reused_by_a_rerun(tmp_path):
   first = sorted(os.listdir(cache))
   assert first, "the first run wrote no compiled program to the cache"
   subprocess.run(cmd + ["--out", str(tmp_path / "b")], check=True, capture_output=True)
-  assert sorted(os.listdir(cache)) == first  # every program was a cache hit
+  again = sorted(os.listdir(cache))
+  # The round and the evaluation are cache hits: no new entry for them. (Tiny programs such
+  # as the initializers are cached only when their compile took over the 0.5 s threshold,
+  # which depends on the machine's load, so they may be added by either run.)
+  assert set(first) <= set(again)
+  for name in ("jit_step-", "jit_evaluate-"):
+    assert [f for f in again if f.startswith(name)] == [f for f in first if f.startswith(name)]
+    assert any(f.startswith(name) for f in first), name
   assert (tmp_path / "a" / "history.json").read_text() == (
       tmp_path / "b" / "history.json").read_text()
 
