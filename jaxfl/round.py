@@ -15,6 +15,7 @@ The stages live in :mod:`jaxfl._stages`; the contracts in :mod:`jaxfl.sampling`,
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxfl import _stages
+from jaxfl import sharding as jshard
 from jaxfl import tree as jtree
 from jaxfl._stages import NAN_POLICIES, Layout
 from jaxfl.algorithms._base import Algorithm
@@ -67,6 +69,9 @@ class Round(NamedTuple):
   ``clients_per_chunk`` and ``stream_aggregate`` are the resolved execution choices (after
   ``"auto"``): slots trained at once over all devices, and whether updates are summed chunk
   by chunk. ``step`` donates ``state`` (pass ``donate=False`` to ``build_round`` to reuse it).
+  ``place(state)`` puts a (host) state on the mesh laid out exactly as ``step`` returns it
+  (client memory along ``"clients"``, the rest replicated), so the first round's input has
+  the same shardings as every later round's and ``step`` compiles once.
   """
 
   init: Any
@@ -76,6 +81,7 @@ class Round(NamedTuple):
   padded_cohort_size: int
   clients_per_chunk: int = 0
   stream_aggregate: bool = False
+  place: Any = None
 
 
 def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_client_size: int,
@@ -164,13 +170,34 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
         sampler_state=sampler_state,
         memory=_stages.update_memory(memory, state.memory, cohort, outs, rows, before, after,
                                      mesh))
+    # Pin the output layout (the compiler would otherwise lay e.g. the cohort along the
+    # clients): round r + 1 then gets inputs sharded as round r's and reuses its program.
+    new_state = _state_layout(new_state, mesh)
     return new_state, _stages.round_metrics(algorithm, state.params, cohort, outs, agg, updates,
                                             sampler_state)
 
   jit_step = jax.jit(step, donate_argnums=(0,) if donate else (),
                      compiler_options=_compiler_options(mesh))
   return Round(init, jit_step, mesh, clients_per_round, layout.padded, layout.chunk,
-               layout.stream)
+               layout.stream, functools.partial(_place, mesh=mesh))
+
+
+def _state_layout(state: ServerState, mesh) -> ServerState:
+  """Inside ``jit``: every leaf replicated but the client memory, laid along the clients."""
+  memory = state.memory
+  state = jshard.constrain_replicated(state._replace(memory=None), mesh)
+  return state._replace(memory=jshard.constrain_clients(memory, mesh))
+
+
+def _place(state: ServerState, mesh) -> ServerState:
+  """Outside ``jit``: the layout of :func:`_state_layout` for a host (or device) state."""
+  memory = state.memory
+  state = jshard.put_replicated(state._replace(memory=None), mesh)
+  if memory is not None and mesh is not None:
+    memory = jax.device_put(memory, jshard.client_sharded(mesh))
+  elif memory is not None:
+    memory = jax.device_put(memory)
+  return state._replace(memory=memory)
 
 
 def _make_init(algorithm: Algorithm, model: Model, server_tx, num_clients: int, layout: Layout):

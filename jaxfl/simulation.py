@@ -261,7 +261,7 @@ def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every,
   if checkpoint_dir:
     state, history, start, changes = _resume(checkpoint_dir, state, fp, rounds,
                                              allow_config_change)
-  state = jshard.put_replicated(state, mesh)
+  state = rnd.place(state)  # laid out as the round returns it: one compilation
   dd = device_data(data, mesh)
   x_test, y_test = jshard.put_replicated((data.x_test, data.y_test), mesh)
   round_keys = jax.random.fold_in(root, 1)

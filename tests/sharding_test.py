@@ -88,6 +88,30 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
           jax.tree.map(lambda a, b: np.testing.assert_allclose(a[:5], b[:5], rtol=1e-5,
                                                                atol=1e-6),
                        res[0].state.memory, res[1].state.memory)
+    # One compilation per run on 2 devices, client memory or not: the first round's input is
+    # laid out as the round returns its state (memory along the clients, the rest replicated).
+    from jaxfl.data import device_data
+    from jaxfl.round import build_round
+    mesh = jaxfl.sharding.client_mesh(jax.devices())
+    dd = device_data(data, mesh)
+    for algo in algos + [jaxfl.algorithms.fedavgm(client_lr=0.1, local_steps=2, batch_size=3)]:
+      rnd = build_round(algo, model, num_clients=9, max_client_size=data.max_client_size,
+                        clients_per_round=5, mesh=mesh)
+      state = rnd.place(jax.tree.map(np.asarray, rnd.init(jax.random.key(0))))
+      for r in range(3):
+        state, _ = rnd.step(state, dd, jax.random.key(r))
+      assert rnd.step._cache_size() == 1, (algo.name, rnd.step._cache_size())
+    # ... and simulate places its state the same way: 3 rounds compile what 1 round does.
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(1) if "backend_compile" in event else None)
+    counts = []
+    for rounds in (1, 3):
+      del compiles[:]
+      jaxfl.simulate(algos[0], model, data, rounds=rounds, clients_per_round=5, seed=1,
+                     progress=False, eval_every=0)
+      counts.append(len(compiles))
+    assert counts[0] == counts[1] and counts[0] > 0, counts
     print("LAYERWISE_SHARDED_OK")
 """)
 
