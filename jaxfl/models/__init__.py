@@ -1,5 +1,13 @@
 """Flax models as pure ``Model(init, apply)`` pairs, and adapters for user models."""
 
+from jaxfl.models._bert import BertClassifier as BertClassifier
+from jaxfl.models._bert import BertEncoder as BertEncoder
+from jaxfl.models._bert import Tokens as Tokens
+from jaxfl.models._bert import bert_model as bert_model
+from jaxfl.models._bert import load_bert as load_bert
+from jaxfl.models._bert import mean_pool as mean_pool
+from jaxfl.models._bert import split_inputs as split_inputs
+from jaxfl.models._bert import tokenize as tokenize
 from jaxfl.models._counted import with_counts as with_counts
 from jaxfl.models._factorised import BatchStatNorm as BatchStatNorm
 from jaxfl.models._factorised import FactorisedConv as FactorisedConv
@@ -11,11 +19,18 @@ from jaxfl.models._factorised import eligible_conv as eligible_conv
 from jaxfl.models._factorised import factor_layers as factor_layers
 from jaxfl.models._factorised import factorise_kernel as factorise_kernel
 from jaxfl.models._factorised import factorise_params as factorise_params
+from jaxfl.models._factorised import gather_components as gather_components
 from jaxfl.models._factorised import merge_factors as merge_factors
 from jaxfl.models._factorised import merge_params as merge_params
 from jaxfl.models._factorised import prism_cnn as prism_cnn
 from jaxfl.models._factorised import prism_resnet18 as prism_resnet18
 from jaxfl.models._factorised import refactorise as refactorise
+from jaxfl.models._factorised import scatter_components as scatter_components
+from jaxfl.models._hf_checkpoint import BertConfig as BertConfig
+from jaxfl.models._hf_checkpoint import load_bert_config as load_bert_config
+from jaxfl.models._hf_checkpoint import load_bert_params as load_bert_params
+from jaxfl.models._hf_checkpoint import load_tokenizer as load_tokenizer
+from jaxfl.models._hf_checkpoint import minilm_checkpoint_dir as minilm_checkpoint_dir
 from jaxfl.models._layers import CONV_IMPLS as CONV_IMPLS
 from jaxfl.models._layers import Conv as Conv
 from jaxfl.models._layers import batched_clients as batched_clients
@@ -36,9 +51,13 @@ from jaxfl.models._zoo import mlp as mlp
 from jaxfl.models._zoo import resnet20 as resnet20
 from jaxfl.models._zoo import small_cnn as small_cnn
 
-__all__ = ["CNN", "CONV_IMPLS", "MLP", "MODELS", "BatchStatNorm", "Conv", "FactorisedConv",
-           "FactorisedDense", "Model", "PrismCNN", "PrismResNet", "ResNet", "SmallCNN",
-           "batched_clients", "cnn", "component_norms", "conv2d", "eligible_conv",
-           "factor_layers", "factorise_kernel", "factorise_params", "femnist_cnn", "from_linen",
-           "from_nnx", "get_model", "max_pool", "merge_factors", "merge_params", "mlp",
-           "prism_cnn", "prism_resnet18", "refactorise", "resnet20", "small_cnn", "with_counts"]
+__all__ = ["CNN", "CONV_IMPLS", "MLP", "MODELS", "BatchStatNorm", "BertClassifier", "BertConfig",
+           "BertEncoder", "Conv", "FactorisedConv", "FactorisedDense", "Model", "PrismCNN",
+           "PrismResNet", "ResNet", "SmallCNN", "Tokens", "batched_clients", "bert_model", "cnn",
+           "component_norms", "conv2d", "eligible_conv", "factor_layers", "factorise_kernel",
+           "factorise_params", "femnist_cnn", "from_linen", "from_nnx", "gather_components",
+           "get_model", "load_bert", "load_bert_config", "load_bert_params", "load_tokenizer",
+           "max_pool", "mean_pool", "merge_factors", "merge_params", "minilm_checkpoint_dir", "mlp",
+           "prism_cnn", "prism_resnet18", "refactorise", "resnet20", "scatter_components",
+           "small_cnn", "split_inputs", "tokenize",
+           "with_counts"]
