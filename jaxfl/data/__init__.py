@@ -5,6 +5,16 @@ from jaxfl.data._device import device_data as device_data
 from jaxfl.data._federated import FederatedData as FederatedData
 from jaxfl.data._federated import federate as federate
 from jaxfl.data._federated import from_client_indices as from_client_indices
+from jaxfl.data._fortunes import FORTUNE_TOPICS as FORTUNE_TOPICS
+from jaxfl.data._fortunes import FortunesText as FortunesText
+from jaxfl.data._fortunes import federate_tokens as federate_tokens
+from jaxfl.data._fortunes import fortune_topics as fortune_topics
+from jaxfl.data._fortunes import fortunes_text as fortunes_text
+from jaxfl.data._fortunes import load_fortunes as load_fortunes
+from jaxfl.data._fortunes import pack_tokens as pack_tokens
+from jaxfl.data._fortunes import read_fortunes as read_fortunes
+from jaxfl.data._fortunes import tokenize_texts as tokenize_texts
+from jaxfl.data._fortunes import unpack_tokens as unpack_tokens
 from jaxfl.data._load import DATASETS as DATASETS
 from jaxfl.data._load import load as load
 from jaxfl.data._load import random_images as random_images
@@ -29,7 +39,9 @@ def load_tfds(*args, **kwargs):
   return _load_tfds(*args, **kwargs)
 
 
-__all__ = ["DATASETS", "PARTITIONERS", "ArrayDataset", "DeviceData", "FederatedData",
-           "device_data", "dirichlet", "federate", "from_client_indices", "from_index_files", "iid",
-           "load", "load_digits", "load_fashion_mnist", "load_mnist5k", "load_tfds",
-           "quantity_skew", "random_images", "shards", "synthetic", "validate"]
+__all__ = ["DATASETS", "FORTUNE_TOPICS", "PARTITIONERS", "ArrayDataset", "DeviceData",
+           "FederatedData", "FortunesText", "device_data", "dirichlet", "federate",
+           "federate_tokens", "fortune_topics", "fortunes_text", "from_client_indices",
+           "from_index_files", "iid", "load", "load_digits", "load_fashion_mnist", "load_fortunes",
+           "load_mnist5k", "load_tfds", "pack_tokens", "quantity_skew", "random_images",
+           "read_fortunes", "shards", "synthetic", "tokenize_texts", "unpack_tokens", "validate"]

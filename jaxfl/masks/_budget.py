@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import jax
@@ -12,6 +14,7 @@ import numpy as np
 PyTree = Any
 
 ALLOCATIONS = ("entropy", "entropy_size", "uniform", "equal", "global")
+_PER_LAYER = ALLOCATIONS[:-1]  # the rules allocate_budget computes ("global" needs scores)
 
 __all__ = ["ALLOCATIONS", "allocate_budget", "eligible_leaves", "resolve_budget"]
 
@@ -42,17 +45,60 @@ def eligible_leaves(params: PyTree, eligible: str | Callable | PyTree = "kernels
     raise ValueError(f"`eligible` tree does not match the structure of params: {err}") from err
 
 
+def _as_fraction(budget) -> tuple[Fraction, float]:
+  """The budget as an exact rational, and the relative rounding error of its type.
+
+  A float is read as the decimal it prints as; ints, ``Fraction`` and ``Decimal`` are exact.
+  """
+  if isinstance(budget, bool):
+    raise TypeError(f"`budget` must be a number, got {budget!r}.")
+  if isinstance(budget, np.integer):
+    return Fraction(int(budget)), 0.0
+  if isinstance(budget, Fraction | int):
+    return Fraction(budget), 0.0
+  if isinstance(budget, Decimal):
+    if not budget.is_finite():
+      raise ValueError(f"`budget` must be a fraction in [0, 1], got {budget}.")
+    return Fraction(budget), 0.0
+  if isinstance(budget, np.floating):
+    # shortest repr at the scalar's own precision: np.float32(0.1) reads as 0.1
+    value, text, eps = float(budget), str(budget), float(np.finfo(budget.dtype).eps)
+  else:
+    value = float(budget)
+    text, eps = repr(value), float(np.finfo(np.float64).eps)
+  if not math.isfinite(value):
+    raise ValueError(f"`budget` must be a fraction in [0, 1], got {budget}.")
+  return Fraction(text), 4.0 * eps
+
+
 def resolve_budget(budget: float, num_eligible: int, num_total: int | None = None,
                    budget_of: str = "eligible") -> int:
   r"""Global count :math:`K = \lceil \text{budget} \cdot N \rceil`, capped at ``num_eligible``.
+
+  Every positive budget gives at least one entry (``1e-12`` of 1,000 entries gives 1). The
+  product is computed exactly, on rationals:
+
+  * a float ``budget`` is read as the decimal it prints as (Python's shortest round-tripping
+    ``repr``; ``str`` for NumPy scalars, at their own precision), so ``0.1`` means 1/10 and
+    ``0.1`` of 1,000 gives 100, not 101 as ``ceil(0.1 * 1000) = ceil(100.00000000000001)``;
+  * a float cannot hold a budget such as ``k / N`` exactly, so a product that exceeds an integer
+    :math:`m \geq 1` by at most 4 machine epsilons of the budget's float type, relative to the
+    product (:math:`8.9 \cdot 10^{-16}` for Python floats), is taken as :math:`m`: ``k / N`` of
+    N gives k. Only a budget with more than ~15 significant digits on more than ~10^15 entries
+    could be rounded down by this rule;
+  * ``fractions.Fraction``, ``decimal.Decimal`` and ints are used as they are (no tolerance).
 
   Args:
     budget: fraction in [0, 1].
     num_eligible: number of eligible entries.
     num_total: number of all entries (needed for ``budget_of="all"``).
     budget_of: ``"eligible"`` (default [INFERRED]) or ``"all"``: what N counts.
+
+  Returns:
+    K as a Python int.
   """
-  if not 0.0 <= float(budget) <= 1.0:
+  frac, rel_tol = _as_fraction(budget)
+  if not 0 <= frac <= 1:
     raise ValueError(f"`budget` must be a fraction in [0, 1], got {budget}.")
   if budget_of == "eligible":
     base = num_eligible
@@ -62,8 +108,11 @@ def resolve_budget(budget: float, num_eligible: int, num_total: int | None = Non
     base = num_total
   else:
     raise ValueError(f"`budget_of` must be 'eligible' or 'all', got {budget_of!r}.")
-  # Round first so 0.001 * 1000 does not become 1.0000000000000002 -> 2.
-  return int(min(num_eligible, math.ceil(round(float(budget) * base, 9))))
+  product = frac * int(base)
+  k = math.floor(product)
+  if product != k and not (k >= 1 and product - k <= rel_tol * product):
+    k += 1
+  return int(min(int(num_eligible), k))
 
 
 def _exact_allocation(weights: np.ndarray, caps: np.ndarray, total: int) -> np.ndarray:
@@ -107,11 +156,16 @@ def allocate_budget(
 
   Each layer gets a share of ``total`` proportional to its weight :math:`a_l`:
 
-  * ``"entropy"``: :math:`a_l = H_l` (GEM, default);
-  * ``"entropy_size"``: :math:`a_l = H_l n_l`;
+  * ``"entropy"``: :math:`a_l = H_l` (the spec's reading of GEM's abstract [INFERRED]; the
+    default, a choice pending evidence: on a small CNN it starved the large layers, see
+    ``docs/gem.md``);
+  * ``"entropy_size"``: :math:`a_l = H_l n_l` (entropy-weighted density);
   * ``"uniform"``: :math:`a_l = n_l` (the same density in every layer);
   * ``"equal"``: :math:`a_l = 1` (the same count in every layer);
   * a callable ``(entropies f64[L], sizes i64[L]) -> f64[L]`` of non-negative weights.
+
+  ``"global"`` (one top-K of the scores over all eligible entries, no per-layer counts) needs the
+  scores and is done by :func:`jaxfl.masks.build_mask`, not here.
 
   Shares are capped at the layer size :math:`n_l` and the excess is redistributed over the other
   layers by their weights (water-filling); the fractional shares are then rounded by largest
@@ -144,7 +198,8 @@ def allocate_budget(
   elif allocation == "equal":
     weights = np.ones(len(sizes))
   else:
-    raise ValueError(f"`allocation` must be one of {ALLOCATIONS[:-1]} or a callable, "
+    hint = " ('global' is handled by build_mask)" if allocation == "global" else ""
+    raise ValueError(f"`allocation` must be one of {_PER_LAYER} or a callable{hint}, "
                      f"got {allocation!r}.")
   if weights.shape != sizes.shape or np.any(weights < 0) or not np.all(np.isfinite(weights)):
     raise ValueError(f"allocation weights must be finite, >= 0 and one per layer, got {weights}.")

@@ -18,18 +18,26 @@ calibration ``reduce``      ``"mean"`` (mean gradient, the spec's G),   ``"mean"
                             ``"abs_mean"`` (mean of :math:`|g|`)
 ratio ``eps``               any float >= 0                              ``1e-8``
 entropy ``bins``            int >= 2, equal width over [min, max]       ``256`` (nats)
-``allocation``              ``"entropy"`` (k ∝ H), ``"entropy_size"``   ``"entropy"``
-                            (k ∝ H·n), ``"uniform"`` (k ∝ n, the same
-                            density in every layer), ``"equal"`` (the
+``allocation``              ``"entropy"`` (k ∝ H), ``"entropy_size"``   ``"entropy"`` (a
+                            (k ∝ H·n), ``"uniform"`` (k ∝ n, the same   choice pending
+                            density in every layer), ``"equal"`` (the   evidence, below)
                             same k per layer), ``"global"`` (one top-k
                             over all eligible entries), or a callable
 ``eligible``                ``"kernels"`` (``ndim >= 2``), ``"all"``,    ``"kernels"``
                             a callable ``(name, leaf) -> bool`` or a
                             tree of bools
 ``budget_of``               ``"eligible"`` or ``"all"`` parameters      ``"eligible"``
-budget rounding             ``K = ceil(budget · N)``, capped at the     (fixed)
-                            eligible count
+budget rounding             ``K = ceil(budget · N)`` exactly (>= 1 for  (fixed)
+                            any positive budget), capped at the
+                            eligible count; see :func:`resolve_budget`
 ==========================  ==========================================  =====================
+
+The default allocation ``"entropy"`` is the spec's reading of the abstract ("decides how many
+parameters to tune per layer from the entropy"), kept as the default until an experiment on a
+pre-trained transformer (``experiments/gem_text.py``) says which rule to use: on a small CNN
+k ∝ H gave the large layers a much lower density than the small ones and lost to ``"uniform"``
+(``experiments/results/gem.md``; and to ``"entropy_size"`` and ``"global"`` in a re-run quoted
+in issue #21). Pass ``allocation=`` explicitly where the choice matters.
 
 A *layer* is one leaf of the params pytree (``jaxfl.tree`` convention). The per-layer counts
 :math:`k_l` are computed on the host from the (concrete) entropies, so :func:`build_mask` as a
@@ -125,6 +133,7 @@ def build_mask(
   The baselines default to GEM's entropy allocation so that each differs from ``"gem"`` in the
   score only, and ``"gem_uniform_budget"`` differs in the allocation only; pass
   ``allocation=`` to change any of them (``"global"`` = one top-K over all eligible entries).
+  The default ``"entropy"`` is a choice pending evidence (see the module docstring).
 
   Args:
     method: one of :data:`METHODS`.
@@ -134,8 +143,10 @@ def build_mask(
     grads: calibration gradient (from :func:`calibration_gradients`); required by ``"gem"``,
       ``"gem_uniform_budget"`` and ``"grad_magnitude"``.
     key: PRNG key, required by ``"random"``.
-    allocation: per-layer budget rule (see :func:`allocate_budget`) or ``"global"``; ``None``
-      uses the method's default above.
+    allocation: ``"entropy"`` (:math:`k_l \propto H_l`), ``"entropy_size"``
+      (:math:`k_l \propto H_l n_l`), ``"uniform"`` (:math:`k_l \propto n_l`), ``"equal"``,
+      a callable (see :func:`allocate_budget`) or ``"global"`` (one top-K of the score over all
+      eligible entries); ``None`` uses the method's default above.
     bins: histogram bins for the layer entropies.
     eps: :math:`\epsilon` of the ratio score.
     eligible: which leaves may be tuned (see :func:`eligible_leaves`); default ``"kernels"``.

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import pathlib
 import sys
+from decimal import Decimal
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,8 @@ def test_resolve_budget():
   assert masks.resolve_budget(0.0015, 1000) == 2  # ceil
   assert masks.resolve_budget(0.0, 10) == 0 and masks.resolve_budget(1.0, 10) == 10
   assert masks.resolve_budget(0.5, 10, 100, "all") == 10  # capped at the eligible count
+  assert masks.resolve_budget(1e-12, 1000) == 1  # budget * N = 1e-9: at least one entry
+  assert masks.resolve_budget(0.1, 1000) == 100  # not 101 from 100.00000000000001
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ def ref_mask(method, params, grads, budget, bins, eps, allocation):
            "grad_magnitude": lambda n: np.abs(g[n]),
            "weight_magnitude": lambda n: np.abs(w[n])}[method]
   sizes = np.array([w[n].size for n in names])
-  total = math.ceil(round(budget * sizes.sum(), 9))
+  total = math.ceil(Decimal(repr(budget)) * int(sizes.sum()))  # exact K = ceil(budget N)
   if allocation == "global":
     flat = np.concatenate([score(n).ravel() for n in names])
     chosen = ref_topk(flat, total)
@@ -200,7 +203,7 @@ def test_masks_match_numpy_reference(method, allocation, budget):
     np.testing.assert_array_equal(np.asarray(mask[n]["kernel"]), m, err_msg=n)
     if "bias" in mask[n]:  # not eligible by default
       assert not np.any(np.asarray(mask[n]["bias"]))
-  assert masks.mask_count(mask) == math.ceil(round(budget * (72 + 160 + 24 + 2), 9))
+  assert masks.mask_count(mask) == math.ceil(Decimal(repr(budget)) * (72 + 160 + 24 + 2))
 
 
 def test_random_mask_counts_and_determinism():
