@@ -12,6 +12,7 @@ from jaxfl.algorithms._fedopt import fedyogi as fedyogi
 from jaxfl.algorithms._fedopt import get_algorithm as get_algorithm
 from jaxfl.algorithms._prism import draw_capacities as draw_capacities
 from jaxfl.algorithms._prism import prism as prism
+from jaxfl.algorithms._prism import prism_client_update as prism_client_update
 from jaxfl.algorithms._prism import prism_counts as prism_counts
 from jaxfl.algorithms._prism import prism_fedavg as prism_fedavg
 from jaxfl.algorithms._prism import prism_model as prism_model
@@ -36,5 +37,5 @@ ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and th
 __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "draw_capacities", "fedacg",
            "fedadagrad", "fedadam", "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar",
            "fednova", "fedopt", "fedpaq", "fedprox", "fedyogi", "get_algorithm", "lbgm", "prism",
-           "prism_counts", "prism_fedavg", "prism_model", "prism_view", "prunefl", "scaffold",
-           "submodel_fraction"]
+           "prism_client_update", "prism_counts", "prism_fedavg", "prism_model", "prism_view",
+           "prunefl", "scaffold", "submodel_fraction"]

@@ -40,9 +40,16 @@ from jaxfl import comm, views
 from jaxfl.aggregation import COUNTS, VALUES, counted, masked_mean, weighted_mean
 from jaxfl.algorithms._base import Algorithm, preset
 from jaxfl.algorithms._fedopt import _lr
-from jaxfl.client import LocalTraining
+from jaxfl.client import LocalTraining, make_client_update
 from jaxfl.models import Model, with_counts
-from jaxfl.models._factorised import factor_layers, get_path, keep_count, set_path
+from jaxfl.models._factorised import (
+  factor_layers,
+  gather_components,
+  get_path,
+  keep_count,
+  scatter_components,
+  set_path,
+)
 from jaxfl.transforms._prism import (
   SAMPLING,
   frobenius_decay,
@@ -53,8 +60,8 @@ from jaxfl.transforms._prism import (
 )
 from jaxfl.transforms._round_schedule import scale_by_round_schedule
 
-__all__ = ["draw_capacities", "prism", "prism_counts", "prism_fedavg", "prism_model",
-           "prism_view", "submodel_fraction"]
+__all__ = ["draw_capacities", "prism", "prism_client_update", "prism_counts", "prism_fedavg",
+           "prism_model", "prism_view", "submodel_fraction"]
 
 REP_SELECT = ("first", "random")
 
@@ -79,9 +86,46 @@ def prism_counts(params: Any) -> Any:
   return counts
 
 
-def prism_model(model: Model) -> Model:
-  """``model`` (with factorised layers) with PriSM's count leaves (:func:`prism_counts`)."""
-  return with_counts(model, prism_counts)
+def prism_model(model: Model, sliced: float | Sequence[float] | np.ndarray | None = None
+                ) -> Model:
+  r"""``model`` (with factorised layers) with PriSM's count leaves (:func:`prism_counts`).
+
+  Args:
+    model: a model with factorised layers (:func:`jaxfl.models.prism_cnn`, ...).
+    sliced: None: a client computes its sub-model as the masked full-size model (every
+      factorised layer runs all :math:`r` components, the ones outside the sub-model are
+      zero). Else the keep ratios the clients train at (the ``kappa`` given to :func:`prism`:
+      a float or the per-client array): in training, every factorised layer gathers the
+      client's components into ``V`` ``f[..., n]`` / ``U`` ``f[n, C_out]`` with the static
+      :math:`n = \max_\kappa \lceil\kappa r\rceil` over the distinct ``kappa`` values (a
+      client below the largest level pads with zero-weight components) and runs that smaller
+      layer, so its activations and FLOPs scale with :math:`n` (a layer with :math:`n = r`,
+      e.g. at :math:`\kappa = 1`, runs full-size). Same values and gradients as
+      the masked model, up to float summation order (the gradient reaches the full-size
+      factors through the gather). The trained params, gradients and optimizer state stay
+      full-size: :func:`prism_client_update` also gathers those. Evaluation runs the full
+      model.
+
+  Returns:
+    The :class:`Model`; its params are ``{"params": ..., "counts": ...}``.
+
+  The sliced model reads each client's components from the count leaves, which PriSM's view
+  starts at ``-mask`` (:func:`prism_view`); a client whose mask holds more than :math:`n`
+  components of a layer, or none (e.g. the model trained without PriSM's view), gets NaN
+  params in training, so its loss is NaN and the round quarantines it.
+  """
+  base = with_counts(model, prism_counts)
+  if sliced is None:
+    return base
+  levels = _levels(sliced)
+
+  def apply(params, model_state, x, *, train: bool, rng=None):
+    values = params[VALUES]
+    if train:
+      values = _gather_submodel(values, _submodel_index(values, params[COUNTS], levels))
+    return model.apply(values, model_state, x, train=train, rng=rng)
+
+  return base._replace(apply=apply)
 
 
 def draw_capacities(num_clients: int, capacities: Sequence[float] = (0.2, 0.4, 0.6),
@@ -141,6 +185,130 @@ def submodel_fraction(params: Any, kappa: float, rep_keep: float = 0.4,
     fac_dense += k * c_out + (c_out if "bias" in layer else 0)
   return {"of_factorised": sub / total, "of_dense": sub / dense,
           "factorised_layers": fac_sub / max(fac_dense, 1)}
+
+
+# ----------------------------------------------------------------------------- sliced
+
+
+def _levels(sliced) -> np.ndarray:
+  lv = np.unique(np.asarray(sliced, np.float64).reshape(-1))
+  if lv.size == 0 or not np.all((lv > 0) & (lv <= 1)):
+    raise ValueError(f"`sliced` must be a keep ratio in (0, 1] or an array of them, got "
+                     f"{sliced!r}.")
+  return lv
+
+
+def _submodel_index(values, counts, levels) -> dict:
+  """``{path: (index i32[n], weight f32[n])}`` per factorised layer: the client's components
+  (read from its count leaves, ``-mask``) in ascending order, padded to the static ``n`` with
+  components outside its mask at weight 0; NaN weights when the mask does not fit. A layer
+  whose ``n`` is its rank ``r`` (kappa = 1) is left out: it runs full-size, as masked."""
+  out = {}
+  for path in factor_layers(values):
+    r = get_path(values, path)["V"].shape[-1]
+    n = max(keep_count(float(k), r) for k in levels)
+    if n >= r:
+      continue
+    comp = (get_path(counts, path)["V"].reshape(-1) < -0.5).astype(jnp.float32)
+    index = jnp.argsort(-comp, stable=True)[:n]
+    total = jnp.sum(comp)
+    weight = jnp.where((total > n) | (total < 1), jnp.nan, comp[index])
+    out[path] = (index, weight)
+  return out
+
+
+def _gather_submodel(values, index):
+  """Every factorised layer of ``values`` restricted to its indexed (weighted) components."""
+  for path, (idx, w) in index.items():
+    layer = dict(get_path(values, path))
+    layer["V"], layer["U"] = gather_components(layer["V"], layer["U"], idx, w)
+    values = set_path(values, path, layer)
+  return values
+
+
+def _gather_masks(mask, index):
+  """A mask tree (leaves broadcastable to the params) restricted to the gathered components:
+  ``V``'s masks along their last axis, ``U``'s along the first (size-1 axes stay)."""
+  for path, (idx, _) in index.items():
+    layer = dict(get_path(mask, path))
+    v, u = jnp.asarray(layer["V"]), jnp.asarray(layer["U"])
+    if v.ndim and v.shape[-1] > 1:
+      layer["V"] = jnp.take(v, idx, axis=-1)
+    if u.ndim == 2 and u.shape[0] > 1:
+      layer["U"] = jnp.take(u, idx, axis=0)
+    mask = set_path(mask, path, layer)
+  return mask
+
+
+def _scatter_submodel(full, small, index):
+  """``full`` with the gathered entries of ``small`` written back (other leaves from
+  ``small``)."""
+  for path, (idx, _) in index.items():
+    layer = dict(get_path(small, path))
+    f = get_path(full, path)
+    layer["V"], layer["U"] = scatter_components(f["V"], f["U"], layer["V"], layer["U"], idx)
+    small = set_path(small, path, layer)
+  return small
+
+
+def prism_client_update(model: Model, local: LocalTraining, max_client_size: int,
+                        sliced: float | Sequence[float] | np.ndarray):
+  """One client's local update on its gathered sub-model (params, gradients, optimizer state).
+
+  A drop-in for ``jaxfl.client.make_client_update(model, local, max_client_size)``, with the
+  same signature and result up to float summation order. It reads the client's components
+  from the count leaves of ``params`` (PriSM's view starts them at ``-mask``), gathers every
+  factorised layer to ``V`` ``f[..., n]`` / ``U`` ``f[n, C_out]`` (``n`` as in
+  :func:`prism_model` with ``sliced``), and the count leaves, ``update_mask`` and
+  ``context["grad_mask"]`` the same way, trains that smaller tree with ``local`` (so the
+  gradients and the momentum are sub-model sized too), and scatters the delta back into
+  full-size positions (0 outside the sub-model and on the count leaves), so the upload, the
+  ledger and the masked mean are unchanged. The gathered ``U`` rows keep all ``C_out``
+  columns (those beyond ``rep_keep`` are zero and frozen by the mask).
+
+  The round builds its client update from ``(model, algorithm.local)`` with
+  :func:`jaxfl.client.make_client_update` and has no hook for a method's own, so inside
+  :func:`jaxfl.simulate` use ``prism_model(model, sliced=...)`` (sliced activations and
+  FLOPs, full-size params); this function serves the per-slot stage directly
+  (``experiments/prism_memory.py``) and is what such a hook would install.
+
+  Args:
+    model: ``prism_model(m)`` (its apply on the gathered params runs the smaller layers; a
+      model built with ``sliced`` works too).
+    local: the algorithm's :class:`jaxfl.client.LocalTraining` (``prism(...).local``).
+    max_client_size: as for ``make_client_update``.
+    sliced: the clients' keep ratios (as for :func:`prism_model`).
+
+  Returns:
+    ``client_update(params, model_state, x, y, indices, size, key, update_mask=None,
+    context=None) -> ClientOutput`` for :func:`prism_model` params; a client whose mask does
+    not fit gets a NaN loss (quarantined), as with :func:`prism_model`.
+  """
+  levels = _levels(sliced)
+  inner = make_client_update(model, local, max_client_size)
+
+  def gather_tree(tree, index):  # a counted tree: values gathered, count-shaped leaves too
+    return counted(_gather_submodel(tree[VALUES], index), _gather_masks(tree[COUNTS], index))
+
+  def gather_mask(mask, index):
+    return counted(_gather_masks(mask[VALUES], index), _gather_masks(mask[COUNTS], index))
+
+  def client_update(params, model_state, x, y, indices, size, key, update_mask=None,
+                    context=None):
+    values, counts = params[VALUES], params[COUNTS]
+    index = _submodel_index(values, counts, levels)
+    small = gather_tree(params, index)
+    mask = None if update_mask is None else gather_mask(update_mask, index)
+    if context is not None and context.get("grad_mask") is not None:
+      context = {**context, "grad_mask": gather_mask(context["grad_mask"], index)}
+    out = inner(small, model_state, x, y, indices, size, key, mask, context)
+    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+    scatter = lambda t: counted(_scatter_submodel(zeros(values), t[VALUES], index),
+                                zeros(counts))
+    return out._replace(delta=scatter(out.delta),
+                        grad_sum=None if out.grad_sum is None else scatter(out.grad_sum))
+
+  return client_update
 
 
 # ----------------------------------------------------------------------------- view
@@ -322,7 +490,8 @@ def prism(kappa: float | Sequence[float] | np.ndarray = 0.2, *, sampling: str = 
   reference's quirks.
 
   Use it with a model from :func:`prism_model` (e.g.
-  ``prism_model(jaxfl.models.prism_cnn(...))``).
+  ``prism_model(jaxfl.models.prism_cnn(...))``); ``prism_model(..., sliced=kappa)`` runs each
+  client's factorised layers at the sub-model's size (same results, fewer FLOPs).
 
   Args:
     kappa: keep ratio :math:`\kappa` in (0, 1], or one per client (f32[N], e.g. from

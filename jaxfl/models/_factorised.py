@@ -109,6 +109,41 @@ def component_norms(v: jax.Array, u: jax.Array) -> jax.Array:
   return vn * un
 
 
+def gather_components(v: jax.Array, u: jax.Array, index: jax.Array,
+                      weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  r"""The factors of components ``index`` only: a smaller factorised layer.
+
+  .. math:: V_s = V_{:, \mathrm{idx}}\,\mathrm{diag}(w), \qquad
+    U_s = \mathrm{diag}(w)\,U_{\mathrm{idx}, :}
+
+  so ``merge_factors(V_s, U_s)`` is the sum of the selected components (weighted by ``w``,
+  e.g. 0 for padding entries of a fixed-size index). :class:`FactorisedConv` and
+  :class:`FactorisedDense` compute with any number of components, so the same model applied
+  to gathered params runs the sub-model at its own size (PriSM's sliced client update).
+
+  Args:
+    v: ``f[..., r]`` (conv layout or ``f[d_in, r]``).
+    u: ``f[r, C_out]``.
+    index: ``i32[n]`` component indices (may be traced; static length).
+    weight: optional ``f[n]`` multiplier per gathered component.
+
+  Returns:
+    ``(V_s, U_s)`` of shapes ``v.shape[:-1] + (n,)`` and ``(n, C_out)``.
+  """
+  vs, us = jnp.take(v, index, axis=-1), jnp.take(u, index, axis=0)
+  if weight is not None:
+    vs = vs * weight.astype(vs.dtype).reshape((1,) * (vs.ndim - 1) + (-1,))
+    us = us * weight.astype(us.dtype)[:, None]
+  return vs, us
+
+
+def scatter_components(v: jax.Array, u: jax.Array, v_sub: jax.Array, u_sub: jax.Array,
+                       index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Writes gathered factors back: ``V[..., index] = V_s``, ``U[index] = U_s`` (the inverse
+  of :func:`gather_components` without weights; ``index`` must not repeat)."""
+  return v.at[..., index].set(v_sub.astype(v.dtype)), u.at[index].set(u_sub.astype(u.dtype))
+
+
 def eligible_conv(shape: Sequence[int]) -> bool:
   """PriSM's rule for a conv kernel (HWIO): spatial size > 1 and ``C_in`` not in {1, 3}."""
   return len(shape) == 4 and shape[0] * shape[1] > 1 and shape[2] not in (1, 3)
@@ -187,14 +222,22 @@ def merge_params(params: Any) -> Any:
 
 
 def _factor_params(module: nn.Module, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """Declares ``V`` and ``U``, initialised together from one dense kernel's SVD."""
+  """Declares ``V`` and ``U``, initialised together from one dense kernel's SVD.
+
+  In ``apply`` the params may hold any ``n <= r`` of the components (``V`` ``f[..., n]``,
+  ``U`` ``f[n, C_out]``): a client's gathered sub-model (:func:`gather_components`).
+  """
   init = {}
+  r = n = min(math.prod(shape[:-1]), shape[-1])
   if module.is_initializing():
     init["V"], init["U"], _ = factorise_kernel(module.kernel_init(module.make_rng("params"), shape))
-  r = min(math.prod(shape[:-1]), shape[-1])
+  elif module.has_variable("params", "V"):
+    n = int(jnp.shape(module.get_variable("params", "V"))[-1])
+    if not 1 <= n <= r:
+      raise ValueError(f"{module.name}: `V` holds {n} components, the layer has r={r}.")
   # Flax also calls the init functions in apply, under eval_shape, to check shapes.
-  v = module.param("V", lambda _: init.get("V", jnp.zeros(shape[:-1] + (r,))))
-  u = module.param("U", lambda _: init.get("U", jnp.zeros((r, shape[-1]))))
+  v = module.param("V", lambda _: init.get("V", jnp.zeros(shape[:-1] + (n,))))
+  u = module.param("U", lambda _: init.get("U", jnp.zeros((n, shape[-1]))))
   return v, u
 
 
@@ -273,8 +316,11 @@ WIDTH_MODES = ("static", "dropout")
 
 
 def keep_count(fraction: float, size: int) -> int:
-  """``ceil(fraction * size)`` in [1, size], robust to float products such as ``0.2 * 5``."""
-  return max(1, min(size, math.ceil(fraction * size - 1e-9)))
+  """``ceil(fraction * size)`` in [1, size], robust to rounding: a product less than 1e-6
+  (relative) above an integer counts as that integer, so ``0.2 * 5`` gives 1 also when
+  ``0.2`` arrives as a float32 (``np.float32(0.2) * 5 = 1.0000000149``; PriSM's capacity
+  tables are float32)."""
+  return max(1, min(size, math.ceil(fraction * size * (1 - 1e-6))))
 
 
 def _width(x, keep: float, mode: str, train: bool, name: str):
@@ -437,5 +483,5 @@ def prism_resnet18(input_shape=(32, 32, 3), num_classes: int = 10, factorise: bo
 
 __all__ = ["BatchStatNorm", "FactorisedConv", "FactorisedDense", "PrismCNN", "PrismResNet",
            "component_norms", "eligible_conv", "factor_layers", "factorise_kernel",
-           "factorise_params", "keep_count", "merge_factors", "merge_params", "prism_cnn", "prism_resnet18",
-           "refactorise"]
+           "factorise_params", "gather_components", "keep_count", "merge_factors", "merge_params",
+           "prism_cnn", "prism_resnet18", "refactorise", "scatter_components"]

@@ -102,8 +102,9 @@ def frobenius_decay(strength: float = 2e-4) -> optax.GradientTransformation:
   A B B^\top`, :math:`\nabla_B \mathrel{+}= \lambda A^\top A B` for :math:`\bar W = AB`, in
   PyTorch's transposed layout), which replaces weight decay on the factors. Other leaves pass
   unchanged (chain ``optax.add_decayed_weights`` with a mask for them). Applied to the
-  client's sub-model params (masked entries are zero), as the reference does. Works on a
-  :func:`jaxfl.aggregation.counted` tree too.
+  client's sub-model params (masked entries are zero), as the reference does. On a
+  :func:`jaxfl.aggregation.counted` tree only the values' factors are decayed (the count
+  leaves, shaped like ``V`` and ``U``, pass unchanged).
 
   Args:
     strength: :math:`\lambda` (the reference uses the run's weight decay).
@@ -125,12 +126,16 @@ def frobenius_decay(strength: float = 2e-4) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("frobenius_decay needs `params`.")
+    if is_counted(params):  # the count leaves are shaped like factor layers: not factors
+      values, _ = update_fn(updates[VALUES], state, params[VALUES])
+      return counted(values, updates[COUNTS]), state
     for path in factor_layers(params):
       layer, g = get_path(params, path), get_path(updates, path)
       v, u = layer["V"], layer["U"]
       r = v.shape[-1]
-      vf = v.reshape(-1, r).astype(jnp.float32)
-      uf = u.astype(jnp.float32)
+      dtype = jnp.promote_types(v.dtype, jnp.float32)  # at least float32
+      vf = v.reshape(-1, r).astype(dtype)
+      uf = u.astype(dtype)
       w = vf @ uf
       gv = (strength * (w @ uf.T)).reshape(v.shape)
       gu = strength * (vf.T @ w)

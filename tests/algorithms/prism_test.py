@@ -237,6 +237,21 @@ def test_frobenius_decay_is_the_gradient_of_half_the_squared_frobenius_norm():
   np.testing.assert_array_equal(out["w"], grads["w"])
 
 
+def test_frobenius_decay_leaves_count_leaves_alone():
+  """The count leaves of a counted tree are shaped like factor layers (V (1,..,1,r), U (r,
+  C_out)) but are not factors: their gradients pass unchanged (else they would enter the
+  clipping norm)."""
+  model = _model()
+  params, _ = model.init(jax.random.key(0))
+  params = counted(params["params"], jax.tree.map(lambda c: c - 1.0, params["counts"]))
+  grads = jax.tree.map(jnp.zeros_like, params)
+  out, _ = frobenius_decay(0.1).update(grads, optax.EmptyState(), params)
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(out["counts"]))
+  plain, _ = frobenius_decay(0.1).update(grads["params"], optax.EmptyState(), params["params"])
+  jax.tree.map(np.testing.assert_array_equal, out["params"], plain)
+  assert float(jnp.max(jnp.abs(out["params"]["conv2"]["U"]))) > 0
+
+
 def test_server_re_svd_keeps_the_product_and_stores_sigma():
   model = _model()
   params, _ = model.init(jax.random.key(0))
