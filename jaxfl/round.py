@@ -133,7 +133,7 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
   local = algorithm.local
   if "client_grad_sums" in algorithm.server_inputs:
     local = local._replace(track_grad_sum=True)
-  client_update = make_client_update(model, local, max_client_size)
+  client_update = (algorithm.client_update or make_client_update)(model, local, max_client_size)
   memory = algorithm.memory
   train_slot = _stages.make_train_slot(algorithm, client_update, memory is not None)
   map_clients = _stages.make_map_clients(train_slot, algorithm.aggregator, layout, mesh)

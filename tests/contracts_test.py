@@ -140,3 +140,31 @@ def test_memory_rows_lie_along_the_client_axis_and_per_slot_keeps_uncommitted_ro
   out = pc.scatter(m, jnp.array([5, 1, 0]), jnp.arange(3), jnp.ones([3, 2]),
                    jnp.array([1.0, 1.0, 0.0]))
   np.testing.assert_array_equal(out[:, 0], [0, 1, 0, 0, 0, 1])
+
+
+def test_an_algorithm_s_own_client_update_replaces_local_training():
+  """``Algorithm.client_update``: the round trains each client with the factory's update. Here
+  a client that doubles every upload: the global model moves twice as far as plain FedAvg's."""
+  from jaxfl.client import make_client_update
+
+  def doubled(model, local, max_client_size):
+    update = make_client_update(model, local, max_client_size)
+
+    def client_update(*args, **kwargs):
+      out = update(*args, **kwargs)
+      return out._replace(delta=jax.tree.map(lambda d: 2.0 * d, out.delta))
+
+    return client_update
+
+  data = tiny_data(num_clients=5, seed=3)
+  model = jaxfl.models.mlp((5,), 3, hidden=(6,))
+  algo = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=2, batch_size=3)
+  moved = []
+  for a in (algo, algo._replace(client_update=doubled)):
+    rnd = jaxfl.build_round(a, model, num_clients=5, max_client_size=data.max_client_size,
+                            clients_per_round=3, donate=False)
+    state = rnd.init(jax.random.key(0))
+    new, _ = rnd.step(state, device_data(data), jax.random.key(1))
+    moved.append(jax.tree.map(lambda p, q: np.asarray(q - p), state.params, new.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, 2.0 * a, rtol=1e-5, atol=1e-7),
+               *moved)

@@ -46,6 +46,14 @@ class Algorithm(NamedTuple):
     config: the preset's arguments, defaults included (set by :func:`preset`; None for
       hand-built algorithms). Checkpoints fingerprint it, so a resume with another learning
       rate is refused.
+    client_update: how one client trains, or None for
+      :func:`jaxfl.client.make_client_update`: a factory with its signature,
+      ``(model, local, max_client_size) -> client_update(params, model_state, x, y, indices,
+      size, key, update_mask=None, context=None) -> ClientOutput``. A method whose client
+      computes on something other than the full parameter tree (PriSM's gathered sub-model,
+      ``functools.partial(jaxfl.algorithms.prism_client_update, sliced=kappa)``) installs it
+      here; the result must have the full tree's shapes, since the upload, the ledger and the
+      aggregator see it.
   """
 
   name: str
@@ -60,6 +68,7 @@ class Algorithm(NamedTuple):
   memory: jmemory.ClientMemory | None = None
   server_inputs: tuple[str, ...] = ()
   config: dict[str, Any] | None = None
+  client_update: Callable[..., Callable[..., Any]] | None = None
 
 
 def _describe(value):
@@ -130,6 +139,9 @@ def validate_algorithm(algo: Algorithm) -> None:
   _check_type(algo.view, views.ClientView, "view", "a jaxfl.views.ClientView")
   if algo.memory is not None:
     _check_type(algo.memory, jmemory.ClientMemory, "memory", "a jaxfl.memory.ClientMemory or None")
+  if algo.client_update is not None and not callable(algo.client_update):
+    raise TypeError("`client_update` must be a factory (model, local, max_client_size) -> "
+                    f"client update, or None; got {type(algo.client_update).__name__}.")
   bad = [s for s in algo.server_inputs if s not in SERVER_INPUTS]
   if not isinstance(algo.server_inputs, tuple) or bad:
     raise ValueError(f"`server_inputs` must be a tuple drawn from {SERVER_INPUTS}, got "

@@ -266,11 +266,10 @@ def prism_client_update(model: Model, local: LocalTraining, max_client_size: int
   ledger and the masked mean are unchanged. The gathered ``U`` rows keep all ``C_out``
   columns (those beyond ``rep_keep`` are zero and frozen by the mask).
 
-  The round builds its client update from ``(model, algorithm.local)`` with
-  :func:`jaxfl.client.make_client_update` and has no hook for a method's own, so inside
-  :func:`jaxfl.simulate` use ``prism_model(model, sliced=...)`` (sliced activations and
-  FLOPs, full-size params); this function serves the per-slot stage directly
-  (``experiments/prism_memory.py``) and is what such a hook would install.
+  Install it in the round through the algorithm's ``client_update`` contract:
+  ``prism(kappa)._replace(client_update=functools.partial(prism_client_update,
+  sliced=kappa))`` with ``prism_model(model)``; the rounds then end where the masked ones do
+  (``tests/algorithms/prism_sliced_test.py``).
 
   Args:
     model: ``prism_model(m)`` (its apply on the gathered params runs the smaller layers; a

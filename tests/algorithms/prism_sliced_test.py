@@ -164,3 +164,31 @@ def test_rounds_with_the_sliced_model_equal_masked_rounds():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
   assert float(ma["aggregator/coverage"]) == float(mb["aggregator/coverage"])
   np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=1e-5)
+
+
+def test_the_gathered_client_update_plugs_into_the_round_through_algorithm_client_update():
+  """``Algorithm.client_update`` installs PriSM's gathered sub-model update in the compiled
+  round (one compilation); the rounds end where the masked ones do."""
+  import functools
+
+  data = _data(5, num_clients=6)
+  kappa = 0.4
+  algo = A.prism(kappa, rounds=2, batch_size=4, local_steps=2)
+  gathered = algo._replace(client_update=functools.partial(A.prism_client_update, sliced=kappa))
+  dd = device_data(data)
+  out = []
+  for a in (algo, gathered):
+    rnd = jaxfl.build_round(a, A.prism_model(_base()), num_clients=6,
+                            max_client_size=data.max_client_size, clients_per_round=3,
+                            donate=False)
+    state = rnd.init(jax.random.key(0))
+    for r in range(2):
+      state, metrics = rnd.step(state, dd, jax.random.key(20 + r))
+    assert rnd.step._cache_size() == 1
+    out.append((jaxfl.models.merge_params(state.params["params"]), metrics))
+  (a, ma), (b, mb) = out
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
+  np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=1e-5)
+  with pytest.raises(TypeError, match="`client_update`"):
+    jaxfl.build_round(algo._replace(client_update="gathered"), A.prism_model(_base()),
+                      num_clients=6, max_client_size=data.max_client_size, clients_per_round=3)
