@@ -31,8 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxfl.transforms._mlbfgs_blocks import BlockLabels, _from_blocks, _make_layout, _to_blocks
-from jaxfl.transforms._mlbfgs_two_loop import _dot, damp_pair, two_loop
+from jaxfl.transforms._mlbfgs_blocks import (
+    BlockLabels,
+    _from_blocks,
+    _make_layout,
+    _Segments,
+    _to_blocks,
+)
+from jaxfl.transforms._mlbfgs_two_loop import _damp, apply_two_loop, two_loop_matrix
 
 __all__ = ["MLBFGSState", "mlbfgs", "plain_stochastic_lbfgs", "scale_by_mlbfgs"]
 
@@ -40,22 +46,28 @@ __all__ = ["MLBFGSState", "mlbfgs", "plain_stochastic_lbfgs", "scale_by_mlbfgs"]
 class MLBFGSState(NamedTuple):
   """State of :func:`scale_by_mlbfgs`.
 
-  Block-stacked arrays have a leading axis of length ``B`` (number of blocks, padded up to a
-  multiple of the device count when a ``sharding`` is given) and a trailing axis of length
-  ``n`` (the size of the largest block; smaller blocks are zero-padded). Their dtype is the
-  *state dtype* (float32 unless params are float64 or ``state_dtype`` says otherwise).
+  Parameter-sized arrays are ``R`` rows of length ``n`` (``_mlbfgs_blocks``): with a
+  ``sharding`` one row per block (``R = B`` blocks, padded up to a multiple of the device
+  count, each row zero-padded to the largest block, ``n``); without one, every block back to
+  back in a single row (``R = 1``, ``n`` = all preconditioned parameters, no padding).
+  Per-block arrays have a leading axis of ``B`` (the real blocks, or the padded count with a
+  sharding). The dtype is the *state dtype* (float32 unless params are float64 or
+  ``state_dtype`` says otherwise).
 
   Attributes:
     count: Updates applied so far, i32[]. Step :math:`t` of the paper is ``count + 1``.
-    param_avg: Parameter momentum :math:`P_t`, f[B, n].
-    grad_avg: Gradient momentum :math:`G_t`, f[B, n].
-    param_snap: :math:`P` at the previous pair extraction, f[B, n].
-    grad_snap: :math:`G` at the previous pair extraction, f[B, n].
-    s_hist: Ring buffer of :math:`s_k`, f[B, M, n]; slot of pair ``k`` is ``k % M``.
-    y_hist: Ring buffer of damped :math:`\\hat y_k`, f[B, M, n].
+    param_avg: Parameter momentum :math:`P_t`, f[R, n].
+    grad_avg: Gradient momentum :math:`G_t`, f[R, n].
+    param_snap: :math:`P` at the previous pair extraction, f[R, n].
+    grad_snap: :math:`G` at the previous pair extraction, f[R, n].
+    s_hist: Ring buffer of :math:`s_k`, f[R, M, n]; slot of pair ``k`` is ``k % M``.
+    y_hist: Ring buffer of damped :math:`\\hat y_k`, f[R, M, n].
     sy: Gram matrix ``sy[b, i, k]`` = :math:`s_i^\\top \\hat y_k` between slots, f[B, M, M];
       its diagonal is :math:`\\rho_k`. Updated only when a pair is written.
     yy: Gram matrix ``yy[b, i, k]`` = :math:`\\hat y_i^\\top \\hat y_k`, f[B, M, M].
+    w: The two-loop recursion as a matrix (compact form, :func:`two_loop_matrix`): the
+      coefficients of the direction on the buffers are ``w @ [S q; Y q]``, f[B, 2M, 2M].
+      Recomputed from ``sy``, ``yy``, ``valid``, ``h0`` when a pair is written; zero before.
     valid: Slot holds a usable pair (written and :math:`\\rho > 0`), bool[B, M].
     h0: Initial inverse-Hessian scale :math:`s^\\top\\hat y / \\hat y^\\top \\hat y` from the
       newest valid pair, f[B].
@@ -72,6 +84,7 @@ class MLBFGSState(NamedTuple):
   y_hist: jax.Array
   sy: jax.Array
   yy: jax.Array
+  w: jax.Array
   valid: jax.Array
   h0: jax.Array
   num_pairs: jax.Array
@@ -168,7 +181,8 @@ def scale_by_mlbfgs(
       makes any other label an error.
     state_dtype: dtype of the statistics and histories (see above).
     sharding: A ``NamedSharding`` whose spec splits the leading (block) axis, e.g.
-      :func:`block_sharding`; block-stacked state is laid across its devices.
+      :func:`block_sharding`; one row per block, the rows and their histories laid across
+      its devices. Without it several blocks share one unpadded row.
 
   Returns:
     A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -219,20 +233,22 @@ def scale_by_mlbfgs(
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
   def layout_of(params):
-    return _make_layout(block_labels, block_order, params, device_count)
+    return _make_layout(block_labels, block_order, params, device_count,
+                        packed=sharding is None)
 
   def init_fn(params):
     lay = layout_of(params)
     dt = dtype_of(params)
-    b, n = lay.num_blocks, lay.block_size
-    vec = lambda: constrain(jnp.zeros((b, n), dt))
+    b, r, n = lay.num_blocks, lay.num_rows, lay.block_size
+    vec = lambda: constrain(jnp.zeros((r, n), dt))
     return MLBFGSState(
         count=jnp.zeros([], jnp.int32),
         param_avg=vec(), grad_avg=vec(), param_snap=vec(), grad_snap=vec(),
-        s_hist=constrain(jnp.zeros((b, mem, n), dt)),
-        y_hist=constrain(jnp.zeros((b, mem, n), dt)),
+        s_hist=constrain(jnp.zeros((r, mem, n), dt)),
+        y_hist=constrain(jnp.zeros((r, mem, n), dt)),
         sy=constrain(jnp.zeros((b, mem, mem), dt)),
         yy=constrain(jnp.zeros((b, mem, mem), dt)),
+        w=constrain(jnp.zeros((b, 2 * mem, 2 * mem), dt)),
         valid=constrain(jnp.zeros((b, mem), jnp.bool_)),
         h0=constrain(jnp.ones((b,), dt)),
         num_pairs=jnp.zeros([], jnp.int32))
@@ -242,6 +258,7 @@ def scale_by_mlbfgs(
     if params is None:
       raise ValueError("scale_by_mlbfgs needs `params` in update (weight decay and momenta).")
     lay = layout_of(params)
+    seg = _Segments(lay.spans)
     dt = state.param_avg.dtype
     cast = lambda v: jnp.asarray(v, dt)
     wd = cast(weight_decay)
@@ -263,13 +280,18 @@ def scale_by_mlbfgs(
     param_avg = jnp.where(first, p, new_p)
     grad_avg = jnp.where(first, g_mom, new_g)
 
-    # Pair extraction every T steps. The branch returns only vector-sized values (the new
-    # pair and its Gram rows); the ring buffers are written below with a one-slot
-    # dynamic_update_slice, so that no branch has to pass the [B, M, n] buffers through.
+    # Pair extraction every T steps. The branch returns the content of the ring-buffer slot
+    # (the new pair, or the old content) and the small per-block state (Gram matrices,
+    # validity, h0 and the two-loop matrix W, all O(M^2)). Nothing of size n or larger passes
+    # through a branch (XLA copies what a branch passes through): the [B, M, n] buffers are
+    # written below with a one-slot dynamic_update_slice, and the snapshots (and the
+    # reference-mode reset of G) are selects that fuse with the momentum updates.
+    extract_now = t % t_period == 0
     ptr = state.num_pairs % mem
     newest = (state.num_pairs - 1) % mem
     s_hist, y_hist = state.s_hist, state.y_hist
     take = lambda buf: jax.lax.dynamic_index_in_dim(buf, ptr, axis=1, keepdims=False)
+    small = (state.valid, state.sy, state.yy, state.h0, state.w, state.num_pairs)
 
     def extract(_):
       make_pair = t >= 2 * t_period
@@ -281,67 +303,69 @@ def scale_by_mlbfgs(
       has_prev = state.num_pairs > 0
       s = jnp.where(has_prev, (1 - gam) * s + gam * s_prev, s)
       y = jnp.where(has_prev, (1 - gam) * y + gam * y_prev, y)
-      y_hat = damp_pair(s, y, damping, sigma_lo, sigma_hi, eps) if use_damping else y
-      r = _dot(s, y_hat)
-      finite = jnp.isfinite(r)[:, None]
-      s, y_hat = jnp.where(finite, s, 0), jnp.where(finite, y_hat, 0)  # keep buffers finite
-      r = jnp.where(finite[:, 0], r, 0)
+      y_hat = _damp(seg, s, y, damping, sigma_lo, sigma_hi, eps) if use_damping else y
+      r = seg.dot(s, y_hat)
+      finite = jnp.isfinite(r)
+      keep_finite = seg.expand(finite[:, None])  # keep the buffers finite
+      s, y_hat = jnp.where(keep_finite, s, 0), jnp.where(keep_finite, y_hat, 0)
+      r = jnp.where(finite, r, 0)
       ok = r > 0
-      yy_new = _dot(y_hat, y_hat)
+      yy_new = seg.dot(y_hat, y_hat)
       # Gram rows/columns of the new slot against the buffers (the slot itself patched).
       onehot = jnp.arange(mem) == ptr
-      s_row = jnp.where(onehot, r[:, None], jnp.einsum("bn,bkn->bk", s, y_hist))
-      s_col = jnp.where(onehot, r[:, None], jnp.einsum("bkn,bn->bk", s_hist, y_hat))
-      y_row = jnp.where(onehot, yy_new[:, None], jnp.einsum("bkn,bn->bk", y_hist, y_hat))
-      h0 = jnp.where(make_pair & ok, r / (yy_new + cast(eps)), state.h0)
-      g_avg = g_mom if reference_mode else grad_avg
-      return (make_pair, s, y_hat, ok, s_row, s_col, y_row, h0, param_avg, grad_avg, g_avg)
+      s_row = jnp.where(onehot, r[:, None], seg.hist_dot(y_hist, s))
+      s_col = jnp.where(onehot, r[:, None], seg.hist_dot(s_hist, y_hat))
+      y_row = jnp.where(onehot, yy_new[:, None], seg.hist_dot(y_hist, y_hat))
+      sy = jnp.where(onehot[None, :, None], s_row[:, None, :], state.sy)
+      sy = jnp.where(onehot[None, None, :], s_col[:, :, None], sy)
+      yy = jnp.where(onehot[None, :, None], y_row[:, None, :], state.yy)
+      yy = jnp.where(onehot[None, None, :], y_row[:, :, None], yy)
+      valid = jnp.where(onehot[None, :], ok[:, None], state.valid)
+      h0 = jnp.where(ok, r / (yy_new + cast(eps)), state.h0)
+      w = two_loop_matrix(sy, yy, valid, h0, ptr)
+      new_small = (valid, sy, yy, h0, w, state.num_pairs + 1)
+      small_out = jax.tree.map(lambda new, old: jnp.where(make_pair, new, old), new_small,
+                               small)
+      return (jnp.asarray(True), jnp.where(make_pair, s, take(s_hist)),
+              jnp.where(make_pair, y_hat, take(y_hist)), small_out)
 
     def keep(_):
-      b = s_hist.shape[0]
-      row = lambda mat: jax.lax.dynamic_index_in_dim(mat, ptr, axis=1, keepdims=False)
-      col = lambda mat: jax.lax.dynamic_index_in_dim(mat, ptr, axis=2, keepdims=False)
-      return (jnp.asarray(False), take(s_hist), take(y_hist), take(state.valid),
-              row(state.sy), col(state.sy), row(state.yy), state.h0, state.param_snap,
-              state.grad_snap, grad_avg.reshape(b, -1))
+      return jnp.asarray(False), take(s_hist), take(y_hist), small
 
-    (write, s_new, y_new, ok_new, s_row, s_col, y_row, h0, param_snap, grad_snap,
-     grad_avg) = jax.lax.cond(t % t_period == 0, extract, keep, None)
-    put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(
-        buf, jnp.where(write, v, take(buf)), ptr, axis=1)
-    s_hist = put(s_hist, s_new)
-    y_hist = put(y_hist, y_new)
-    valid = put(state.valid, ok_new)
-
-    def set_line(mat, v, axis):
-      old = jax.lax.dynamic_index_in_dim(mat, ptr, axis=axis, keepdims=False)
-      return jax.lax.dynamic_update_index_in_dim(
-          mat, jnp.expand_dims(jnp.where(write, v, old), axis), ptr, axis=axis)
-
-    sy = set_line(set_line(state.sy, s_row, 1), s_col, 2)
-    yy = set_line(set_line(state.yy, y_row, 1), y_row, 2)
-    num_pairs = jnp.where(write, state.num_pairs + 1, state.num_pairs)
+    # `done` (= extract_now, returned by the branch) orders the in-place snapshot writes
+    # after the branch's reads of the old snapshots, so XLA does not copy them every step.
+    done, s_new, y_new, (valid, sy, yy, h0, w, num_pairs) = jax.lax.cond(
+        extract_now, extract, keep, None)
+    param_snap = jnp.where(done, param_avg, state.param_snap)
+    grad_snap = jnp.where(done, grad_avg, state.grad_snap)
+    if reference_mode:  # G restarts from the current gradient after every extraction
+      grad_avg = jnp.where(done, g_mom, grad_avg)
+    s_hist = jax.lax.dynamic_update_index_in_dim(s_hist, s_new, ptr, axis=1)
+    y_hist = jax.lax.dynamic_update_index_in_dim(y_hist, y_new, ptr, axis=1)
     started = num_pairs > 0
 
-    # Direction.
+    # Direction. The two-loop reads the buffers after the slot write; inside a conditional,
+    # so that XLA cannot fuse (and therefore duplicate) the in-place slot writes into the
+    # matrix-vector products, which would copy the whole buffers every step.
     q = g + wd * p
 
     def lbfgs_dir(q):
-      d = two_loop(q, s_hist, y_hist, valid, h0, (num_pairs - 1) % mem, sy, yy)
+      d = apply_two_loop(q, s_hist, y_hist, valid, h0, w, seg)
       nrm = optax.tree.norm(d)
       scale = jnp.where(nrm > 0, 1 / jnp.where(nrm > 0, nrm, 1), 1) if normalize else cast(1)
-      return constrain(d * scale), scale
+      return d * scale, scale
 
     d, scale = jax.lax.cond(started, lbfgs_dir, lambda q: (q, cast(1)), q)
+    d = constrain(d)
 
     leaves = jax.tree.leaves(updates)
     p_leaves = jax.tree.leaves(params)
     out = []
-    for i, (u, w) in enumerate(zip(leaves, p_leaves)):
+    for i, (u, pw) in enumerate(zip(leaves, p_leaves)):
       if lay.leaf_block[i] >= 0:
         out.append(_from_blocks(lay, d, i).astype(u.dtype))
       else:
-        u32, w32 = u.astype(dt), w.astype(dt)
+        u32, w32 = u.astype(dt), pw.astype(dt)
         sgd = u32 + wd * w32
         if reference_mode:
           v = jnp.where(started, u32 * scale, sgd)
@@ -353,7 +377,7 @@ def scale_by_mlbfgs(
         param_avg=constrain(param_avg), grad_avg=constrain(grad_avg),
         param_snap=constrain(param_snap), grad_snap=constrain(grad_snap),
         s_hist=constrain(s_hist), y_hist=constrain(y_hist), sy=constrain(sy), yy=constrain(yy),
-        valid=constrain(valid), h0=constrain(h0), num_pairs=num_pairs)
+        w=constrain(w), valid=constrain(valid), h0=constrain(h0), num_pairs=num_pairs)
     return jax.tree.unflatten(lay.treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

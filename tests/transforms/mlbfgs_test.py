@@ -6,6 +6,7 @@ recursion, and a NumPy float64 port of the authors' list-based update rule (ALGO
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -413,12 +414,43 @@ def test_jit_single_compilation_and_stable_state_types():
 
 
 def test_eval_shape_init():
-  tx = M.mlbfgs(0.1, LABELS, history=4)
-  shapes = jax.eval_shape(tx.init, jax.eval_shape(lambda: _tree(np.random.default_rng(0))))
-  st = shapes[0]
-  # Blocks: "a" = conv kernel (12) + bias (2) = 14 values, "b" = 12; padded to 14.
-  assert st.s_hist.shape == (2, 4, 14) and st.s_hist.dtype == jnp.float32
-  assert st.valid.dtype == jnp.bool_ and st.count.dtype == jnp.int32
+  tree = jax.eval_shape(lambda: _tree(np.random.default_rng(0)))
+  # Blocks: "a" = conv kernel (12) + bias (2) = 14 values, "b" = 12. Without a sharding they
+  # are packed back to back in one row of 26; per-block state has a leading axis of 2.
+  st = jax.eval_shape(M.mlbfgs(0.1, LABELS, history=4).init, tree)[0]
+  assert st.s_hist.shape == (1, 4, 26) and st.s_hist.dtype == jnp.float32
+  assert st.param_avg.shape == (1, 26)
+  assert st.sy.shape == (2, 4, 4) and st.w.shape == (2, 8, 8) and st.h0.shape == (2,)
+  assert st.valid.shape == (2, 4) and st.valid.dtype == jnp.bool_
+  assert st.count.dtype == jnp.int32
+  # With a block sharding: one block per row, padded to the largest block (14).
+  stacked = M.mlbfgs(0.1, LABELS, history=4, sharding=M.block_sharding(jax.devices()[:1]))
+  st = jax.eval_shape(stacked.init, tree)[0]
+  assert st.s_hist.shape == (2, 4, 14) and st.sy.shape == (2, 4, 4)
+
+
+def test_packed_blocks_equal_one_block_per_row():
+  """The packed layout (no sharding) and the stacked one (one block per padded row) are the
+  same update rule: equal to float rounding over pair extractions and a ring wrap-around."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(13)
+    params = _tree(rng, jnp.float64)
+    kw = dict(update_every=2, history=2, beta_p=0.9, beta_g=0.9, weight_decay=1e-3)
+    packed = M.mlbfgs(0.05, LABELS, **kw)
+    stacked = M.mlbfgs(0.05, LABELS, sharding=M.block_sharding(jax.devices()[:1]), **kw)
+    p1 = p2 = params
+    s1, s2 = packed.init(params), stacked.init(params)
+    up1, up2 = jax.jit(packed.update), jax.jit(stacked.update)
+    for _ in range(11):
+      g = _like(rng, params)
+      u1, s1 = up1(g, s1, p1)
+      u2, s2 = up2(g, s2, p2)
+      p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+      chex.assert_trees_all_close(u1, u2, rtol=1e-10, atol=1e-12)
+    assert int(s1[0].num_pairs) == 4
+    chex.assert_trees_all_close(s1[0].sy, s2[0].sy, rtol=1e-10, atol=1e-12)
+    # block "b" (12 values) sits at offset 14 of the packed row, at offset 0 of its own row
+    np.testing.assert_allclose(s1[0].s_hist[0, :, 14:], s2[0].s_hist[1, :, :12], rtol=1e-12)
 
 
 def test_inject_hyperparams_matches_plain_and_can_change_lr():
@@ -523,7 +555,11 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     assert int(s4.num_pairs) == 5
     err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
               zip(jax.tree.leaves(p1), jax.tree.leaves(p4)))
-    hist = float(jnp.max(jnp.abs(s1.s_hist[:3] - s4.s_hist[:3])))
+    # unsharded: the three blocks (30, 9, 16 values) packed in one row; sharded: one per row
+    spans = [(0, 30), (30, 9), (39, 16)]
+    assert s1.s_hist.shape == (1, 3, 55), s1.s_hist.shape
+    hist = max(float(jnp.max(jnp.abs(s1.s_hist[0, :, o:o + n] - s4.s_hist[k, :, :n])))
+               for k, (o, n) in enumerate(spans))
     print("MAXERR", err, hist)
     assert err < 1e-5 and hist < 1e-5, (err, hist)
 """)
@@ -601,4 +637,7 @@ def test_resnet_block_layouts():
   assert set(flat(M.resnet_block_labels(params, "single")).values()) == {"all"}
   st = jax.eval_shape(M.scale_by_mlbfgs(M.resnet_block_labels(params, "stage"), history=2).init,
                       params)
-  assert st.s_hist.shape[:2] == (3, 2)
+  # three stage blocks packed in one row (no padding), per-block state for 3 blocks
+  body = sum(math.prod(x.shape) for k, sub in params.items() if "Block" in k
+             for x in jax.tree.leaves(sub))
+  assert st.s_hist.shape == (1, 2, body) and st.sy.shape == (3, 2, 2)
