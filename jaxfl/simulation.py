@@ -153,6 +153,11 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
              allow_config_change: bool = False) -> SimulationResult:
   """Runs a federated simulation: one compiled round, a Python loop over rounds only.
 
+  The built round is kept for the next call with the same ``algorithm`` and ``model`` objects
+  and the same population shape, cohort and execution options (the 4 most recent set-ups), so
+  re-running a notebook cell, or a loop over seeds, rounds or data of the same shape, compiles
+  nothing again. A new algorithm object (e.g. another learning rate) builds a new round.
+
   Args:
     algorithm: a :class:`jaxfl.algorithms.Algorithm` (``jaxfl.algorithms.fedavg()``, ...).
     model: a :class:`jaxfl.models.Model`.
@@ -242,13 +247,12 @@ def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every,
          checkpoint_every, output_dir, plot, progress, init_params, allow_config_change):
   devices = jax.devices() if devices is None else list(devices)
   _hint_cpu_devices(devices)
-  mesh = jshard.client_mesh(devices) if len(devices) > 1 else None
-  rnd = build_round(algorithm, model, num_clients=data.num_clients,
-                    max_client_size=data.max_client_size, clients_per_round=clients_per_round,
-                    mesh=mesh, clients_per_chunk=clients_per_chunk,
-                    stream_aggregate=stream_aggregate, nan_policy=nan_policy,
-                    dropout_rate=dropout_rate)
-  evaluate = make_evaluate(model)
+  rnd, evaluate = _built_round(
+      algorithm, model, devices, num_clients=data.num_clients,
+      max_client_size=data.max_client_size, clients_per_round=clients_per_round,
+      clients_per_chunk=clients_per_chunk, stream_aggregate=stream_aggregate,
+      nan_policy=nan_policy, dropout_rate=dropout_rate)
+  mesh = rnd.mesh
   root = jax.random.key(seed)
   state = rnd.init(jax.random.fold_in(root, 0))
   if init_params is not None:
@@ -309,6 +313,28 @@ def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every,
   if output_dir and primary:
     write_outputs(output_dir, history, summary, plot)
   return SimulationResult(history, state, summary)
+
+
+# Built rounds of recent runs, so running the same algorithm and model objects again in one
+# process (a notebook re-running a cell, a seed loop) reuses the compiled round instead of
+# tracing and compiling it anew. Entries hold the objects themselves, so their ids are not
+# reused while cached; the oldest entry is dropped beyond _BUILT_MAX.
+_BUILT: dict[tuple, tuple] = {}
+_BUILT_MAX = 4
+
+
+def _built_round(algorithm, model, devices, **options):
+  key = (id(algorithm), id(model), tuple(devices), tuple(sorted(options.items())))
+  hit = _BUILT.get(key)
+  if hit is not None and hit[0] is algorithm and hit[1] is model:
+    return hit[2], hit[3]
+  mesh = jshard.client_mesh(devices) if len(devices) > 1 else None
+  rnd = build_round(algorithm, model, mesh=mesh, **options)
+  evaluate = make_evaluate(model)
+  _BUILT[key] = (algorithm, model, rnd, evaluate)
+  while len(_BUILT) > _BUILT_MAX:
+    del _BUILT[next(iter(_BUILT))]
+  return rnd, evaluate
 
 
 def summarize(history: list[dict], method: str = "", dataset: str = "") -> dict:

@@ -107,6 +107,7 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
         lambda event, _, **kw: compiles.append(1) if "backend_compile" in event else None)
     counts = []
     for rounds in (1, 3):
+      jaxfl.simulation._BUILT.clear()  # build (and compile) the round anew each time
       del compiles[:]
       jaxfl.simulate(algos[0], model, data, rounds=rounds, clients_per_round=5, seed=1,
                      progress=False, eval_every=0)

@@ -27,6 +27,25 @@ def test_same_seed_bit_identical_different_seed_differs(data, model):
   assert a.history != c.history
 
 
+def test_rerunning_the_same_algorithm_and_model_compiles_nothing(data, model):
+  """A notebook re-running a cell (same algorithm and model objects, new seed or rounds)
+  reuses the compiled round; the result equals a run built from scratch, bit for bit."""
+  import jax
+
+  algo = _algo()
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(1) if "backend_compile" in event else None)
+  _sim(data, model, algo=algo, seed=3)
+  assert compiles  # the first run compiled its round
+  del compiles[:]
+  again = _sim(data, model, algo=algo, seed=5, rounds=6)
+  assert not compiles, len(compiles)
+  fresh = _sim(data, model, seed=5, rounds=6)  # a new algorithm object: built anew
+  assert again.history == fresh.history
+  jax.tree.map(np.testing.assert_array_equal, again.state.params, fresh.state.params)
+
+
 def test_different_seed_gives_different_cohorts(data, model):
   import jax
 
