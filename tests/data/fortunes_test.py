@@ -155,6 +155,21 @@ def test_load_and_partition_over_clients(partition):
   np.testing.assert_array_equal(plain.x.astype(np.int32), fed.x)
 
 
+def test_load_by_name_equals_load_then_federate():
+  text = jaxfl.data.fortunes_text(FIXTURE, TOPICS, test_fraction=0.3, min_quotes=5)
+  tok, _ = word_tokenizer(text.train_texts + text.test_texts)
+  fed = jaxfl.data.load("fortunes", 3, jaxfl.data.dirichlet(0.5), seed=1, data_dir=FIXTURE,
+                        tokenizer=tok, topics=TOPICS, max_length=12, test_fraction=0.3,
+                        min_quotes=5)
+  ds = jaxfl.data.load_fortunes(tok, FIXTURE, TOPICS, max_length=12, test_fraction=0.3,
+                                seed=1, min_quotes=5)
+  want = jaxfl.data.federate_tokens(ds, 3, jaxfl.data.dirichlet(0.5), seed=1)
+  assert fed.x.dtype == np.int32 and fed.example_shape == (2, 12)
+  np.testing.assert_array_equal(fed.x, want.x)
+  np.testing.assert_array_equal(fed.y_test, want.y_test)
+  np.testing.assert_array_equal(fed.client_indices, want.client_indices)
+
+
 def test_errors_name_the_argument(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"`data_dir`.*apt-get install fortunes"):
     jaxfl.data.read_fortunes(tmp_path / "missing", TOPICS)
