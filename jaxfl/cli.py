@@ -34,6 +34,8 @@ def _build(args):
             local_epochs=args.local_epochs, weighting=args.weighting)
   if args.server_lr is not None:
     kw["server_lr"] = args.server_lr
+  if args.algorithm == "prism":
+    return data, *_build_prism(args, model, kw)
   if args.algorithm == "fedprox":
     kw["mu"] = args.mu
   if args.algorithm in jaxfl.algorithms.LAYERWISE_ALGORITHMS:  # the papers' protocol: fixed tau
@@ -50,10 +52,29 @@ def _build(args):
   return data, model, algo
 
 
+def _build_prism(args, model, kw):
+  """PriSM pairs its own model (count leaves, optionally sliced) with its algorithm."""
+  import jax
+
+  import jaxfl
+
+  if not jaxfl.models.factor_layers(jax.eval_shape(model.init, jax.random.key(0))[0]):
+    raise ValueError(f"--algorithm prism needs an SVD-factorised model (--model prism_cnn or "
+                     f"prism_resnet18), got --model {args.model}.")
+  kappa = args.kappa
+  if args.kappa_mix:  # the paper's heterogeneous capacities, drawn once from --seed
+    kappa = jaxfl.algorithms.draw_capacities(args.num_clients, seed=args.seed)
+  kw.pop("weighting")  # PriSM averages unweighted, as the reference does
+  algo = jaxfl.algorithms.prism(kappa, sampling=args.prism_sampling, rounds=args.rounds, **kw)
+  model = jaxfl.algorithms.prism_model(model, sliced=kappa if args.sliced else None)
+  return model, algo
+
+
 def _add_run_args(p):
   import jaxfl
 
-  p.add_argument("--algorithm", default="fedavg", choices=sorted(jaxfl.algorithms.ALGORITHMS))
+  p.add_argument("--algorithm", default="fedavg",
+                 choices=sorted([*jaxfl.algorithms.ALGORITHMS, "prism"]))
   p.add_argument("--dataset", default="digits",
                  help=f"one of {', '.join(jaxfl.data.DATASETS)} (default digits)")
   p.add_argument("--data-dir", default=None, help="raw data folder (Fashion-MNIST IDX, TFDS)")
@@ -74,6 +95,14 @@ def _add_run_args(p):
   p.add_argument("--client-momentum", type=float, default=0.0)
   p.add_argument("--server-lr", type=float, default=None)
   p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal coefficient")
+  p.add_argument("--kappa", type=float, default=0.2,
+                 help="PriSM's keep ratio (with --algorithm prism and a prism_* model)")
+  p.add_argument("--kappa-mix", action="store_true",
+                 help="PriSM: per-client kappa from {0.2, 0.4, 0.6} x {0.5, 0.3, 0.2}")
+  p.add_argument("--prism-sampling", default="power",
+                 choices=["power", "softmax", "uniform", "top"])
+  p.add_argument("--sliced", action="store_true",
+                 help="PriSM: clients compute at the sub-model's size (fewer FLOPs)")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--local-steps", type=int, default=5)
   p.add_argument("--local-epochs", type=float, default=None)
@@ -205,7 +234,7 @@ def cmd_list(args) -> int:
   del args
   import jaxfl
 
-  print("algorithms:", ", ".join(sorted(jaxfl.algorithms.ALGORITHMS)))
+  print("algorithms:", ", ".join(sorted([*jaxfl.algorithms.ALGORITHMS, "prism"])))
   print("datasets:  ", ", ".join(jaxfl.data.DATASETS))
   print("models:    ", ", ".join(sorted(jaxfl.models.MODELS)))
   print("partitions:", ", ".join(sorted(jaxfl.data.PARTITIONERS)), "+ from_index_files")

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import numpy as np
+
 import jaxfl
 
 
@@ -82,3 +84,20 @@ def test_demo_writes_under_an_ignored_run_folder():
   ignored = open(os.path.join(root, ".gitignore")).read().split()
   top = DEMO_DIR.split(os.sep)[0]
   assert not os.path.isabs(DEMO_DIR) and f"/{top}/" in ignored
+
+
+def test_run_prism_trains_a_sliced_sub_model_and_refuses_a_dense_model(tmp_path, capsys):
+  import json
+
+  from jaxfl.cli import main
+  base = ["run", "--dataset", "digits", "--num-clients", "12", "--clients-per-round", "3",
+          "--rounds", "2", "--eval-every", "2", "--no-progress", "--algorithm", "prism",
+          "--local-steps", "2", "--batch-size", "8"]
+  assert main(base + ["--model", "prism_cnn", "--sliced", "--prism-sampling", "uniform",
+                      "--out", str(tmp_path)]) == 0
+  hist = json.loads((tmp_path / "history.json").read_text())
+  assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
+  assert "aggregator/coverage" in hist[-1]  # PriSM's per-round component coverage
+  capsys.readouterr()
+  assert main(base + ["--model", "mlp"]) == 2
+  assert "needs an SVD-factorised model (--model prism_cnn" in capsys.readouterr().err

@@ -31,8 +31,8 @@ from jaxfl.algorithms.layerwise import prunefl as prunefl
 
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
 
-# PriSM is not in ALGORITHMS: it needs its own model (factorised layers + count leaves,
-# prism_model), which the CLI's `run --algorithm` cannot pair with its registry models.
+# PriSM is not in ALGORITHMS (get_algorithm's registry): it needs its own model (factorised
+# layers + count leaves, prism_model); the CLI's `run --algorithm prism` pairs the two.
 
 __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "draw_capacities", "fedacg",
            "fedadagrad", "fedadam", "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar",

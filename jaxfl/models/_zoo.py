@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxfl.models._factorised import prism_cnn, prism_resnet18
 from jaxfl.models._layers import Conv, max_pool
 from jaxfl.models._model import Model, from_linen
 
@@ -150,8 +151,9 @@ def resnet20(input_shape=(32, 32, 3), num_classes: int = 10, conv_impl: str = "a
   return from_linen(ResNet(3, 1, num_classes, conv_impl), input_shape, "resnet20")
 
 
+# prism_cnn / prism_resnet18: PriSM's SVD-factorised models (``--algorithm prism`` needs one).
 MODELS = {"mlp": mlp, "cnn": cnn, "small_cnn": small_cnn, "femnist_cnn": femnist_cnn,
-          "resnet20": resnet20}
+          "resnet20": resnet20, "prism_cnn": prism_cnn, "prism_resnet18": prism_resnet18}
 
 
 def get_model(name: str, input_shape, num_classes: int, **kwargs) -> Model:
