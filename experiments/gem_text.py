@@ -131,8 +131,11 @@ def parse_args(argv=None):
   p.add_argument("--fed-local-steps", type=int, default=4)
   p.add_argument("--fed-eval-every", type=int, default=3)
   p.add_argument("--fed-calib-clients", type=int, default=10)
-  p.add_argument("--fed-allocation", default="entropy",
-                 help="GEM allocation of the federated masks (the library default)")
+  p.add_argument("--fed-allocation", default="auto",
+                 choices=["auto", "entropy", "entropy_size", "global", "uniform"],
+                 help="GEM allocation of the federated masks; auto = the GEM rule with the "
+                      "best centralized test accuracy (mean over budgets and seeds), so the "
+                      "federated runs wait for the centralized ones")
   p.add_argument("--fed-seeds", default="0")
   p.add_argument("--fed-arms", default="full,gem", help="full FedAvg and/or GEM FedAvg")
   p.add_argument("--no-fed", action="store_true")
@@ -227,7 +230,7 @@ def plan(args, done: dict) -> list[Piece]:
     # Each federated arm runs at the rate picked for its centralized twin; an arm that is not
     # run centrally gets the grid's middle rate.
     middle = args.lr_grid[len(args.lr_grid) // 2]
-    rule = f"gem_{args.fed_allocation}"
+    rule = fed_rule(args, done, picked)
 
     def fed_lr(arm, b):
       return picked.get((arm, b), float("nan")) if arm in args.arms else middle
@@ -236,7 +239,8 @@ def plan(args, done: dict) -> list[Piece]:
       if "full" in args.fed_arms:
         todo.append(Piece("fed", "full", 1.0, fed_lr("full", 1.0), s))
       for b in args.budgets if "gem" in args.fed_arms else []:
-        todo.append(Piece("fed", rule, b, fed_lr(rule, b), s))
+        todo.append(Piece("fed", rule, b, fed_lr(rule, b), s) if rule
+                    else Piece("fed", "gem_auto", b, float("nan"), s))  # waits for the pick
   if not args.no_bench:
     todo.append(Piece("bench", "gem_mask_overhead", args.budgets[0], args.lr_grid[0], first))
   return todo
@@ -258,6 +262,29 @@ def load_pieces(args) -> dict:
       continue
     out[Piece(r["kind"], r["arm"], r["budget"], r["lr"], r["seed"])] = r
   return out
+
+
+def fed_rule(args, done: dict, picked: dict) -> str | None:
+  """The federated GEM arm: ``gem_<--fed-allocation>``, or for ``auto`` the GEM rule whose
+  centralized test accuracy (at its picked rates, mean over budgets and seeds) is best; None
+  while any of those pieces is missing."""
+  if args.fed_allocation != "auto":
+    return f"gem_{args.fed_allocation}"
+  rules = [a for a in args.arms if a.startswith("gem_")]
+  if not rules:
+    return "gem_entropy"
+  score = {}
+  for arm in rules:
+    accs = []
+    for b in budgets_of(arm, args):
+      if (arm, b) not in picked:
+        return None
+      rs = [done.get(Piece("central", arm, b, picked[(arm, b)], s)) for s in args.seeds]
+      if any(r is None for r in rs):
+        return None
+      accs += [r["test_acc"] for r in rs]
+    score[arm] = float(np.mean(accs))
+  return max(rules, key=lambda a: (score[a], -rules.index(a)))
 
 
 def pick_lrs(args, done: dict) -> dict:
@@ -575,7 +602,7 @@ def run_fed(args, piece: Piece) -> dict:
       sent.append((fed.x[pick], fed.y[pick]))
     grads = mean_gradient(grad_fn, params, sent)  # the server's pooled, size-weighted mean
     calib_bytes = len(ids) * jaxfl.comm.model_bytes(params)  # dense, once
-    method, allocation = "gem", args.fed_allocation
+    method, allocation = "gem", piece.arm[len("gem_"):]
     mask = masks.build_mask(method, params, piece.budget, grads=grads, allocation=allocation,
                             eligible=eligible, always=always)
     mask = jax.tree.map(np.asarray, mask)
@@ -773,9 +800,13 @@ def markdown(result, args, command) -> str:
                     f"{r['calibration_uplink_bytes'] / 1e6:.1f}", f"{total / 1e6:.1f}"])
     lines.append(md_table(["arm", "budget", "seed", "lr", "final acc", "uplink MB (rounds)",
                            "calibration MB (once)", "total MB"], cells))
+    fed_rules = ", ".join(sorted({repr(r["arm"][len("gem_"):]) for r in result["federated"]
+                                  if r["arm"] != "full"})) or "—"
+    if args.fed_allocation == "auto":
+      fed_rules += " (the GEM rule with the best centralized test accuracy)"
     lines += ["", "GEM masks: pooled calibration gradients of "
               f"{args.fed_calib_clients} clients (one batch each, dense, sent once), "
-              f"allocation {args.fed_allocation!r}; clients train and send only masked entries "
+              f"allocation {fed_rules}; clients train and send only masked entries "
               "(index + value)."]
   c = result["cost"]
   lines += ["", f"Cost so far: {c['pieces_done']} pieces, {c['seconds_done'] / 60:.1f} min; "

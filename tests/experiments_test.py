@@ -241,3 +241,38 @@ def test_layerwise_converged_smoke_piece_and_report(tmp_path):
   res = json.load(open(tmp_path / "layerwise_converged_fmnist_cnn_smoke.json"))
   assert [r["arm"] for r in res["rows"]] == ["fedluar"]
   assert (tmp_path / "layerwise_converged_fmnist_cnn_smoke.png").exists()
+
+
+def test_gem_text_federated_arm_waits_for_the_evidence_then_takes_the_best_gem_rule():
+  """``--fed-allocation auto``: the federated GEM runs wait until every GEM rule's centralized
+  pieces are in, then use the rule with the best mean test accuracy (bookkeeping only)."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import gem_text
+
+  args = gem_text.parse_args(["--arms", "full,gem_entropy,gem_global", "--budgets", "0.001,0.01",
+                              "--seeds", "0,1", "--lr-grid", "1e-3,1e-2", "--no-bench"])
+  P = gem_text.Piece
+  acc = {"gem_entropy": 0.70, "gem_global": 0.75, "full": 0.80}
+  done = {}
+
+  def fill(arm, b, lr, seed, test):
+    done[P("central", arm, b, lr, seed)] = {"lr": lr, "val_acc": test + lr, "test_acc": test}
+
+  for arm in ("full", "gem_entropy", "gem_global"):  # the grid on seed 0 (1e-2 wins on val)
+    for b in gem_text.budgets_of(arm, args):
+      for lr in (1e-3, 1e-2):
+        fill(arm, b, lr, 0, acc[arm])
+  fed = [p for p in gem_text.plan(args, done) if p.kind == "fed"]
+  assert [p.arm for p in fed] == ["full", "gem_auto", "gem_auto"]
+  assert fed[0].lr == 1e-2 and all(p.lr != p.lr for p in fed[1:])  # nan: not runnable yet
+  for arm in ("full", "gem_entropy"):
+    for b in gem_text.budgets_of(arm, args):
+      fill(arm, b, 1e-2, 1, acc[arm])
+  assert all(p.arm == "gem_auto" for p in gem_text.plan(args, done)[-2:])  # global's seed 1
+  for b in (0.001, 0.01):
+    fill("gem_global", b, 1e-2, 1, 0.60)  # mean 0.675 < entropy's 0.70
+  fed = [p for p in gem_text.plan(args, done) if p.kind == "fed"]
+  assert [(p.arm, p.budget, p.lr) for p in fed[1:]] == [("gem_entropy", 0.001, 1e-2),
+                                                         ("gem_entropy", 0.01, 1e-2)]
+  fixed = gem_text.parse_args(["--fed-allocation", "uniform", "--arms", "full"])
+  assert gem_text.fed_rule(fixed, {}, {}) == "gem_uniform"
