@@ -32,7 +32,8 @@ weights (with the new head), and kept fixed. Dropout is off (short runs, fewer r
 
 Federated: the training quotes over 20 clients with a Dirichlet(0.5) topic split; FedAvg
 (``jaxfl.simulate``; AdamW clients with fresh state every round) of (a) the full model and (b)
-GEM masks (``--fed-allocation``) at each budget. The GEM mask is computed once on the server
+GEM masks at each budget, with the allocation rule that won the centralized runs
+(``--fed-allocation auto``, the default: the federated pieces wait for that evidence). The GEM mask is computed once on the server
 from *pooled client calibration gradients*: ``--fed-calib-clients`` clients each send the mean
 gradient of one batch of their own data at the pre-trained weights (a one-time dense uplink,
 counted), the server averages them (weighted by batch size) and builds the mask; clients then
