@@ -10,6 +10,7 @@ from jaxfl import algorithms as algorithms
 from jaxfl import comm as comm
 from jaxfl import data as data
 from jaxfl import evaluation as evaluation
+from jaxfl import hyperparams as hyperparams
 from jaxfl import masks as masks
 from jaxfl import memory as memory
 from jaxfl import models as models
@@ -34,6 +35,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "LocalTraining", "NonFiniteUpdateError", "Round", "ServerState",
            "SimulationResult", "aggregation", "algorithms", "build_round", "comm", "data",
-           "evaluation", "make_client_update", "masks", "memory", "models", "sampling",
-           "set_cpu_devices", "sharding", "simulate", "transforms", "tree", "views", "xla_options",
-           "__version__"]
+           "evaluation", "hyperparams", "make_client_update", "masks", "memory", "models",
+           "sampling", "set_cpu_devices", "sharding", "simulate", "transforms", "tree", "views",
+           "xla_options", "__version__"]

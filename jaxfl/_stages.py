@@ -244,6 +244,8 @@ def make_train_slot(algorithm, client_update, keep_uplink_state: bool):
     p0 = params if start.params is None else start.params
     # Every client optimizer may read the round index (per-round LR schedules).
     context = {"round": server.round, **(start.context or {})}
+    if server.hyperparams:  # written into the client optimizer's state after its init
+      context["hyperparams"] = server.hyperparams
     out = client_update(p0, server.model_state, data.x, data.y, data.client_indices[x.id],
                         data.client_sizes[x.id], train_key, start.train_mask, context)
     delta, local = out.delta, None

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxfl import tree as jtree
+from jaxfl.hyperparams import set_hyperparams
 from jaxfl.models import Model
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -107,7 +108,9 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
   multiplies every optimizer update, so masked entries never move (PruneFL's pruned weights;
   for SGD with momentum this equals masking the gradients). ``context`` (optional dict) is
   passed to the optimizer's ``update`` as keyword arguments every step (SCAFFOLD's
-  correction; :attr:`jaxfl.views.ClientStart.context`). Returns a :class:`ClientOutput`.
+  correction; :attr:`jaxfl.views.ClientStart.context`), except its ``"hyperparams"`` entry
+  (``{name: f32[]}``, see :mod:`jaxfl.hyperparams`), which is written into the optimizer's
+  ``optax.inject_hyperparams`` states right after ``init``. Returns a :class:`ClientOutput`.
   """
   validate_local_training(lt)
   steps = num_steps(lt, max_client_size)
@@ -131,9 +134,12 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     optimizer = lt.optimizer
+    hyperparams = None
     if context is not None:
       optimizer = optax.with_extra_args_support(optimizer)
-    opt_state0 = optimizer.init(params)
+      context = dict(context)
+      hyperparams = context.pop("hyperparams", None)
+    opt_state0 = set_hyperparams(optimizer.init(params), hyperparams)
 
     def train_step(carry, s):
       p, opt_state, ms, gsum, sums = carry

@@ -29,6 +29,7 @@ from jaxfl._stages import NAN_POLICIES, Layout
 from jaxfl.algorithms._base import Algorithm
 from jaxfl.client import make_client_update
 from jaxfl.data._device import DeviceData
+from jaxfl.hyperparams import set_hyperparams
 from jaxfl.models import Model
 from jaxfl.views import ServerSnapshot
 from jaxfl.xla_options import compiler_options
@@ -50,6 +51,9 @@ class ServerState(NamedTuple):
     sampler_state: the :class:`jaxfl.sampling.ClientSampler`'s state.
     memory: the :class:`jaxfl.memory.ClientMemory` rows (leading axis = client or slot), or
       None.
+    hyperparams: ``{"client": {name: f32[]}, "server": {name: f32[]}}`` written into the
+      optimizers' ``optax.inject_hyperparams`` states every round (:mod:`jaxfl.hyperparams`),
+      or None. Inputs of the compiled round: new values do not recompile.
   """
 
   params: Any
@@ -61,6 +65,7 @@ class ServerState(NamedTuple):
   cohort: jax.Array
   sampler_state: Any = None
   memory: Any = None
+  hyperparams: Any = None
 
 
 class Round(NamedTuple):
@@ -149,7 +154,11 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
         algorithm.sampler, state.sampler_state, (k_sample, k_drop, k_clients), state.round,
         num_clients=num_clients, layout=layout, dropout_rate=dropout_rate, context=context)
     rows = None if memory is None else memory.gather(state.memory, cohort.ids, cohort.slots)
-    before = ServerSnapshot(state.params, state.model_state, state.opt_state, state.round)
+    hp = state.hyperparams or {}
+    if hp.get("server"):  # traced values into the server optimizer's injected state
+      state = state._replace(opt_state=set_hyperparams(state.opt_state, hp["server"]))
+    before = ServerSnapshot(state.params, state.model_state, state.opt_state, state.round,
+                            hp.get("client") or None)
     xs = _stages.SlotInputs(cohort.ids, cohort.slots, cohort.keys, cohort.real, rows)
     res = map_clients(before, data, xs)
     outs = res[1] if layout.stream else res
@@ -159,7 +168,8 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
         server_tx, algorithm.server_inputs, state, agg, outs, k_server, mesh)
     model_state = jtree.select_tree(jnp.sum(outs.weight) > 0, agg.model_state,
                                     state.model_state)
-    after = ServerSnapshot(params, model_state, opt_state, state.round + 1)
+    after = ServerSnapshot(params, model_state, opt_state, state.round + 1,
+                           hp.get("client") or None)
     sampler_state = _stages.update_sampler(algorithm.sampler, state.sampler_state, selected,
                                            cohort, outs)
     new_state = ServerState(
@@ -169,7 +179,8 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
         cohort=selected,
         sampler_state=sampler_state,
         memory=_stages.update_memory(memory, state.memory, cohort, outs, rows, before, after,
-                                     mesh))
+                                     mesh),
+        hyperparams=state.hyperparams)
     # Pin the output layout (the compiler would otherwise lay e.g. the cohort along the
     # clients): round r + 1 then gets inputs sharded as round r's and reuses its program.
     new_state = _state_layout(new_state, mesh)

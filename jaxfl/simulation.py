@@ -20,6 +20,7 @@ from jaxfl.algorithms._base import Algorithm, validate_algorithm
 from jaxfl.data import FederatedData, device_data
 from jaxfl.data import validate as validate_data
 from jaxfl.evaluation import make_evaluate
+from jaxfl.hyperparams import validate_hyperparams
 from jaxfl.models import Model
 from jaxfl.round import NAN_POLICIES, ServerState, build_round
 from jaxfl.xla_options import host_cores
@@ -150,13 +151,14 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
              dropout_rate: float = 0.0, checkpoint_dir: str | None = None,
              checkpoint_every: int = 0, output_dir: str | None = None, plot: bool = False,
              progress: bool = True, init_params=None, check_data: bool = True,
-             allow_config_change: bool = False) -> SimulationResult:
+             allow_config_change: bool = False, hyperparams=None) -> SimulationResult:
   """Runs a federated simulation: one compiled round, a Python loop over rounds only.
 
   The built round is kept for the next call with the same ``algorithm`` and ``model`` objects
   and the same population shape, cohort and execution options (the 4 most recent set-ups), so
   re-running a notebook cell, or a loop over seeds, rounds or data of the same shape, compiles
-  nothing again. A new algorithm object (e.g. another learning rate) builds a new round.
+  nothing again. A new algorithm object (e.g. another learning rate) builds a new round;
+  to change a learning rate without that, pass it as a traced value (``hyperparams``).
 
   Args:
     algorithm: a :class:`jaxfl.algorithms.Algorithm` (``jaxfl.algorithms.fedavg()``, ...).
@@ -182,9 +184,20 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
       ``accuracy.png`` with ``plot=True``); process 0 only.
     progress: show a progress bar (process 0 only).
     init_params: optional initial params (e.g. pre-trained) replacing ``model.init``'s.
+    check_data: validate ``data`` (labels, indices, sizes) before the first round.
+    allow_config_change: resume a checkpoint written with another configuration.
+    hyperparams: ``{"client": {name: value}, "server": {name: value}}``: values written into
+      the client / server optimizers' ``optax.inject_hyperparams`` states inside the round
+      (:mod:`jaxfl.hyperparams`). They are inputs of the compiled round, so another call
+      with other values (same algorithm and model objects) compiles nothing; the FedOpt
+      presets' client SGD is injected (``{"client": {"learning_rate": 0.1}}``). Checked
+      before anything compiles; part of the checkpoint's configuration.
   """
   _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed,
                 check_data)
+  hyperparams = validate_hyperparams(
+      hyperparams, algorithm,
+      jax.eval_shape(model.init, jax.random.key(0))[0] if init_params is None else init_params)
   if jax.process_index() == 0:
     _check_writable_dir("output_dir", output_dir)
   _check_writable_dir("checkpoint_dir", checkpoint_dir)
@@ -202,7 +215,7 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
                 nan_policy=nan_policy, dropout_rate=dropout_rate,
                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                 output_dir=output_dir, plot=plot, progress=progress, init_params=init_params,
-                allow_config_change=allow_config_change)
+                allow_config_change=allow_config_change, hyperparams=hyperparams)
 
 
 def _directories(**dirs):
@@ -244,7 +257,8 @@ def _resume(checkpoint_dir, state, fp, rounds, allow_config_change):
 
 def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every, devices,
          clients_per_chunk, stream_aggregate, nan_policy, dropout_rate, checkpoint_dir,
-         checkpoint_every, output_dir, plot, progress, init_params, allow_config_change):
+         checkpoint_every, output_dir, plot, progress, init_params, allow_config_change,
+         hyperparams):
   devices = jax.devices() if devices is None else list(devices)
   _hint_cpu_devices(devices)
   rnd, evaluate = _built_round(
@@ -257,14 +271,20 @@ def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every,
   state = rnd.init(jax.random.fold_in(root, 0))
   if init_params is not None:
     state = state._replace(params=init_params)
+  state = state._replace(hyperparams=hyperparams)
   state = jax.tree.map(np.asarray, state)  # fresh host buffers: the round donates its input
   fp = jckpt.fingerprint(algorithm, data, state, seed=seed,
                          clients_per_round=clients_per_round, nan_policy=nan_policy,
                          dropout_rate=dropout_rate)
+  if hyperparams is not None:
+    fp["traced_hyperparameters"] = {side: {k: float(v) for k, v in vals.items()}
+                                    for side, vals in hyperparams.items()}
   history, start, changes = [], 0, []
   if checkpoint_dir:
     state, history, start, changes = _resume(checkpoint_dir, state, fp, rounds,
                                              allow_config_change)
+    if hyperparams is not None:  # an allowed change takes the values asked for now
+      state = state._replace(hyperparams=jax.tree.map(np.asarray, hyperparams))
   state = rnd.place(state)  # laid out as the round returns it: one compilation
   dd = device_data(data, mesh)
   x_test, y_test = jshard.put_replicated((data.x_test, data.y_test), mesh)

@@ -41,12 +41,15 @@ class ServerSnapshot(NamedTuple):
     model_state: global non-trainable collections (BN statistics).
     opt_state: the server optimizer's state (e.g. a layer-wise transform's masks).
     round: i32[] index of the round (0-based).
+    hyperparams: the client side of :attr:`jaxfl.ServerState.hyperparams` (``{name:
+      f32[]}``, traced; see :mod:`jaxfl.hyperparams`), or None.
   """
 
   params: Any
   model_state: Any
   opt_state: Any
   round: jax.Array
+  hyperparams: Any = None
 
 
 class SlotInfo(NamedTuple):

@@ -40,7 +40,11 @@ def _local(client_lr, client_momentum, weight_decay, batch_size, local_steps, lo
     parts.append(add_proximal_term(prox_mu))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay))
-  parts.append(optax.sgd(client_lr, momentum=client_momentum or None))
+  if callable(client_lr):
+    parts.append(optax.sgd(client_lr, momentum=client_momentum or None))
+  else:  # numbers live in the state: simulate(hyperparams={"client": {...}}) changes them
+    parts.append(optax.inject_hyperparams(optax.sgd)(learning_rate=client_lr,
+                                                     momentum=client_momentum or None))
   opt = parts[0] if len(parts) == 1 else optax.chain(*parts)
   if local_epochs is not None:
     local_steps = None

@@ -8,7 +8,11 @@ rewrite changed no bit. They were re-recorded once, deliberately, when a round w
 participants started skipping the server step (issue "Nothing lost, nothing silent"): the
 select on the server state moved five presets (fedavgm, fedacg, fedluar, fedluar_uniform,
 fedprox_luar) by at most 2.4e-7 relative (an XLA fusion change around the select, not a numeric
-one); every other preset stayed bit-identical.
+one); every other preset stayed bit-identical. prunefl_1dev was re-recorded when the FedOpt
+presets' client SGD became ``optax.inject_hyperparams`` (learning rate in the state, so
+``simulate(hyperparams=...)`` can change it without recompiling): at most 1.03e-7 relative, an
+XLA fusion change of the masked update with a traced instead of a constant rate; 2 devices and
+every other preset stayed bit-identical.
 
   python tests/golden/record.py --devices 1 --write   # re-record (only for deliberate changes)
   python tests/golden/record.py --devices 2           # compare, print max differences
