@@ -113,6 +113,22 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
                      progress=False, eval_every=0)
       counts.append(len(compiles))
     assert counts[0] == counts[1] and counts[0] > 0, counts
+    # traced hyperparameters reach the clients on every device: a client rate passed as a
+    # value equals the algorithm built with it, and a new value compiles nothing
+    fedavg = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=2, batch_size=3)
+    runs = {}
+    for lr in (0.2, 0.05):
+      del compiles[:]
+      runs[lr] = jaxfl.simulate(fedavg, model, data, rounds=2, clients_per_round=5, seed=1,
+                                progress=False, eval_every=0,
+                                hyperparams={"client": {"learning_rate": lr}})
+    assert not compiles, len(compiles)
+    for lr, res in runs.items():
+      ref = jaxfl.simulate(jaxfl.algorithms.fedavg(client_lr=lr, local_steps=2, batch_size=3),
+                           model, data, rounds=2, clients_per_round=5, seed=1, progress=False,
+                           eval_every=0)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   res.state.params, ref.state.params)
     print("LAYERWISE_SHARDED_OK")
 """)
 
