@@ -29,6 +29,7 @@ Resumable: one arm x one seed per child process, each writing its own JSON under
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -57,12 +58,13 @@ PRESETS = {
     "fashion_mnist": dict(dataset="fashion_mnist", model="cnn", features=[16, 32, 32],
                           num_clients=100, cohort=20, alpha=0.1, rounds=200, local_epochs=1.0,
                           batch=32, lr=0.05, final_lr=1e-4, weight_decay=2e-4, clip=5.0,
-                          kappa=0.2, gamma=3.0, rep_keep=0.4, eval_every=5),
+                          kappa=0.2, gamma=3.0, rep_keep=0.4, eval_every=5,
+                          client_compute="gathered"),
     "fashion_mnist_iid": dict(dataset="fashion_mnist", model="cnn", features=[16, 32, 32],
                               num_clients=100, cohort=20, alpha=None, rounds=200,
                               local_epochs=1.0, batch=32, lr=0.05, final_lr=1e-4,
                               weight_decay=2e-4, clip=5.0, kappa=0.2, gamma=3.0, rep_keep=0.4,
-                              eval_every=5),
+                              eval_every=5, client_compute="gathered"),
     # The paper's heterogeneous CIFAR-10 / ResNet-18 run (NEXT_METHODS.md §B.2.10: wd 5e-4,
     # gamma 3, E = 2, 1000 rounds, alpha 0.1), for a GPU. CIFAR-10 from TFDS, or an .npz with
     # x_train, y_train, x_test, y_test (--data-npz; the GPU image has no TFDS). No augmentation.
@@ -70,15 +72,22 @@ PRESETS = {
                              num_clients=100, cohort=20, alpha=0.1, rounds=1000,
                              local_epochs=2.0, batch=32, lr=0.1, final_lr=1e-4,
                              weight_decay=5e-4, clip=5.0, kappa=0.2, gamma=3.0, rep_keep=0.4,
-                             eval_every=10),
+                             eval_every=10, client_compute="gathered"),
 }
 
 ARMS = ("full", "prism_power", "prism_uniform", "prism_top", "static_width", "fjord_dropout",
         "prism_hetero")
 EXTRA_ARMS = ("prism_softmax", "prism_power_norowcut", "prism_power_refclip")
 OVERRIDES = ("dataset", "model", "features", "num_clients", "cohort", "alpha", "rounds", "local_epochs",
-             "batch", "lr", "weight_decay", "kappa", "gamma", "rep_keep", "eval_every")
+             "batch", "lr", "weight_decay", "kappa", "gamma", "rep_keep", "eval_every",
+             "client_compute")
 CAPACITIES, RATIOS = (0.2, 0.4, 0.6), (0.5, 0.3, 0.2)
+# How a PriSM client computes its sub-model (same results up to float summation order,
+# tests/algorithms/prism_sliced_test.py): "masked" runs the full-size factorised model with the
+# other components zeroed (1.2x the dense model's FLOPs here), "sliced" gathers each layer's
+# components inside the model (0.40x), "gathered" also trains a gathered parameter tree
+# (0.39x; experiments/results/prism_memory.md). The default is the cheapest.
+CLIENT_COMPUTE = ("masked", "sliced", "gathered")
 
 
 # ------------------------------------------------------------------------------------ data
@@ -170,18 +179,29 @@ def build(cfg: dict, arm: str, seed: int, data):
                   "fjord_dropout": (k, "dropout")}[arm]
     return (A.prism_fedavg(name=arm, **common),
             make_model(cfg, shape, classes, False, keep, mode), None)
-  model = A.prism_model(make_model(cfg, shape, classes, True))
+  compute = cfg.get("client_compute", "masked")
+  base = make_model(cfg, shape, classes, True)
   prism = dict(gamma=cfg["gamma"], rep_keep=cfg["rep_keep"], name=arm, **common)
+
+  def with_compute(algo, kappa):  # the same algorithm, the client's sub-model run smaller
+    if compute == "sliced":
+      return algo, A.prism_model(base, sliced=kappa)
+    if compute == "gathered":
+      return (algo._replace(client_update=functools.partial(A.prism_client_update,
+                                                            sliced=kappa)),
+              A.prism_model(base))
+    return algo, A.prism_model(base)
+
   if arm == "prism_hetero":
     kappa = A.draw_capacities(data.num_clients, CAPACITIES, RATIOS, seed=seed)
-    return A.prism(kappa, sampling="power", **prism), model, kappa
+    return (*with_compute(A.prism(kappa, sampling="power", **prism), kappa), kappa)
   sampling = {"prism_power": "power", "prism_uniform": "uniform", "prism_top": "top",
               "prism_softmax": "softmax", "prism_power_norowcut": "power",
               "prism_power_refclip": "power"}[arm]
   if arm == "prism_power_norowcut":
     prism["rep_keep"] = 1.0
-  return (A.prism(k, sampling=sampling, submodel_clip=arm != "prism_power_refclip", **prism),
-          model, None)
+  algo = A.prism(k, sampling=sampling, submodel_clip=arm != "prism_power_refclip", **prism)
+  return (*with_compute(algo, k), None)
 
 
 def _cnn_costs(cfg, shape, classes, kind, keep=1.0, rep_keep=1.0):
@@ -408,11 +428,12 @@ def main():
   p.add_argument("--data-npz", default=None,
                  help=".npz with x_train, y_train, x_test, y_test (e.g. CIFAR-10 on a GPU box)")
   for k in OVERRIDES:  # preset overrides (recorded; pieces are filed under a tagged folder)
-    kind = (str if k in ("dataset", "model", "alpha") else
+    kind = (str if k in ("dataset", "model", "alpha", "client_compute") else
             int if k in ("features", "num_clients", "cohort", "rounds", "batch", "eval_every")
             else float)
     p.add_argument("--" + k.replace("_", "-"), dest=k, default=None, type=kind,
                    nargs="+" if k == "features" else None,
+                   choices=CLIENT_COMPUTE if k == "client_compute" else None,
                    help="override the preset's " + k + (" (a float or 'iid')" if k == "alpha"
                                                         else ""))
   args = p.parse_args()
