@@ -40,3 +40,10 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 # cp -r experiments/results/mlbfgs "$OUT"/ 2>/dev/null || true
 # python experiments/mlbfgs_benchmark.py --workloads cifar10_resnet20 dp_cnn \
 #   --data-dir ~/tensorflow_datasets --out-dir "$OUT" --max-minutes 8
+# PriSM (issue 15) in the paper's heterogeneous CIFAR-10 / ResNet-18 setting (1000 rounds,
+# E = 2, kappa_i from {0.2, 0.4, 0.6}; CIFAR-10 as an .npz since the image has no TFDS):
+# python experiments/prism.py --preset cifar10_resnet18 --data-npz cifar10_all.npz \
+#   --arms full prism_power prism_uniform static_width prism_hetero --seeds 0 --out-dir "$OUT"
+# GEM on a pre-trained transformer (issue 21): the same study at a longer fine-tuning budget
+# (the CPU run is 60 steps of batch 16 at 32 tokens); needs the text extra + fortunes files:
+# python experiments/gem_text.py --steps 600 --max-len 64 --batch 32 --out-dir "$OUT"
