@@ -52,12 +52,11 @@ mask and learning rate: both live in the optimizer state).
 Cost (2-core CPU). Measured here (jax 0.10.2, load average ~7 from other jobs): one train
 step at L=32, batch 16 costs 0.63 CPU-seconds (0.98 s wall under that load), evaluation ~10
 CPU-ms per quote, a piece's start (imports, checkpoint, tokenizing) ~5 s, a mask ~5-15 s the
-first time (then cached). Estimate on an idle 2-core machine, at ~0.5 s per step: a central
-piece (60 steps + 900 evaluated quotes + start) ~40 s (measured: 39-44 s); 16 arm x budget
-pairs x (6 rates on seed 0 + 2 seeds) = 128 pieces ~85 min; 3 federated runs of 12 rounds x 5
-clients x 4 steps (+ compile, calibration, 5 evaluations) ~3 min each; the benchmark ~1 min:
-**~95 min in all** (about 2.5x that under a heavy load). The driver prints the measured
-seconds per piece and the estimated remainder after every piece; ``--max-minutes`` slices the run.
+first time (then cached). On the idle 2-core machine a central piece (60 steps + 900
+evaluated quotes + start) took 25-45 s (~30 s on average); 16 arm x budget pairs x (7 rates
+on seed 0 + 2 seeds) = 144 pieces ~75 min; 3 federated runs of 12 rounds x 5 clients x 4
+steps (+ compile, calibration, 5 evaluations) ~3 min each; the benchmark ~1 min: **~85 min
+in all** (about 2.5x that under a heavy load). The driver prints the measured seconds per piece and the estimated remainder after every piece; ``--max-minutes`` slices the run.
 
   python experiments/gem_text.py                        # everything (resumes)
   python experiments/gem_text.py --max-minutes 30       # a slice; rerun to continue
@@ -116,8 +115,8 @@ def parse_args(argv=None):
   p.add_argument("--budgets", default="0.001,0.01")
   p.add_argument("--seeds", default="0,1,2")
   # Decades and half-decades at both ends, so that every arm's pick is inside the grid (60
-  # AdamW steps without warm-up: full fine-tuning picked 3e-5, sparse masks want ~1e-2).
-  p.add_argument("--lr-grid", default="1e-5,3e-5,1e-4,1e-3,1e-2,3e-2",
+  # AdamW steps without warm-up: full fine-tuning picked 3e-5, a random 0.1% mask 3e-2).
+  p.add_argument("--lr-grid", default="1e-5,3e-5,1e-4,1e-3,1e-2,3e-2,1e-1",
                  help="encoder learning rates (AdamW)")
   p.add_argument("--head-lr", type=float, default=3e-3, help="the new head's AdamW rate")
   p.add_argument("--weight-decay", type=float, default=0.01)
