@@ -56,7 +56,8 @@ first time (then cached). On the idle 2-core machine a central piece (60 steps +
 evaluated quotes + start) took 25-45 s (~30 s on average); 16 arm x budget pairs x (7 rates
 on seed 0 + 2 seeds) = 144 pieces ~75 min; 3 federated runs of 12 rounds x 5 clients x 4
 steps (+ compile, calibration, 5 evaluations) ~3 min each; the benchmark ~1 min: **~85 min
-in all** (about 2.5x that under a heavy load). The driver prints the measured seconds per piece and the estimated remainder after every piece; ``--max-minutes`` slices the run.
+in all** (about 2.5x that under a heavy load). The driver prints the measured seconds per
+piece and the estimated remainder after every piece; ``--max-minutes`` slices the run.
 
   python experiments/gem_text.py                        # everything (resumes)
   python experiments/gem_text.py --max-minutes 30       # a slice; rerun to continue
