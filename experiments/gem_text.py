@@ -148,6 +148,9 @@ def parse_args(argv=None):
   p.add_argument("--smoke", action="store_true", help="tiny run in one process (< 1 min)")
   p.add_argument("--in-process", action="store_true", help="run pieces without subprocesses")
   p.add_argument("--report-only", action="store_true")
+  p.add_argument("--mask-layout", action="store_true",
+                 help="where each arm's seed-0 masks put their entries (embeddings, attention, "
+                      "FFN) -> gem_text_masks.{json,md}; reuses the cached masks")
   p.add_argument("--max-minutes", type=float, default=None,
                  help="start no new piece after this long (rerun to continue)")
   p.add_argument("--piece", default=None, help=argparse.SUPPRESS)
@@ -863,9 +866,69 @@ def plot(path, result, args):
 # ------------------------------------------------------------------------------- driver
 
 
+GROUPS = (("word embeddings", "['embeddings']['word']"),
+          ("position + type embeddings", "['embeddings']"),
+          ("attention q/k/v/out", ("['query']", "['key']", "['value']", "['attention_out']")),
+          ("FFN in/out", ("['intermediate']", "['output']")))
+
+
+def _group(name: str) -> str:
+  for label, keys in GROUPS:
+    if any(k in name for k in ((keys,) if isinstance(keys, str) else keys)):
+      return label
+  return "other"
+
+
+def mask_layout(args, command: str) -> dict:
+  """Share of each budgeted arm's tuned entries (seed 0) per parameter group, and the group's
+  density, from the same (cached) masks the pieces trained with."""
+  import jax
+
+  import jaxfl
+
+  model, params, _, data = task(args, args.seeds[0])
+  grad_fn = functions(args, model)[4]
+  names = jaxfl.tree.leaf_names(params)
+  leaves = jax.tree.leaves(params)
+  sizes = {}
+  for n, x in zip(names, leaves):
+    if eligible(n, x):
+      sizes[_group(n)] = sizes.get(_group(n), 0) + int(np.size(x))
+  total = sum(sizes.values())
+  rows = []
+  for arm in args.arms:
+    if ARMS.get(arm) is None:
+      continue
+    for b in args.budgets:
+      mask, _ = make_mask(args, arm, b, args.seeds[0], params, grad_fn, data)
+      counts = dict.fromkeys(sizes, 0)
+      for n, x, m in zip(names, leaves, jax.tree.leaves(mask)):
+        if eligible(n, x):
+          counts[_group(n)] += int(np.count_nonzero(m))
+      k = sum(counts.values())
+      rows.append({"arm": arm, "budget": b, "entries": k,
+                   "share": {g: counts[g] / k for g in sizes},
+                   "density": {g: counts[g] / sizes[g] for g in sizes}})
+  groups = list(sizes)
+  lines = ["# Where the masks put their entries (seed 0)", "",
+           "Share of each arm's tuned encoder entries per parameter group (density in the "
+           "group in parentheses). The groups' shares of the eligible entries: "
+           + ", ".join(f"{g} {sizes[g] / total:.1%}" for g in groups) + ".", ""]
+  cells = [[r["arm"], f"{100 * r['budget']:g}%"]
+           + [f"{r['share'][g]:.1%} ({r['density'][g]:.2%})" for g in groups] for r in rows]
+  lines.append(md_table(["arm", "budget", *groups], cells))
+  result = {"groups": {g: sizes[g] for g in groups}, "rows": rows}
+  write_results(args.out_dir, "gem_text_masks", command=command, data=result,
+                md="\n".join(lines) + "\n")
+  return result
+
+
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
+  if args.mask_layout:
+    _setup_jax()
+    return mask_layout(args, command_line(__file__, argv))
   if args.piece:  # child: one piece
     _setup_jax()
     piece = Piece(**json.loads(args.piece))

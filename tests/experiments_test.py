@@ -276,3 +276,17 @@ def test_gem_text_federated_arm_waits_for_the_evidence_then_takes_the_best_gem_r
                                                          ("gem_entropy", 0.01, 1e-2)]
   fixed = gem_text.parse_args(["--fed-allocation", "uniform", "--arms", "full"])
   assert gem_text.fed_rule(fixed, {}, {}) == "gem_uniform"
+
+
+def test_gem_text_mask_layout_groups_every_encoder_kernel():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import gem_text
+
+  g = gem_text._group
+  assert g("['encoder']['embeddings']['word']['embedding']") == "word embeddings"
+  assert g("['encoder']['embeddings']['position']['embedding']") == "position + type embeddings"
+  assert g("['encoder']['embeddings']['token_type']['embedding']") == "position + type embeddings"
+  for k in ("query", "key", "value", "attention_out"):
+    assert g(f"['encoder']['layer_3'][{k!r}]['kernel']") == "attention q/k/v/out"
+  for k in ("intermediate", "output"):
+    assert g(f"['encoder']['layer_5'][{k!r}]['kernel']") == "FFN in/out"
