@@ -62,6 +62,10 @@ def parse_args(argv=None):
                  help="'val' evaluates on held-out fine-tuning *training* images (for tuning)")
   p.add_argument("--weight-decay", type=float, default=1e-4)
   p.add_argument("--calib-batches", type=int, default=4)
+  p.add_argument("--allocation", default=None,
+                 choices=["entropy", "entropy_size", "uniform", "equal", "global"],
+                 help="per-layer budget rule of gem and the baselines (default: the library's, "
+                      "k ∝ H·n; gem_uniform_budget always uses uniform)")
   p.add_argument("--bench-steps", type=int, default=30)
   args = p.parse_args(argv)
   if args.quick:
@@ -188,8 +192,9 @@ def main(argv=None):
     for budget in args.budgets:
       for method in args.methods:
         t0 = time.time()
+        alloc = None if method == "gem_uniform_budget" else args.allocation
         mask = gem.build_mask(method, start, budget, grads=grads, key=jax.random.key(seed),
-                              eligible=eligible, always=always)
+                              eligible=eligible, always=always, allocation=alloc)
         mask_seconds.append(time.time() - t0)
         state = optax.tree.set(sparse_tx.init(start), mask=mask)
         p = train(sparse_step, start, state, xb, yb, args.ft_steps, data_seed)
@@ -293,7 +298,9 @@ def markdown(rows, args, command):
       "mean ± std over seeds. Budget = fraction of the 453,408 body-kernel entries; the new "
       "10-way head (1,290 params) is trained fully in every sparse run. Same AdamW "
       f"(weight decay {args.weight_decay:g}) for all; lr {args.lr:g} for full fine-tuning, "
-      f"{args.lr_sparse:g} for the sparse runs.",
+      f"{args.lr_sparse:g} for the sparse runs. Per-layer budgets: "
+      f"{args.allocation or 'the library default (entropy_size, k ∝ H·n)'} for every method "
+      "but gem_uniform_budget (uniform).",
       "",
       f"* full fine-tuning (lr {args.lr:g}): **{full['acc_mean']:.4f} ± {full['acc_std']:.4f}**",
       f"* full fine-tuning at the sparse lr ({args.lr_sparse:g}, control): "
