@@ -133,6 +133,14 @@ def write_json(path: str, obj, indent: int | None = 1) -> str:
   return _atomic_write(path, lambda f: json.dump(obj, f, indent=indent))
 
 
+def read_json(path: str):
+  """The JSON at ``path``, or None when there is no such file (a piece not run yet)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def write_text(path: str, text: str) -> str:
   """``text`` at ``path``, ending in a newline (folders created); returns ``path``."""
   return _atomic_write(path, lambda f: f.write(text if text.endswith("\n") else text + "\n"))

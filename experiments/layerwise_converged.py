@@ -131,7 +131,16 @@ import sys
 import time
 
 import numpy as np
-from _common import RESULTS, command_line, md_table, save_plot, timed, write_json, write_results
+from _common import (
+  RESULTS,
+  command_line,
+  md_table,
+  read_json,
+  save_plot,
+  timed,
+  write_json,
+  write_results,
+)
 
 PRESETS = {
     "fmnist_cnn": dict(dataset="fashion_mnist", model="cnn6", image=28, num_clients=128,
@@ -456,13 +465,6 @@ def piece_path(root: str, arm: str, lr: float, seed: int) -> str:
   return os.path.join(root, f"{arm}_lr{_lr_name(lr)}_s{seed}.json")
 
 
-def _load(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def _tail_acc(piece: dict, k: int = TAIL) -> float:
   accs = [h["test_accuracy"] for h in piece["history"] if "test_accuracy" in h]
   return float(np.mean(accs[-k:]))
@@ -507,7 +509,7 @@ def _reuse_regime_piece(cfg: dict, roots: dict, arm: str, lr: float, seed: int) 
   """Copies a regime-sweep FedAvg piece that is this FedAvg piece; True if it did."""
   if not arm.startswith("fedavg_") or arm.startswith("fedavg_i"):
     return False
-  src = _load(piece_path(roots["regime"], f"fedavg_i{interval_of(cfg, arm)}", lr, seed))
+  src = read_json(piece_path(roots["regime"], f"fedavg_i{interval_of(cfg, arm)}", lr, seed))
   if src is None or not _same_run(src["run"], run_config(cfg, arm, lr, seed)):
     return False
   src = dict(src, arm=arm, copied_from=f"regime/fedavg_i{interval_of(cfg, arm)}")
@@ -527,7 +529,7 @@ def _collect(cfg: dict, root: str, plan_arms, lrs, seeds):
     for lr in lrs:
       for seed in seeds:
         p = piece_path(root, arm, lr, seed)
-        piece = _load(p)
+        piece = read_json(p)
         if piece is None:
           continue
         if _same_run(piece["run"], run_config(cfg, arm, lr, seed)):

@@ -111,7 +111,15 @@ import sys
 import time
 
 import numpy as np
-from _common import RESULTS, command_line, md_table, save_plot, write_json, write_results
+from _common import (
+  RESULTS,
+  command_line,
+  md_table,
+  read_json,
+  save_plot,
+  write_json,
+  write_results,
+)
 
 OPTIMIZERS = ("adamw", "sgd", "kfac", "mlbfgs", "mlbfgs_blocks", "nsgd")
 MLBFGS = dict(history=10, pair_momentum=0.9, damping=0.01, sigma_lo=0.01, sigma_hi=1.5)
@@ -710,13 +718,6 @@ def piece_path(root: str, opt: str, lr: float, seed: int) -> str:
   return os.path.join(root, f"{opt}_lr{lr:g}_s{seed}.json")
 
 
-def _load(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def _score(piece: dict) -> float:
   """Selection score of a grid point: mean of the last two train-loss evaluations."""
   if piece["diverged"]:
@@ -733,7 +734,7 @@ def collect(cfg: dict, root: str, optimizers, seeds):
   for name in sorted(os.listdir(root)):
     if not name.endswith(".json") or name == "cost.json":
       continue
-    piece = _load(os.path.join(root, name))
+    piece = read_json(os.path.join(root, name))
     key = (piece["optimizer"], piece["lr"], piece["seed"])
     if key[0] not in optimizers:
       continue
@@ -970,7 +971,7 @@ def report(cfgs: list[dict], out_dir: str, optimizers, seeds, command: str) -> l
     stale[cfg["workload"]] = st
     if not done:
       continue
-    results.append(summarize(cfg, done, _load(os.path.join(root, "cost.json")), optimizers,
+    results.append(summarize(cfg, done, read_json(os.path.join(root, "cost.json")), optimizers,
                              seeds))
   if not results:
     print("no pieces yet; nothing to report")
@@ -995,7 +996,7 @@ def smoke_estimates(cfgs: list[dict], out_dir: str, optimizers) -> list[dict]:
   for cfg in cfgs:
     full = config(cfg["workload"], reference_mode=cfg["reference_mode"])
     root = os.path.join(out_dir, "mlbfgs", tag(cfg))
-    cost = (_load(os.path.join(root, "cost.json")) or {}).get("optimizers", {})
+    cost = (read_json(os.path.join(root, "cost.json")) or {}).get("optimizers", {})
     done, _ = collect(cfg, root, optimizers, [0])
     for (opt, _lr, seed), piece in sorted(done.items()):
       if seed != 0:

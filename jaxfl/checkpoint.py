@@ -175,11 +175,16 @@ def _shapes(tree) -> str:
 def fingerprint(algorithm, data, state, *, seed: int, clients_per_round: int,
                 nan_policy: str, dropout_rate: float) -> dict:
   """What must not change when a run resumes: the algorithm (name, the preset's
-  hyperparameters, local training, contracts), the model and server-state shapes, the data
-  and its partition (hashes), the seed and the cohort. JSON-safe; compared field by field.
+  hyperparameters, local training, contracts), the traced hyperparameter values
+  (``state.hyperparams``), the model and server-state shapes, the data and its partition
+  (hashes), the seed and the cohort. JSON-safe; compared field by field.
   """
   local = algorithm.local
   idx = np.ascontiguousarray(data.client_indices)
+  traced = {}
+  if getattr(state, "hyperparams", None) is not None:  # absent otherwise: old fingerprints match
+    traced["traced_hyperparameters"] = {side: {k: float(v) for k, v in vals.items()}
+                                        for side, vals in state.hyperparams.items()}
   return json_safe({
       "algorithm": algorithm.name,
       "hyperparameters": dict(algorithm.config) if algorithm.config is not None else None,
@@ -195,6 +200,7 @@ def fingerprint(algorithm, data, state, *, seed: int, clients_per_round: int,
                "labels": _digest(np.asarray(data.y).tobytes(), np.shape(data.x))},
       "seed": int(seed), "clients_per_round": int(clients_per_round),
       "nan_policy": nan_policy, "dropout_rate": float(dropout_rate),
+      **traced,
   })
 
 

@@ -52,6 +52,13 @@ def _build(args):
   return data, model, algo
 
 
+def _algorithm_names() -> list[str]:
+  """``run --algorithm`` choices: the registry plus PriSM (which brings its own model)."""
+  import jaxfl
+
+  return sorted([*jaxfl.algorithms.ALGORITHMS, "prism"])
+
+
 def _build_prism(args, model, kw):
   """PriSM pairs its own model (count leaves, optionally sliced) with its algorithm."""
   import jax
@@ -74,7 +81,7 @@ def _add_run_args(p):
   import jaxfl
 
   p.add_argument("--algorithm", default="fedavg",
-                 choices=sorted([*jaxfl.algorithms.ALGORITHMS, "prism"]))
+                 choices=_algorithm_names())
   p.add_argument("--dataset", default="digits",
                  help=f"one of {', '.join(jaxfl.data.DATASETS)} (default digits)")
   p.add_argument("--data-dir", default=None, help="raw data folder (Fashion-MNIST IDX, TFDS)")
@@ -234,7 +241,7 @@ def cmd_list(args) -> int:
   del args
   import jaxfl
 
-  print("algorithms:", ", ".join(sorted([*jaxfl.algorithms.ALGORITHMS, "prism"])))
+  print("algorithms:", ", ".join(_algorithm_names()))
   print("datasets:  ", ", ".join(jaxfl.data.DATASETS))
   print("models:    ", ", ".join(sorted(jaxfl.models.MODELS)))
   print("partitions:", ", ".join(sorted(jaxfl.data.PARTITIONERS)), "+ from_index_files")
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
 
   parser = argparse.ArgumentParser(
       prog="jaxfl", description="Federated learning simulations as one jit-compiled round.",
-      epilog=("algorithms: " + ", ".join(sorted(jaxfl.algorithms.ALGORITHMS)) + "; datasets: "
+      epilog=("algorithms: " + ", ".join(_algorithm_names()) + "; datasets: "
               + ", ".join(jaxfl.data.DATASETS) + "; models: "
               + ", ".join(sorted(jaxfl.models.MODELS))))
   sub = parser.add_subparsers(dest="command", required=True)

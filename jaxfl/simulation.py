@@ -195,9 +195,10 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
   """
   _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed,
                 check_data)
-  hyperparams = validate_hyperparams(
-      hyperparams, algorithm,
-      jax.eval_shape(model.init, jax.random.key(0))[0] if init_params is None else init_params)
+  if hyperparams is not None:  # traces the model's init (abstractly) only when asked
+    params = (jax.eval_shape(model.init, jax.random.key(0))[0] if init_params is None
+              else init_params)
+    hyperparams = validate_hyperparams(hyperparams, algorithm, params)
   if jax.process_index() == 0:
     _check_writable_dir("output_dir", output_dir)
   _check_writable_dir("checkpoint_dir", checkpoint_dir)
@@ -276,9 +277,6 @@ def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every,
   fp = jckpt.fingerprint(algorithm, data, state, seed=seed,
                          clients_per_round=clients_per_round, nan_policy=nan_policy,
                          dropout_rate=dropout_rate)
-  if hyperparams is not None:
-    fp["traced_hyperparameters"] = {side: {k: float(v) for k, v in vals.items()}
-                                    for side, vals in hyperparams.items()}
   history, start, changes = [], 0, []
   if checkpoint_dir:
     state, history, start, changes = _resume(checkpoint_dir, state, fp, rounds,
