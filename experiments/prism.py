@@ -262,7 +262,45 @@ def submodel_fractions(cfg, arm, data, kappa) -> dict:
 # ---------------------------------------------------------------------------------- pieces
 
 
+def spectrum_summary(params, kappa: float) -> dict:
+  """Per eligible conv of the final model: the share of ``sum sigma^2`` in its top
+  ``ceil(kappa r)`` singular values (what a kappa sub-model of principal components can hold at
+  best), and the effective rank ``exp(H(sigma^2 / sum sigma^2))`` over ``r``.
+
+  Factorised layers are merged (``V U``) first; a dense model's eligible k x k convs
+  (``C_in`` not 1 or 3) are read as they are, so the full and width arms are comparable."""
+  import jaxfl
+
+  F = jaxfl.models
+  out = {}
+
+  def walk(node, path):
+    if not hasattr(node, "keys"):
+      return
+    if "V" in node and "U" in node:
+      kernel = F.merge_factors(node["V"], node["U"])
+    elif "kernel" in node and np.ndim(node["kernel"]) == 4 and node["kernel"].shape[0] > 1 \
+        and node["kernel"].shape[2] not in (1, 3):
+      kernel = node["kernel"]
+    else:
+      for k in sorted(node.keys()):
+        walk(node[k], path + (k,))
+      return
+    w = np.asarray(kernel, np.float64).reshape(-1, kernel.shape[-1])
+    s2 = np.linalg.svd(w, compute_uv=False) ** 2
+    r = len(s2)
+    n = max(1, math.ceil(kappa * r - 1e-9))
+    p = s2 / s2.sum()
+    out["/".join(path)] = {"r": r, "n": n, "top_energy": float(p[:n].sum()),
+                           "effective_rank": float(np.exp(-(p * np.log(p + 1e-300)).sum()) / r)}
+
+  walk(params.get("params", params) if hasattr(params, "get") else params, ())
+  return out
+
+
 def run_piece(cfg: dict, arm: str, seed: int, out: str, data_dir=None, data_npz=None) -> None:
+  import jax
+
   import jaxfl
 
   jaxfl.set_cpu_devices()
@@ -280,6 +318,12 @@ def run_piece(cfg: dict, arm: str, seed: int, out: str, data_dir=None, data_npz=
            "summary": res.summary, "fractions": submodel_fractions(cfg, arm, data, kappa),
            "capacities": None if kappa is None else np.asarray(kappa).tolist(),
            "history": hist}
+  piece["spectrum"] = spectrum_summary(res.state.params, cfg["kappa"])
+  if cfg["model"] == "cnn":  # small enough to keep: the final model, for post-hoc analysis
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(res.state.params))[0]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    np.savez_compressed(out[:-len(".json")] + "_params.npz",
+                        **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
   write_json(out, piece, indent=None)  # atomic: a killed piece leaves no half-written result
   print(f"{arm} seed {seed}: final {res.summary['final_acc']:.4f} "
         f"best {res.summary['best_acc']:.4f} ({seconds:.0f} s)", flush=True)
@@ -325,6 +369,9 @@ def report(tag: str, cfg: dict, arms, seeds, command: str, out_dir: str) -> dict
         "macs_fraction": ps[0]["fractions"]["macs"],
         "s_per_round": float(np.mean([p["s_per_round"] for p in ps])),
         "seconds_per_piece": float(np.mean([p["seconds"] for p in ps])),
+        # mean over seeds and eligible convs; pieces run before the diagnostic have none
+        "top_energy": _mean_std([np.mean([v["top_energy"] for v in p["spectrum"].values()])
+                                 for p in ps if p.get("spectrum")])[0],
     })
   stem = "prism" if tag == "fashion_mnist" else f"prism_{tag}"
   result = {"tag": tag, "config": cfg, "command": command, "rows": rows}
@@ -339,13 +386,13 @@ def _fmt(x, spec=".4f"):
 
 def _report_md(tag, cfg, rows):
   cols = ["arm", "seeds", "final acc", "best acc", "gap to full", "coverage",
-          "client params", "client MACs", "s / round"]
+          "client params", "client MACs", "top-κ energy", "s / round"]
   cells = [[r["arm"], len(r["seeds"]),
             f"{_fmt(r['final_acc_mean'])} ± {_fmt(r['final_acc_std'])}",
             f"{_fmt(r['best_acc_mean'])} ± {_fmt(r['best_acc_std'])}",
             _fmt(r["gap_to_full"]), _fmt(r["coverage"], ".3f"),
             _fmt(r["params_fraction"], ".3f"), _fmt(r["macs_fraction"], ".3f"),
-            _fmt(r["s_per_round"], ".2f")] for r in rows]
+            _fmt(r["top_energy"], ".3f"), _fmt(r["s_per_round"], ".2f")] for r in rows]
   part = "IID" if cfg["alpha"] is None else f"equal-size Dirichlet alpha={cfg['alpha']}"
   lines = [f"# PriSM: {tag}", "",
            f"{cfg['dataset']}, model {cfg['model']}, N={cfg['num_clients']}, "
@@ -359,7 +406,9 @@ def _report_md(tag, cfg, rows):
            "batches of 500. Coverage: share of components trained by >= 1 client per round "
            "(mean over rounds). Client params / MACs: the sub-model a client trains over the "
            "dense model (width arms: the HeteroFL-style channel slice; the hetero arm: mean over "
-           "the capacity mix)."]
+           "the capacity mix). Top-κ energy: share of sum sigma^2 in the top ceil(kappa r) "
+           "singular values of the final model's eligible convs (merged V U for PriSM), mean "
+           "over layers and seeds: the most a kappa principal sub-model can hold."]
   for r in rows:
     if r["count_histogram"]:
       hist = ", ".join(f"{k}: {v:.3f}" for k, v in r["count_histogram"].items() if v > 0.0005)
