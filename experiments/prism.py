@@ -408,7 +408,9 @@ def _report_md(tag, cfg, rows):
            "dense model (width arms: the HeteroFL-style channel slice; the hetero arm: mean over "
            "the capacity mix). Top-κ energy: share of sum sigma^2 in the top ceil(kappa r) "
            "singular values of the final model's eligible convs (merged V U for PriSM), mean "
-           "over layers and seeds: the most a kappa principal sub-model can hold."]
+           "over layers and the seeds that recorded it (pieces run before the diagnostic did not): "
+           "the most a kappa principal sub-model can hold. For the width arms it reads the "
+           "full-size kernels, whose masked-off channels are idle, so it says little there."]
   for r in rows:
     if r["count_histogram"]:
       hist = ", ".join(f"{k}: {v:.3f}" for k, v in r["count_histogram"].items() if v > 0.0005)
