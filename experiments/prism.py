@@ -267,34 +267,26 @@ def spectrum_summary(params, kappa: float) -> dict:
   ``ceil(kappa r)`` singular values (what a kappa sub-model of principal components can hold at
   best), and the effective rank ``exp(H(sigma^2 / sum sigma^2))`` over ``r``.
 
-  Factorised layers are merged (``V U``) first; a dense model's eligible k x k convs
-  (``C_in`` not 1 or 3) are read as they are, so the full and width arms are comparable."""
+  Factorised layers are merged (``V U``) first, so the full and width arms' dense kernels and
+  PriSM's factors are read alike (``eligible_conv``: k x k, ``C_in`` not 1 or 3)."""
+  import jax
+
   import jaxfl
 
   F = jaxfl.models
+  dense = F.merge_params(params.get("params", params) if hasattr(params, "get") else params)
   out = {}
-
-  def walk(node, path):
-    if not hasattr(node, "keys"):
-      return
-    if "V" in node and "U" in node:
-      kernel = F.merge_factors(node["V"], node["U"])
-    elif "kernel" in node and np.ndim(node["kernel"]) == 4 and node["kernel"].shape[0] > 1 \
-        and node["kernel"].shape[2] not in (1, 3):
-      kernel = node["kernel"]
-    else:
-      for k in sorted(node.keys()):
-        walk(node[k], path + (k,))
-      return
+  for path, kernel in jax.tree_util.tree_flatten_with_path(dense)[0]:
+    if path[-1].key != "kernel" or not F.eligible_conv(np.shape(kernel)):
+      continue
     w = np.asarray(kernel, np.float64).reshape(-1, kernel.shape[-1])
     s2 = np.linalg.svd(w, compute_uv=False) ** 2
     r = len(s2)
     n = max(1, math.ceil(kappa * r - 1e-9))
     p = s2 / s2.sum()
-    out["/".join(path)] = {"r": r, "n": n, "top_energy": float(p[:n].sum()),
-                           "effective_rank": float(np.exp(-(p * np.log(p + 1e-300)).sum()) / r)}
-
-  walk(params.get("params", params) if hasattr(params, "get") else params, ())
+    out["/".join(k.key for k in path[:-1])] = {
+        "r": r, "n": n, "top_energy": float(p[:n].sum()),
+        "effective_rank": float(np.exp(-(p * np.log(p + 1e-300)).sum()) / r)}
   return out
 
 
