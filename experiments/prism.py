@@ -403,6 +403,19 @@ def _report_md(tag, cfg, rows):
            "over layers and the seeds that recorded it (pieces run before the diagnostic did not): "
            "the most a kappa principal sub-model can hold. For the width arms it reads the "
            "full-size kernels, whose masked-off channels are idle, so it says little there."]
+  by = {r["arm"]: r for r in rows}
+  if "prism_power" in by:  # the paper's claim: PriSM ahead of the width baselines at equal kappa
+    pr = by["prism_power"]
+    lines += ["", "Paper's claim (PriSM kappa above static width and FjORD-like dropout by more "
+              "than the seed std):"]
+    for base in ("static_width", "fjord_dropout"):
+      if base in by:
+        b = by[base]
+        gap = pr["final_acc_mean"] - b["final_acc_mean"]
+        std = max(pr["final_acc_std"], b["final_acc_std"])
+        verdict = "holds" if gap > std else "does not hold"
+        lines.append(f"- vs {base}: {gap:+.4f} (std {std:.4f}; {len(pr['seeds'])} vs "
+                     f"{len(b['seeds'])} seeds): {verdict}")
   for r in rows:
     if r["count_histogram"]:
       hist = ", ".join(f"{k}: {v:.3f}" for k, v in r["count_histogram"].items() if v > 0.0005)
