@@ -20,6 +20,8 @@ Arms (``tau'`` = the preset's ``tau``; delta = ``num_recycle``; QSGD s = 16):
   fedlama_phi2     FedLAMA(tau', phi = 2)
   fedlama_phi4     FedLAMA(tau', phi = 4)
   fedluar          FedLUAR(delta), p ~ 1/score, recycle           (the paper's method)
+  fedluar_half     FedLUAR(delta // 2): the delta sweep's second point (more uplink, closer
+                   to FedAvg: where the accuracy/uplink trade-off of recycling sits)
   fedluar_drop     Table 5 ablation: drop the same layers' update instead of recycling it
   fedluar_uniform  Table 4 ablation: uniform layer choice instead of p ~ 1/score
   fedpaq           FedPAQ: clients upload QSGD(16) deltas
@@ -62,8 +64,8 @@ pieces whose recorded configuration differs from the current one).
 Piece order of the main study (partial results are useful at every stage):
 
   A. seed 0, middle LR of the grid, every arm in the order of ``ARMS`` (FedAvg(tau'),
-     FedAvg(2 tau'), FedLUAR, FedLAMA phi=2, FedLAMA phi=4, FedAvg(4 tau'), the two FedLUAR
-     ablations, FedPAQ, FedLUAR+FedPAQ): one comparison at one LR;
+     FedAvg(2 tau'), FedLUAR, FedLAMA phi=2, FedLAMA phi=4, FedAvg(4 tau'), FedLUAR(delta/2),
+     the two FedLUAR ablations, FedPAQ, FedLUAR+FedPAQ): one comparison at one LR;
   B. seed 0, the other grid LRs (low, then high), every arm: the tuned seed-0 comparison;
   C. seed 1 at each arm's best LR (an arm waits until its seed-0 grid is complete);
   D. seed 2 likewise.
@@ -162,8 +164,8 @@ SMOKE = dict(num_clients=16, cohort=4, tau=1, steps=4, batch=8, evals=2, num_tes
 
 # arm -> averaging interval in units of tau'; the order is the piece order within a phase
 ARMS = {"fedavg_tau": 1, "fedavg_2tau": 2, "fedluar": 1, "fedlama_phi2": 1, "fedlama_phi4": 1,
-        "fedavg_4tau": 4, "fedluar_drop": 1, "fedluar_uniform": 1, "fedpaq": 1,
-        "fedluar+fedpaq": 1}
+        "fedavg_4tau": 4, "fedluar_half": 1, "fedluar_drop": 1, "fedluar_uniform": 1,
+        "fedpaq": 1, "fedluar+fedpaq": 1}
 QSGD_ARMS = ("fedpaq", "fedluar+fedpaq")
 BASE = "fedavg_tau"
 MARGIN = 0.01  # "within 1 point", "below by a clear margin"
@@ -208,6 +210,11 @@ def interval_of(cfg: dict, arm: str) -> int:
   return ARMS[arm] * cfg["tau"]
 
 
+def recycle_of(cfg: dict, arm: str) -> int:
+  """FedLUAR's delta (layers recycled per round) for ``arm``."""
+  return max(1, cfg["num_recycle"] // 2) if arm == "fedluar_half" else cfg["num_recycle"]
+
+
 def rounds_of(cfg: dict, arm: str) -> int:
   k = interval_of(cfg, arm)
   if cfg["steps"] % k:
@@ -224,7 +231,7 @@ def run_config(cfg: dict, arm: str, lr: float, seed: int) -> dict:
   out.update(interval=interval_of(cfg, arm), rounds=rounds, lr=float(lr), seed=int(seed),
              eval_every=max(1, rounds // cfg["evals"]), decay_rounds=_decay_rounds(rounds))
   if not arm.startswith("fedavg"):
-    out.update(tau=cfg["tau"], num_recycle=cfg["num_recycle"], levels=cfg["levels"])
+    out.update(tau=cfg["tau"], num_recycle=recycle_of(cfg, arm), levels=cfg["levels"])
   return out
 
 
@@ -303,6 +310,7 @@ def build_arm(cfg: dict, arm: str, lr: float, seed: int):
   else:
     algo = {
         "fedluar": lambda: lw.fedluar(d, seed=seed, name=arm, **common),
+        "fedluar_half": lambda: lw.fedluar(recycle_of(cfg, arm), seed=seed, name=arm, **common),
         "fedluar_drop": lambda: lw.fedluar(d, recycle=False, seed=seed, name=arm, **common),
         "fedluar_uniform": lambda: lw.fedluar(d, selection="uniform", seed=seed, name=arm,
                                               **common),
@@ -660,6 +668,8 @@ def claims(rows) -> list[dict]:
         lambda r, b: r["final_acc_mean"] > b["final_acc_mean"])
   add("FedAvg(2 tau') below FedAvg(tau') by >= 1 point (a regime where averaging less hurts)",
       ["fedavg_2tau", BASE], lambda r, b: r["final_acc_mean"] <= b["final_acc_mean"] - MARGIN)
+  add("FedLUAR(delta/2) within 1 point of FedAvg(tau') at <= 0.5 relative uplink",
+      ["fedluar_half", BASE], lambda r, b: near(r, b) and r["rel_uplink"] <= 0.5)
   add("recycling beats dropping the same layers (FedLUAR Table 5)",
       ["fedluar", "fedluar_drop"], lambda r, b: r["final_acc_mean"] > b["final_acc_mean"])
   add("p ~ 1/score beats uniform layer choice (FedLUAR Table 4)",
@@ -700,7 +710,8 @@ def _report_md(cfg: dict, res: dict, stale, total_pieces: int) -> str:
       f"SGD momentum 0.9 + decayed weights {cfg['weight_decay']}, batch {cfg['batch']}, "
       f"{cfg['steps']} local steps per client for every arm (FedAvg(tau') = "
       f"{cfg['steps'] // cfg['tau']} rounds of tau'={cfg['tau']}), client LR x0.1 at 50% and 75% "
-      f"of each arm's rounds, FedLUAR delta={cfg['num_recycle']}, QSGD s={cfg['levels']}.", "",
+      f"of each arm's rounds, FedLUAR delta={cfg['num_recycle']} (fedluar_half: "
+      f"{recycle_of(cfg, 'fedluar_half')}), QSGD s={cfg['levels']}.", "",
       md_table(cols, cells), "",
       md_table(["claim (means over seeds)", "holds", "seeds"],
                [[c["claim"], "yes" if c["holds"] else "no", c["seeds"]] for c in res["claims"]]),

@@ -222,6 +222,24 @@ def test_layerwise_converged_plan_lr_choice_and_report(tmp_path):
   assert "fedpaq" not in {r["arm"] for r in res["rows"]}
 
 
+def test_layerwise_converged_fedluar_half_is_the_delta_sweeps_second_point():
+  """``fedluar_half`` recycles delta // 2 layers, records it (so its pieces never mix with
+  FedLUAR(delta)'s), runs at interval tau', and has its own <= 0.5-uplink claim."""
+  lc = _layerwise_converged()
+  cfg = lc.config("fmnist_resnet20")
+  assert cfg["num_recycle"] == 12
+  assert lc.run_config(cfg, "fedluar", 0.1, 0)["num_recycle"] == 12
+  half = lc.run_config(cfg, "fedluar_half", 0.1, 0)
+  assert half["num_recycle"] == 6 and half["interval"] == cfg["tau"]
+  base = {"arm": "fedavg_tau", "final_acc_mean": 0.80, "rel_uplink": 1.0, "seeds": [0]}
+  row = lambda acc, up: {"arm": "fedluar_half", "final_acc_mean": acc, "rel_uplink": up,
+                         "seeds": [0]}
+  text = "FedLUAR(delta/2) within 1 point of FedAvg(tau') at <= 0.5 relative uplink"
+  verdict = lambda r: {c["claim"]: c["holds"] for c in lc.claims([base, r])}[text]
+  assert verdict(row(0.795, 0.45)) and not verdict(row(0.785, 0.45))
+  assert not verdict(row(0.80, 0.55))
+
+
 @pytest.mark.slow
 def test_layerwise_converged_smoke_piece_and_report(tmp_path):
   """One tiny real piece (16 clients, 4 local steps) and the report from it."""
