@@ -42,8 +42,8 @@ Presets:
   **downsampled to 14x14** (2x2 mean) to fit 2 CPU cores: a quarter of the 28x28 FLOPs
   (``ResNet`` only widens by integer factors, so reducing the input was the way to scale it
   without changing the model). delta = 12 (the reference), Keras l2(1e-4) as decayed weights
-  2e-4, tau' = 10, 800 local steps (80 rounds), LR grid 0.05 / 0.1 / 0.2 / 0.4 (0.4 added
-  when FedAvg(tau')'s seed-0 best came out at 0.2, the edge of the first grid; every arm runs
+  2e-4, tau' = 10, 800 local steps (80 rounds), LR grid 0.05 / 0.1 / 0.2 / 0.4 / 0.8 (0.4, then
+  0.8, added when FedAvg(tau')'s seed-0 best came out at the grid's upper edge; every arm runs
   the whole grid).
 * ``cifar10_resnet20``: the FedLUAR paper's setting for a GPU: CIFAR-10 via TFDS
   (``--data-dir``; ``jaxfl.data.load("tfds:cifar10")``, no augmentation/normalisation: a known
@@ -153,7 +153,7 @@ PRESETS = {
                        regime_intervals=(5, 10, 20, 40)),
     "fmnist_resnet20": dict(dataset="fashion_mnist", model="resnet20", image=14,
                             num_clients=128, cohort=32, alpha=0.1, tau=10, steps=800,
-                            lrs=(0.05, 0.1, 0.2, 0.4), batch=32, weight_decay=2e-4,
+                            lrs=(0.05, 0.1, 0.2, 0.4, 0.8), batch=32, weight_decay=2e-4,
                             num_recycle=12, levels=16, evals=20, regime_intervals=(5, 10, 20, 40)),
     "cifar10_resnet20": dict(dataset="tfds:cifar10", model="resnet20", image=32,
                              num_clients=128, cohort=32, alpha=0.1, tau=20, steps=4000,
