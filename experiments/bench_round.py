@@ -17,6 +17,12 @@ rate).
   python experiments/bench_round.py --workload digits --cohort 10 --rounds 10 --json out.json
   python experiments/bench_round.py --workload pfl_cifar10 --rounds 5 --json out.json
   python experiments/bench_round.py --workload fashion_mnist --rounds 5 --devices 2
+  python experiments/bench_round.py --workload digits10 --model mlp --cohort 10 --devices 1
+
+``digits10`` is issue 20's small-round workload: the digits training set repeated 10 times
+(14,370 examples), 100 clients, Dirichlet 0.5, 5 local steps of batch 32, plain FedAvg
+(``--model mlp`` or ``small_cnn``). The two simulators' rounds are timed interleaved (one
+round of each in turn), so a change in the host's load hits both alike.
 
 ``--devices N`` splits one CPU into N XLA devices (set before JAX starts).
 """
@@ -30,13 +36,14 @@ import platform
 import statistics
 import sys
 
-from _common import carry_times, command_line, md_table, repeat_times, timed, write_json
+from _common import command_line, interleaved_times, md_table, repeat_times, timed, write_json
 
 WORKLOADS = {
     # name: (dataset, clients, cohort, model, batch, local_steps, local_epochs)
     "digits": ("digits", 100, 10, "small_cnn", 32, 5, None),
     "pfl_cifar10": ("random", 1000, 50, "cnn", 10, None, 1.0),
     "fashion_mnist": ("fashion_mnist", 128, 32, "cnn", 32, 10, None),
+    "digits10": ("digits10", 100, 10, "mlp", 32, 5, None),
 }
 
 
@@ -44,6 +51,7 @@ def parse():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--workload", choices=sorted(WORKLOADS), default="digits")
   p.add_argument("--cohort", type=int, default=None, help="clients per round (default: workload's)")
+  p.add_argument("--model", default=None, help="model name (default: the workload's)")
   p.add_argument("--rounds", type=int, default=5, help="measured rounds (after compile)")
   p.add_argument("--devices", default="auto",
                  help="devices of the client axis: 'auto' = one XLA CPU device per core on a "
@@ -130,13 +138,19 @@ def main():
 
   name, n_clients, cohort, model_name, batch, steps, epochs = WORKLOADS[args.workload]
   cohort = args.cohort or cohort
-  if name == "random":
+  model_name = args.model or model_name
+  if name == "digits10":
+    ds = jaxfl.data.load_digits()
+    ds = ds._replace(x_train=np.tile(ds.x_train, (10, 1, 1, 1)), y_train=np.tile(ds.y_train, 10))
+    data = jaxfl.data.federate(ds, n_clients, jaxfl.data.dirichlet(0.5), seed=0)
+  elif name == "random":
     data = jaxfl.data.random_images(n_clients, 50, (32, 32, 3), 10, seed=0)
   else:
     alpha = 0.1 if args.workload == "fashion_mnist" else 0.5
     data = jaxfl.data.load(name, n_clients, jaxfl.data.dirichlet(alpha), seed=0)
+  conv_kw = lambda impl: {} if model_name in ("mlp", "logreg") else {"conv_impl": impl}
   mk = lambda impl: jaxfl.models.get_model(model_name, data.example_shape, data.num_classes,
-                                           conv_impl=impl)
+                                           **conv_kw(impl))
   model_vec = model_seq = mk(args.conv_impl)
   algo = jaxfl.algorithms.fedavg(client_lr=0.05, batch_size=batch, local_steps=steps,
                                  local_epochs=epochs)
@@ -167,17 +181,16 @@ def main():
   flops = float(cost.get("flops", float("nan")))
   state, m = rnd.step(state, dd, key)  # warm-up
   jax.block_until_ready(m)
-  times, examples = [], []
-  for r in range(args.rounds):
-    (state, m), t = timed(lambda: rnd.step(state, dd, jax.random.fold_in(key, r)),
-                          ready=lambda out: out[1])
-    times.append(t)
-    examples.append(float(m["examples"]))
-  vec = statistics.median(times)
+  holder, examples = {"state": state}, []
+
+  def vec_round(r):
+    holder["state"], m = rnd.step(holder["state"], dd, jax.random.fold_in(key, r))
+    examples.append(m["examples"])
+    return m
 
   # (b) sequential per-client simulator (same sampling rule: per-epoch shuffles, short last
   # batch); see the module docstring for its two builds.
-  def sequential(options):
+  def make_sequential(options):
     x_all, y_all = jnp.asarray(data.x), jnp.asarray(data.y)
     opt = algo.local.optimizer
     params0, _ = model_seq.init(jax.random.key(0))
@@ -224,14 +237,31 @@ def main():
         ws.append(float(data.client_sizes[cid]))
       return average(p, locals_, jnp.asarray(ws))
 
-    _, stimes = carry_times(seq_round, params0, args.rounds, warmup=1)  # warm-up = compile
-    return statistics.median(stimes)
+    carry = {"p": params0}
 
+    def run(_):
+      carry["p"] = seq_round(carry["p"])
+      return carry["p"]
+
+    _, first_s = timed(run, 0)  # compiles its two functions
+    return run, first_s
+
+  fns = {"jaxfl": vec_round}
   seq_options = compiler_options(jax.default_backend())
+  seq_first = {}
+  if not args.skip_sequential:
+    fns["seq_tuned"], seq_first["tuned"] = make_sequential(seq_options)
+    if seq_options:
+      fns["seq_default"], seq_first["default"] = make_sequential(None)
+  # one round of each simulator in turn, so load changes hit both alike
+  times = interleaved_times(fns, args.rounds)
+  examples = [float(e) for e in examples]
+  vec = statistics.median(times["jaxfl"])
   seq = seq_tuned = seq_default = None
   if not args.skip_sequential:
-    seq_tuned = sequential(seq_options)
-    seq_default = seq_tuned if not seq_options else sequential(None)
+    seq_tuned = statistics.median(times["seq_tuned"])
+    seq_default = (statistics.median(times["seq_default"]) if "seq_default" in times
+                   else seq_tuned)
     seq = min(seq_tuned, seq_default)
 
   # Cross-check XLA's count: conv/dense FLOPs by formula; training = forward + weight grads
@@ -245,7 +275,8 @@ def main():
       "workload": args.workload, "cohort": cohort, "clients": data.num_clients,
       "model": model_name, "batch_size": batch, "local_steps": steps, "local_epochs": epochs,
       "vectorized_s_per_round": vec, "sequential_s_per_round": seq,
-      "rounds": args.rounds, "vectorized_total_s": sum(times),
+      "rounds": args.rounds, "vectorized_total_s": sum(times["jaxfl"]),
+      "round_times_s": times, "sequential_first_round_s": seq_first,
       "speedup": (seq / vec) if seq else None,
       "sequential_jaxfl_xla_s_per_round": seq_tuned,
       "sequential_default_xla_s_per_round": seq_default,

@@ -66,7 +66,8 @@ def _positive_int(name, v):
 
 
 def validate(algorithm, model, *, num_clients, max_client_size, clients_per_round,
-             nan_policy, dropout_rate, clients_per_chunk, stream_aggregate) -> None:
+             nan_policy, dropout_rate, clients_per_chunk, stream_aggregate,
+             report_grad_norm=False) -> None:
   """Checks every build argument (and the sampler against the population) before tracing.
 
   Raises:
@@ -89,6 +90,8 @@ def validate(algorithm, model, *, num_clients, max_client_size, clients_per_roun
     raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate!r}.")
   if stream_aggregate not in (True, False, "auto"):
     raise ValueError(f"`stream_aggregate` must be True, False or 'auto', got {stream_aggregate!r}.")
+  if not isinstance(report_grad_norm, bool):
+    raise TypeError(f"`report_grad_norm` must be a bool, got {report_grad_norm!r}.")
   if clients_per_chunk not in (None, "auto"):
     _positive_int("clients_per_chunk", clients_per_chunk)
   streamable = isinstance(algorithm.aggregator, LinearAggregator) and not algorithm.server_inputs
@@ -460,8 +463,9 @@ def update_sampler(sampler, sampler_state, selected, cohort: Cohort, outs: SlotO
 
 
 def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Aggregate,
-                  updates, sampler_state) -> dict:
-  """The round's scalar metrics (client means over participants, ledger, aggregator aux)."""
+                  updates, sampler_state, report_grad_norm: bool = False) -> dict:
+  """The round's scalar metrics (client means over participants, ledger, aggregator aux);
+  ``grad_norm`` only if asked (otherwise XLA drops the per-step norms nobody reads)."""
   real = cohort.real
   participants = real * outs.finite
   n_part = jnp.maximum(jnp.sum(participants), 1.0)
@@ -475,7 +479,6 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
   mean = lambda v: jnp.where(jnp.any(took), jnp.sum(jnp.where(took, v, 0.0)) / n_part, jnp.nan)
   metrics = {
       "train_loss": mean(m["loss"]),
-      "grad_norm": mean(m["grad_norm"]),
       "examples": jnp.sum(m["examples"] * real),
       "participants": jnp.sum(participants),
       "nonfinite_clients": jnp.sum(real * (1.0 - outs.finite)),
@@ -486,6 +489,8 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
       "downlink_bytes": jnp.sum(real) * size * itemsize,
       "rel_uplink": up_elems / (n_real * size),
   }
+  if report_grad_norm:
+    metrics["grad_norm"] = mean(m["grad_norm"])
   metrics.update({f"aggregator/{k}": jnp.asarray(v, jnp.float32) for k, v in agg.aux.items()})
   if algorithm.sampler.metrics is not None:
     metrics.update({f"sampler/{k}": jnp.asarray(v, jnp.float32)

@@ -128,6 +128,9 @@ def _add_run_args(p):
   p.add_argument("--out", default=None, help="output folder (history.json/csv, summary.json)")
   p.add_argument("--plot", action="store_true")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--report-grad-norm", action="store_true",
+                 help="record the participants' mean local gradient norm (grad_norm) in the "
+                      "history (off: saves a norm over every parameter at every local step)")
   _add_device_arg(p)
 
 
@@ -195,7 +198,8 @@ def cmd_run(args) -> int:
                        checkpoint_dir=args.checkpoint_dir,
                        checkpoint_every=args.checkpoint_every, output_dir=args.out,
                        plot=args.plot, progress=not args.no_progress,
-                       allow_config_change=args.allow_config_change)
+                       allow_config_change=args.allow_config_change,
+                       report_grad_norm=args.report_grad_norm)
   if jax.process_index() == 0:  # multi-process runs (jaxfl.launch): report once
     print(json.dumps(res.summary, indent=1))
   return 0

@@ -141,13 +141,22 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
       hyperparams = context.pop("hyperparams", None)
     opt_state0 = set_hyperparams(optimizer.init(params), hyperparams)
 
+    def epoch_order(epoch):
+      # The client's real examples in a fresh random order; padding slots sort last.
+      u = jax.random.uniform(jax.random.fold_in(shuffle_key, epoch), (n_max,))
+      order = jnp.argsort(jnp.where(valid_slot, u, 2.0)).astype(jnp.int32)
+      # jnp.argsort drops shard_map's "varies over devices" type (jax 0.10); adding a zero
+      # built from `valid_slot` restores it, so the scan carry types match on a mesh.
+      return order + jnp.zeros_like(valid_slot, jnp.int32)
+
     def train_step(carry, s):
-      p, opt_state, ms, gsum, sums = carry
+      p, opt_state, ms, gsum, sums, order = carry
       epoch = s // batches_per_epoch
       b = s % batches_per_epoch
-      # Reshuffle the client's real examples every epoch; padding slots sort last.
-      u = jax.random.uniform(jax.random.fold_in(shuffle_key, epoch), (n_max,))
-      order = jnp.argsort(jnp.where(valid_slot, u, 2.0))
+      # Reshuffle at the first batch of every later epoch only: XLA:CPU's sort cost as much
+      # as an MLP's whole step. A real branch when the client runs alone; under vmap both
+      # sides are computed (as before) and selected.
+      order = jax.lax.cond((b == 0) & (s > 0), epoch_order, lambda _: order, epoch)
       pos = b * bsz + jnp.arange(bsz)
       weight = (pos < size).astype(jnp.float32)
       # Positions past the client's size wrap onto its own real examples (weight 0): padding
@@ -162,7 +171,7 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
       new_gsum = None if gsum is None else jax.tree.map(jnp.add, gsum, grads)
       step_metrics = (loss, jtree.global_norm(grads), jnp.sum(weight))
       sums = tuple(a + v.astype(a.dtype) for a, v in zip(sums, step_metrics))
-      return new_p, new_opt_state, new_ms, new_gsum, sums
+      return new_p, new_opt_state, new_ms, new_gsum, sums, order
 
     def step(carry, s):
       # A real branch when the client runs alone (lax.map): steps past the client's budget
@@ -173,8 +182,9 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
     gsum0 = jax.tree.map(jnp.zeros_like, params) if lt.track_grad_sum else None
     # loss, grad norm, examples; like `size`, so they vary over devices under shard_map
     sums0 = tuple(jnp.zeros_like(size, jnp.float32) for _ in range(3))
-    (local, _, new_ms, gsum, (loss_sum, gnorm_sum, examples)), _ = jax.lax.scan(
-        step, (params, opt_state0, model_state, gsum0, sums0), jnp.arange(steps),
+    order0 = epoch_order(jnp.int32(0))  # the first epoch's; later ones inside the scan
+    (local, _, new_ms, gsum, (loss_sum, gnorm_sum, examples), _), _ = jax.lax.scan(
+        step, (params, opt_state0, model_state, gsum0, sums0, order0), jnp.arange(steps),
         unroll=lt.unroll)
     delta = jax.tree.map(lambda g, l: g - l, params, local)
     n = jnp.maximum(jnp.minimum(active_steps, steps), 1).astype(jnp.float32)

@@ -151,7 +151,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
              dropout_rate: float = 0.0, checkpoint_dir: str | None = None,
              checkpoint_every: int = 0, output_dir: str | None = None, plot: bool = False,
              progress: bool = True, init_params=None, check_data: bool = True,
-             allow_config_change: bool = False, hyperparams=None) -> SimulationResult:
+             allow_config_change: bool = False, hyperparams=None,
+             report_grad_norm: bool = False) -> SimulationResult:
   """Runs a federated simulation: one compiled round, a Python loop over rounds only.
 
   The built round is kept for the next call with the same ``algorithm`` and ``model`` objects
@@ -192,6 +193,9 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
       with other values (same algorithm and model objects) compiles nothing; the FedOpt
       presets' client SGD is injected (``{"client": {"learning_rate": 0.1}}``). Checked
       before anything compiles; part of the checkpoint's configuration.
+    report_grad_norm: also record the participants' mean local gradient norm
+      (``grad_norm``) in the history (see :func:`jaxfl.round.build_round`; off by default,
+      which saves a norm over every parameter at every local step).
   """
   _check_inputs(algorithm, model, data, rounds, clients_per_round, eval_every, seed,
                 check_data)
@@ -216,7 +220,8 @@ def simulate(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds:
                 nan_policy=nan_policy, dropout_rate=dropout_rate,
                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                 output_dir=output_dir, plot=plot, progress=progress, init_params=init_params,
-                allow_config_change=allow_config_change, hyperparams=hyperparams)
+                allow_config_change=allow_config_change, hyperparams=hyperparams,
+                report_grad_norm=report_grad_norm)
 
 
 def _directories(**dirs):
@@ -259,14 +264,14 @@ def _resume(checkpoint_dir, state, fp, rounds, allow_config_change):
 def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every, devices,
          clients_per_chunk, stream_aggregate, nan_policy, dropout_rate, checkpoint_dir,
          checkpoint_every, output_dir, plot, progress, init_params, allow_config_change,
-         hyperparams):
+         hyperparams, report_grad_norm):
   devices = jax.devices() if devices is None else list(devices)
   _hint_cpu_devices(devices)
   rnd, evaluate = _built_round(
       algorithm, model, devices, num_clients=data.num_clients,
       max_client_size=data.max_client_size, clients_per_round=clients_per_round,
       clients_per_chunk=clients_per_chunk, stream_aggregate=stream_aggregate,
-      nan_policy=nan_policy, dropout_rate=dropout_rate)
+      nan_policy=nan_policy, dropout_rate=dropout_rate, report_grad_norm=report_grad_norm)
   mesh = rnd.mesh
   root = jax.random.key(seed)
   state = rnd.init(jax.random.fold_in(root, 0))

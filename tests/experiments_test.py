@@ -71,6 +71,39 @@ def test_bench_round_writes_the_promised_fields(tmp_path):
   assert abs(row["flops_per_round"] / row["formula_flops_per_round"] - 1) < 0.1
 
 
+def test_bench_round_small_round_workload_times_both_simulators_interleaved(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "bench_round.py"),
+                         "--workload", "digits10", "--model", "mlp", "--cohort", "3",
+                         "--rounds", "3", "--devices", "1", "--json", str(out)],
+                        capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  row = json.load(open(out))
+  assert row["model"] == "mlp" and row["clients"] == 100 and row["cohort"] == 3
+  times = row["round_times_s"]
+  assert set(times) >= {"jaxfl", "seq_tuned"} and all(len(v) == 3 for v in times.values())
+  assert row["vectorized_s_per_round"] == pytest.approx(sorted(times["jaxfl"])[1])
+  assert set(row["sequential_first_round_s"]) <= {"tuned", "default"}
+
+
+def test_bench_small_rounds_report_takes_medians_and_spread_over_runs(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import bench_small_rounds as b
+
+  out = tmp_path / "runs"
+  out.mkdir()
+  for rep, (vec, seq) in enumerate([(1.0, 2.0), (3.0, 2.0), (1.0, 1.0)]):
+    row = {"vectorized_s_per_round": vec, "sequential_s_per_round": seq, "compile_s": 4.0,
+           "sequential_first_round_s": {"tuned": 0.5, "default": 0.7}}
+    json.dump(row, open(b.cell_path(str(out), "mlp", 10, 1, rep), "w"))
+  res = b.report(str(out), "python experiments/bench_small_rounds.py", str(tmp_path))
+  (r,) = res["rows"]
+  assert (r["model"], r["cohort"], r["devices"], r["runs"]) == ("mlp", 10, 1, 3)
+  assert r["ratio"] == 1.0 and r["ratio_min"] == 0.5 and r["ratio_max"] == 1.5
+  assert r["loop_first_round_s"] == 0.5
+  assert "| mlp | 10 | 1 | 3 |" in (tmp_path / "bench_small_rounds.md").read_text()
+
+
 def _common():
   """experiments/_common.py, the scripts' shared helpers (imported as the scripts do)."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))

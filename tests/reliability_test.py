@@ -29,7 +29,7 @@ def test_a_quarantined_client_does_not_turn_the_round_metrics_nan(tmp_path):
   algo = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=2, batch_size=3)._replace(
       sampler=jaxfl.sampling.fixed_schedule([[2, 0, 1]]))
   res = jaxfl.simulate(algo, model, data, rounds=2, clients_per_round=3, progress=False,
-                       output_dir=str(tmp_path), check_data=False)
+                       output_dir=str(tmp_path), check_data=False, report_grad_norm=True)
   for h in res.history:
     assert h["nonfinite_clients"] == 1 and h["participants"] == 2
     assert np.isfinite(h["train_loss"]) and np.isfinite(h["grad_norm"])

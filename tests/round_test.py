@@ -306,3 +306,65 @@ def test_stream_aggregate_follows_the_declared_kinds(data, model):
   with pytest.raises(ValueError, match="stream_aggregate"):
     build(fedavg, stream_aggregate="yes")
 
+
+
+def _global_norm64(tree):
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                           for x in jax.tree.leaves(tree))))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grad_norm_is_reported_only_when_asked_and_equals_the_client_loop_reference(seed):
+  """``report_grad_norm=True`` adds ``grad_norm``: the participants' mean of each client's
+  mean per-step gradient norm (full-batch steps, so an independent loop gives the same
+  gradients); without it the metric is absent and the model is the same bit for bit."""
+  data = tiny_data(num_clients=7, seed=seed)
+  model = tiny_model()
+  lr, steps = 0.3, 3
+  algo = jaxfl.algorithms.fedavg(client_lr=lr, local_steps=steps,
+                                 batch_size=data.max_client_size)
+  dd = device_data(data)
+  key = jax.random.key(100 + seed)
+  plain = _round(algo, model, data, cohort=4)
+  reported = _round(algo, model, data, cohort=4, report_grad_norm=True)
+  state = plain.init(jax.random.key(seed))
+  s_plain, m_plain = plain.step(state, dd, key)
+  s_rep, m_rep = reported.step(state, dd, key)
+  assert "grad_norm" not in m_plain
+  jax.tree.map(np.testing.assert_array_equal, s_plain.params, s_rep.params)
+
+  norms = []
+  for cid in np.asarray(s_rep.cohort):
+    idx = data.client_indices[cid, : data.client_sizes[cid]]
+    x, y = jnp.asarray(data.x[idx]), jnp.asarray(data.y[idx])
+    p, per_step = jax.tree.map(np.asarray, state.params), []
+    for _ in range(steps):
+      g = _grad_ce(p, model, x, y)
+      per_step.append(_global_norm64(g))
+      p = jax.tree.map(lambda a, b: a - lr * b, p, g)
+    norms.append(np.mean(per_step))
+  np.testing.assert_allclose(float(m_rep["grad_norm"]), np.mean(norms), rtol=1e-5)
+
+
+def _sqrt_ops(rnd, data):
+  state = rnd.init(jax.random.key(0))
+  text = rnd.step.lower(state, device_data(data), jax.random.key(1)).compile().as_text()
+  return text.count(" sqrt(")
+
+
+def test_an_unread_grad_norm_is_not_computed(data, model):
+  """Nothing reads the per-step gradient norms of a uniform-sampler FedAvg round unless the
+  round reports them, so the compiled round computes fewer square roots; a sampler that reads
+  them (multi-metric) keeps them whether or not they are reported."""
+  algo = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=3, batch_size=4)
+  build = lambda a, **kw: _round(a, model, data, cohort=3, **kw)
+  assert _sqrt_ops(build(algo), data) < _sqrt_ops(build(algo, report_grad_norm=True), data)
+  mm = algo._replace(sampler=jaxfl.sampling.multi_metric(extra=1))
+  assert _sqrt_ops(build(mm), data) == _sqrt_ops(build(mm, report_grad_norm=True), data)
+  assert _sqrt_ops(build(mm), data) > _sqrt_ops(build(algo), data)
+
+
+def test_report_grad_norm_must_be_a_bool(data, model):
+  algo = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=1, batch_size=4)
+  with pytest.raises(TypeError, match="report_grad_norm"):
+    _round(algo, model, data, cohort=2, report_grad_norm="yes")

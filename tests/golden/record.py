@@ -85,7 +85,7 @@ def run(name, devices):
   mesh = jshard.client_mesh(devs) if devices > 1 else None
   rnd = jaxfl.build_round(algo, model, num_clients=data.num_clients,
                           max_client_size=data.max_client_size, clients_per_round=6, mesh=mesh,
-                          **kw)
+                          report_grad_norm=True, **kw)
   dd = jaxfl.data.device_data(data, mesh)
   state = rnd.init(jax.random.fold_in(jax.random.key(0), 0))
   state = jshard.put_replicated(jax.tree.map(np.asarray, state), mesh)
