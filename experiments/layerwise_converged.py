@@ -22,6 +22,8 @@ Arms (``tau'`` = the preset's ``tau``; delta = ``num_recycle``; QSGD s = 16):
   fedluar          FedLUAR(delta), p ~ 1/score, recycle           (the paper's method)
   fedluar_half     FedLUAR(delta // 2): the delta sweep's second point (more uplink, closer
                    to FedAvg: where the accuracy/uplink trade-off of recycling sits)
+  fedluar_3q       FedLUAR(3 delta // 4): the delta sweep's third point, between the two
+                   (on ResNet-20 delta = 9, the point near 0.5 relative uplink)
   fedluar_drop     Table 5 ablation: drop the same layers' update instead of recycling it
   fedluar_uniform  Table 4 ablation: uniform layer choice instead of p ~ 1/score
   fedpaq           FedPAQ: clients upload QSGD(16) deltas
@@ -166,8 +168,8 @@ SMOKE = dict(num_clients=16, cohort=4, tau=1, steps=4, batch=8, evals=2, num_tes
 
 # arm -> averaging interval in units of tau'; the order is the piece order within a phase
 ARMS = {"fedavg_tau": 1, "fedavg_2tau": 2, "fedluar": 1, "fedlama_phi2": 1, "fedlama_phi4": 1,
-        "fedavg_4tau": 4, "fedluar_half": 1, "fedluar_drop": 1, "fedluar_uniform": 1,
-        "fedpaq": 1, "fedluar+fedpaq": 1}
+        "fedavg_4tau": 4, "fedluar_half": 1, "fedluar_3q": 1, "fedluar_drop": 1,
+        "fedluar_uniform": 1, "fedpaq": 1, "fedluar+fedpaq": 1}
 QSGD_ARMS = ("fedpaq", "fedluar+fedpaq")
 BASE = "fedavg_tau"
 MARGIN = 0.01  # "within 1 point", "below by a clear margin"
@@ -212,9 +214,16 @@ def interval_of(cfg: dict, arm: str) -> int:
   return ARMS[arm] * cfg["tau"]
 
 
+# FedLUAR arms of the delta sweep: arm -> fraction (numerator, denominator) of the preset's delta
+DELTA_SWEEP = {"fedluar_half": (1, 2), "fedluar_3q": (3, 4)}
+
+
 def recycle_of(cfg: dict, arm: str) -> int:
   """FedLUAR's delta (layers recycled per round) for ``arm``."""
-  return max(1, cfg["num_recycle"] // 2) if arm == "fedluar_half" else cfg["num_recycle"]
+  if arm in DELTA_SWEEP:
+    num, den = DELTA_SWEEP[arm]
+    return max(1, num * cfg["num_recycle"] // den)
+  return cfg["num_recycle"]
 
 
 def rounds_of(cfg: dict, arm: str) -> int:
@@ -313,6 +322,7 @@ def build_arm(cfg: dict, arm: str, lr: float, seed: int):
     algo = {
         "fedluar": lambda: lw.fedluar(d, seed=seed, name=arm, **common),
         "fedluar_half": lambda: lw.fedluar(recycle_of(cfg, arm), seed=seed, name=arm, **common),
+        "fedluar_3q": lambda: lw.fedluar(recycle_of(cfg, arm), seed=seed, name=arm, **common),
         "fedluar_drop": lambda: lw.fedluar(d, recycle=False, seed=seed, name=arm, **common),
         "fedluar_uniform": lambda: lw.fedluar(d, selection="uniform", seed=seed, name=arm,
                                               **common),
@@ -672,6 +682,8 @@ def claims(rows) -> list[dict]:
       ["fedavg_2tau", BASE], lambda r, b: r["final_acc_mean"] <= b["final_acc_mean"] - MARGIN)
   add("FedLUAR(delta/2) within 1 point of FedAvg(tau') at <= 0.5 relative uplink",
       ["fedluar_half", BASE], lambda r, b: near(r, b) and r["rel_uplink"] <= 0.5)
+  add("FedLUAR(3 delta/4) within 1 point of FedAvg(tau') at <= 0.5 relative uplink",
+      ["fedluar_3q", BASE], lambda r, b: near(r, b) and r["rel_uplink"] <= 0.5)
   add("recycling beats dropping the same layers (FedLUAR Table 5)",
       ["fedluar", "fedluar_drop"], lambda r, b: r["final_acc_mean"] > b["final_acc_mean"])
   add("p ~ 1/score beats uniform layer choice (FedLUAR Table 4)",
@@ -713,7 +725,8 @@ def _report_md(cfg: dict, res: dict, stale, total_pieces: int) -> str:
       f"{cfg['steps']} local steps per client for every arm (FedAvg(tau') = "
       f"{cfg['steps'] // cfg['tau']} rounds of tau'={cfg['tau']}), client LR x0.1 at 50% and 75% "
       f"of each arm's rounds, FedLUAR delta={cfg['num_recycle']} (fedluar_half: "
-      f"{recycle_of(cfg, 'fedluar_half')}), QSGD s={cfg['levels']}.", "",
+      f"{recycle_of(cfg, 'fedluar_half')}, fedluar_3q: {recycle_of(cfg, 'fedluar_3q')}), "
+      f"QSGD s={cfg['levels']}.", "",
       md_table(cols, cells), "",
       md_table(["claim (means over seeds)", "holds", "seeds"],
                [[c["claim"], "yes" if c["holds"] else "no", c["seeds"]] for c in res["claims"]]),

@@ -273,6 +273,23 @@ def test_layerwise_converged_fedluar_half_is_the_delta_sweeps_second_point():
   assert not verdict(row(0.80, 0.55))
 
 
+def test_layerwise_converged_fedluar_3q_sits_between_delta_and_half():
+  """``fedluar_3q`` recycles 3 delta // 4 layers (9 of ResNet-20's 12; 2 of the CNN's 3), its
+  pieces carry that delta, and its claim is judged on its own row."""
+  lc = _layerwise_converged()
+  res, cnn = lc.config("fmnist_resnet20"), lc.config("fmnist_cnn")
+  assert lc.run_config(res, "fedluar_3q", 0.1, 0)["num_recycle"] == 9
+  assert lc.recycle_of(cnn, "fedluar_3q") == 2 and lc.recycle_of(cnn, "fedluar_half") == 1
+  assert lc.run_config(res, "fedluar_3q", 0.1, 0) != lc.run_config(res, "fedluar_half", 0.1, 0)
+  base = {"arm": "fedavg_tau", "final_acc_mean": 0.80, "rel_uplink": 1.0, "seeds": [0]}
+  text = "FedLUAR(3 delta/4) within 1 point of FedAvg(tau') at <= 0.5 relative uplink"
+  row = lambda acc, up: {"arm": "fedluar_3q", "final_acc_mean": acc, "rel_uplink": up,
+                         "seeds": [0]}
+  verdict = lambda r: {c["claim"]: c["holds"] for c in lc.claims([base, r])}[text]
+  assert verdict(row(0.792, 0.49)) and not verdict(row(0.789, 0.49))
+  assert not verdict(row(0.80, 0.51))
+
+
 @pytest.mark.slow
 def test_layerwise_converged_smoke_piece_and_report(tmp_path):
   """One tiny real piece (16 clients, 4 local steps) and the report from it."""
