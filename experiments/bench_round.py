@@ -63,6 +63,11 @@ def parse():
   p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                  help="stream_aggregate (sum updates chunk by chunk); auto = jaxfl's default")
   p.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of local steps")
+  p.add_argument("--block", type=int, default=1,
+                 help="rounds per timed block: 1 times round by round, interleaved; K > 1 "
+                      "times K rounds back to back per simulator (jaxfl's dispatched as "
+                      "simulate does, round r + 1 before round r's metrics are read), blocks "
+                      "interleaved; --rounds is then rounded down to whole blocks")
   p.add_argument("--skip-sequential", action="store_true")
   p.add_argument("--conv-impl", choices=["auto", "xla", "patches", "lax"], default="auto",
                  help="conv lowering of the model (both simulators run the same model)")
@@ -188,6 +193,18 @@ def main():
     examples.append(m["examples"])
     return m
 
+  def vec_block(b):
+    # simulate's loop: the next round is in flight while this one's metrics are read
+    pending = None
+    for i in range(args.block):
+      holder["state"], m = rnd.step(holder["state"], dd,
+                                    jax.random.fold_in(key, b * args.block + i))
+      if pending is not None:
+        examples.append(float(pending["examples"]))
+      pending = m
+    examples.append(float(pending["examples"]))
+    return pending
+
   # (b) sequential per-client simulator (same sampling rule: per-epoch shuffles, short last
   # batch); see the module docstring for its two builds.
   def make_sequential(options):
@@ -246,15 +263,22 @@ def main():
     _, first_s = timed(run, 0)  # compiles its two functions
     return run, first_s
 
-  fns = {"jaxfl": vec_round}
+  if args.block < 1:
+    raise ValueError(f"--block must be >= 1, got {args.block}")
+  blocked = lambda run: (lambda b: [run(b * args.block + i) for i in range(args.block)][-1])
+  fns = {"jaxfl": vec_round if args.block == 1 else vec_block}
   seq_options = compiler_options(jax.default_backend())
   seq_first = {}
   if not args.skip_sequential:
     fns["seq_tuned"], seq_first["tuned"] = make_sequential(seq_options)
     if seq_options:
       fns["seq_default"], seq_first["default"] = make_sequential(None)
-  # one round of each simulator in turn, so load changes hit both alike
-  times = interleaved_times(fns, args.rounds)
+    if args.block > 1:
+      fns = {k: (v if k == "jaxfl" else blocked(v)) for k, v in fns.items()}
+  # one round (or block) of each simulator in turn, so load changes hit both alike
+  n_blocks = max(1, args.rounds // args.block)
+  times = {k: [t / args.block for t in v]
+           for k, v in interleaved_times(fns, n_blocks).items()}
   examples = [float(e) for e in examples]
   vec = statistics.median(times["jaxfl"])
   seq = seq_tuned = seq_default = None
@@ -275,7 +299,8 @@ def main():
       "workload": args.workload, "cohort": cohort, "clients": data.num_clients,
       "model": model_name, "batch_size": batch, "local_steps": steps, "local_epochs": epochs,
       "vectorized_s_per_round": vec, "sequential_s_per_round": seq,
-      "rounds": args.rounds, "vectorized_total_s": sum(times["jaxfl"]),
+      "rounds": n_blocks * args.block, "block": args.block,
+      "vectorized_total_s": sum(times["jaxfl"]) * args.block,
       "round_times_s": times, "sequential_first_round_s": seq_first,
       "speedup": (seq / vec) if seq else None,
       "sequential_jaxfl_xla_s_per_round": seq_tuned,

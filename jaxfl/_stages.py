@@ -361,7 +361,7 @@ def make_map_clients(train_slot, aggregator, layout: Layout, mesh):
       acc0 = jax.lax.pcast(acc0, jshard.AXIS, to="varying")
     sums, ys = jax.lax.scan(body, acc0, chunked)
     if on_mesh:
-      sums = jax.lax.psum(sums, jshard.AXIS)
+      sums = jshard.psum_packed(sums, jshard.AXIS)  # one rendezvous, not one per leaf
     return sums, unchunk(ys)
 
   if not on_mesh:

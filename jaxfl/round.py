@@ -159,6 +159,10 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     selected, cohort = _stages.sample_cohort(
         algorithm.sampler, state.sampler_state, (k_sample, k_drop, k_clients), state.round,
         num_clients=num_clients, layout=layout, dropout_rate=dropout_rate, context=context)
+    # Every device computes the cohort and takes its own slots by a local slice; left to
+    # itself the compiler lays the cohort along the clients and gathers it back (two more
+    # device synchronisations per round).
+    selected, cohort = jshard.constrain_replicated((selected, cohort), mesh)
     rows = None if memory is None else memory.gather(state.memory, cohort.ids, cohort.slots)
     hp = state.hyperparams or {}
     if hp.get("server"):  # traced values into the server optimizer's injected state

@@ -63,6 +63,36 @@ def cpu_devices_configured() -> bool:
           or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""))
 
 
+def psum_packed(tree, axis_name: str = AXIS):
+  """``lax.psum`` of a pytree as one all-reduce per dtype instead of one per leaf.
+
+  XLA:CPU runs a tuple all-reduce as one rendezvous of the devices per leaf (a round's
+  streamed sums are ~20 leaves), so on small rounds the synchronisation, not the adds,
+  costs; packing the leaves of each dtype into one vector makes it one rendezvous per dtype.
+  The result is the same bit for bit (the same element-wise sums, only laid out together).
+  Call inside ``shard_map`` over ``axis_name``.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  groups: dict = {}
+  for i, leaf in enumerate(leaves):
+    groups.setdefault(jax.numpy.result_type(leaf), []).append(i)
+  out = list(leaves)
+  for idx in groups.values():
+    if len(idx) == 1:
+      out[idx[0]] = jax.lax.psum(leaves[idx[0]], axis_name)
+      continue
+    flat = jax.numpy.concatenate([jax.numpy.ravel(leaves[i]) for i in idx])
+    flat = jax.lax.psum(flat, axis_name)
+    offset = 0
+    for i in idx:
+      size = int(np.prod(np.shape(leaves[i])))
+      out[i] = flat[offset:offset + size].reshape(np.shape(leaves[i]))
+      offset += size
+  # The barrier keeps the unpacking slices out of the consumers' fusions, so the code after
+  # the sum compiles as it does after a per-leaf psum (the same bits, not just the same sums).
+  return jax.tree.unflatten(treedef, jax.lax.optimization_barrier(out))
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

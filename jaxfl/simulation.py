@@ -302,8 +302,10 @@ def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every,
     bar = tqdm(total=rounds, initial=min(start, rounds), desc=algorithm.name, leave=False)
   t0 = time.perf_counter()
   compile_s = None
-  for r in range(start, rounds):
-    state, metrics = rnd.step(state, dd, jax.random.fold_in(round_keys, r))
+
+  def record(r, metrics, ev):
+    """Reads round ``r``'s numbers to the host (waits for that round only)."""
+    nonlocal compile_s
     row = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
     if compile_s is None:
       compile_s = time.perf_counter() - t0
@@ -311,8 +313,8 @@ def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every,
       raise NonFiniteUpdateError(
           f"Round {r + 1}: {int(row['nonfinite_clients'])} client(s) sent non-finite updates "
           "(they were excluded from the aggregate). Use nan_policy='drop' to continue.")
-    if (eval_every and (r + 1) % eval_every == 0) or r + 1 == rounds:
-      ev = jax.device_get(evaluate(state.params, state.model_state, x_test, y_test))
+    if ev is not None:
+      ev = jax.device_get(ev)
       row["test_accuracy"], row["test_loss"] = float(ev["accuracy"]), float(ev["loss"])
     if changes and r == start:
       row["config_changed"] = 1.0  # the fields are in summary["config_changes"]
@@ -321,10 +323,29 @@ def _run(algorithm, model, data, *, rounds, clients_per_round, seed, eval_every,
       bar.update(1)
       if "test_accuracy" in row:
         bar.set_postfix(acc=f"{row['test_accuracy']:.4f}", loss=f"{row['train_loss']:.3f}")
+
+  # Round r + 1 is dispatched before round r's metrics are read: the devices run the next
+  # round while the host converts numbers and draws the bar, instead of idling between
+  # rounds (an idle multi-device CPU pays a thread wake-up at every hand-off of the next
+  # round; BUILD.md "Performance notes"). The numbers are the same; a non-finite update under
+  # nan_policy="raise" is reported one round's dispatch later.
+  pending = None
+  for r in range(start, rounds):
+    state, metrics = rnd.step(state, dd, jax.random.fold_in(round_keys, r))
+    ev = None
+    if (eval_every and (r + 1) % eval_every == 0) or r + 1 == rounds:
+      ev = evaluate(state.params, state.model_state, x_test, y_test)  # dispatched, not read
+    if pending is not None:
+      record(*pending)
+    pending = (r, metrics, ev)
     if checkpoint_dir and ((checkpoint_every and (r + 1) % checkpoint_every == 0)
                            or r + 1 == rounds):
+      record(*pending)
+      pending = None
       # to_host, not device_get: client-sharded leaves span processes in multi-process runs
       jckpt.save(checkpoint_dir, jshard.to_host(state), history, r + 1, fp)
+  if pending is not None:
+    record(*pending)
   if bar is not None:
     bar.close()
   total_s = time.perf_counter() - t0

@@ -86,6 +86,22 @@ def test_bench_round_small_round_workload_times_both_simulators_interleaved(tmp_
   assert set(row["sequential_first_round_s"]) <= {"tuned", "default"}
 
 
+def test_bench_round_block_mode_times_back_to_back_rounds(tmp_path):
+  """--block K: K rounds per simulator in a row (jaxfl's pipelined as simulate runs them),
+  per-round times = block time / K, --rounds rounded down to whole blocks."""
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "bench_round.py"),
+                         "--workload", "digits10", "--model", "mlp", "--cohort", "3",
+                         "--rounds", "5", "--block", "2", "--devices", "1", "--json", str(out)],
+                        capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  row = json.load(open(out))
+  assert row["block"] == 2 and row["rounds"] == 4
+  times = row["round_times_s"]
+  assert all(len(v) == 2 for v in times.values())  # two blocks each
+  assert row["vectorized_total_s"] == pytest.approx(2 * sum(times["jaxfl"]))
+
+
 def test_bench_small_rounds_report_takes_medians_and_spread_over_runs(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import bench_small_rounds as b
@@ -101,7 +117,15 @@ def test_bench_small_rounds_report_takes_medians_and_spread_over_runs(tmp_path):
   assert (r["model"], r["cohort"], r["devices"], r["runs"]) == ("mlp", 10, 1, 3)
   assert r["ratio"] == 1.0 and r["ratio_min"] == 0.5 and r["ratio_max"] == 1.5
   assert r["loop_first_round_s"] == 0.5
-  assert "| mlp | 10 | 1 | 3 |" in (tmp_path / "bench_small_rounds.md").read_text()
+  assert "| mlp | 10 | 1 | 1 | 3 |" in (tmp_path / "bench_small_rounds.md").read_text()
+  # block runs are their own row, never mixed into the round-by-round one
+  row = {"vectorized_s_per_round": 1.0, "sequential_s_per_round": 4.0, "compile_s": 4.0,
+         "sequential_first_round_s": {"tuned": 0.5}}
+  json.dump(row, open(b.cell_path(str(out), "mlp", 10, 1, 0, block=10), "w"))
+  res = b.report(str(out), "python experiments/bench_small_rounds.py", str(tmp_path))
+  by_block = {r["block"]: r for r in res["rows"]}
+  assert by_block[1]["runs"] == 3 and by_block[1]["ratio"] == 1.0
+  assert by_block[10]["runs"] == 1 and by_block[10]["ratio"] == 0.25
 
 
 def _common():

@@ -167,3 +167,46 @@ def test_set_cpu_devices_before_jax_starts_and_clear_error_after():
   proc = subprocess.run([sys.executable, "-c", CPU_DEVICES_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=300)
   assert "CPU_DEVICES_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+PSUM_PACKED_SCRIPT = textwrap.dedent("""
+    import re
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    import jaxfl
+    mesh = jaxfl.sharding.client_mesh(jax.devices()[:2])
+    rng = np.random.default_rng(0)
+    # per-device values of a mixed-dtype tree, stacked along the client axis
+    tree = {"w": rng.normal(size=(2, 3, 5)).astype(np.float32),
+            "b": rng.normal(size=(2, 7)).astype(np.float32),
+            "s": rng.normal(size=(2,)).astype(np.float32),
+            "n": rng.integers(-9, 9, size=(2, 4)).astype(np.int32),
+            "lone": rng.normal(size=(2, 2)).astype(np.float64 if jax.config.x64_enabled
+                                                    else np.float16)}
+    def run(fn):
+      body = lambda t: fn(jax.tree.map(lambda a: a[0], t), "clients")
+      f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("clients"), out_specs=P()))
+      return f(tree), f.lower(tree).compile().as_text()
+    packed, hlo = run(jaxfl.sharding.psum_packed)
+    ref, _ = run(jax.lax.psum)
+    for k in tree:  # the same element-wise sums, bit for bit, shapes and dtypes kept
+      assert packed[k].dtype == tree[k].dtype and packed[k].shape == tree[k].shape[1:], k
+      np.testing.assert_array_equal(np.asarray(packed[k]), np.asarray(ref[k]))
+      np.testing.assert_array_equal(np.asarray(packed[k]), tree[k][0] + tree[k][1])
+    # one all-reduce operand per dtype (XLA:CPU synchronises the devices once per operand)
+    operands = 0
+    for line in hlo.splitlines():
+      if re.search(r"\\ball-reduce(-start)?\\(", line):
+        out_type = line.split("=", 1)[1].split("all-reduce", 1)[0]
+        operands += max(1, out_type.count("["))
+    assert operands == 3, hlo
+    print("PSUM_PACKED_OK")
+""")
+
+
+def test_psum_packed_equals_psum_with_one_all_reduce_operand_per_dtype():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", PSUM_PACKED_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert "PSUM_PACKED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

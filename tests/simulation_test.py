@@ -121,6 +121,40 @@ def test_nan_policy_raise(model):
   assert jaxfl.tree.all_finite(res.state.params)
 
 
+def test_next_round_is_dispatched_before_a_rounds_metrics_are_read(data, model, monkeypatch,
+                                                                   tmp_path):
+  """The driver keeps the devices busy: round r + 1 is in flight when round r's metrics reach
+  the host, except where it must read first (a checkpoint round, the last round); the history
+  equals reading every round at once, which the determinism and golden tests pin."""
+  import jax
+
+  from jaxfl import simulation
+
+  dispatched, read_after = [], []
+  real_build, real_get = simulation.build_round, jax.device_get
+
+  def counting_build(*a, **kw):
+    rnd = real_build(*a, **kw)
+
+    def step(*args):
+      dispatched.append(1)
+      return rnd.step(*args)
+
+    return rnd._replace(step=step)
+
+  def get(x):
+    if isinstance(x, dict) and "train_loss" in x:  # a round's metrics
+      read_after.append(len(dispatched))
+    return real_get(x)
+
+  monkeypatch.setattr(simulation, "build_round", counting_build)
+  monkeypatch.setattr(jax, "device_get", get)
+  res = _sim(data, model, rounds=5, seed=3, checkpoint_dir=str(tmp_path), checkpoint_every=3)
+  # round r (1-based) read after r + 1 dispatches, but round 3 (checkpoint) and 5 (last)
+  assert read_after == [2, 3, 3, 5, 5]
+  assert [h["round"] for h in res.history] == [1, 2, 3, 4, 5]
+
+
 BAD = [
     (lambda d, m: jaxfl.algorithms.get_algorithm("fedsgdx"), ValueError, "algorithm"),
     (lambda d, m: jaxfl.data.load("cifar1000", 10), ValueError, "dataset"),
