@@ -62,6 +62,10 @@ Workloads (``PRESETS``):
 
   cnn        Fashion-MNIST, ``jaxfl.models.cnn(dense=128)`` (454,922 parameters), batch 128,
              10 epochs (4,690 steps), wd 5e-4, 20 evaluations.
+  cnn14      the ``cnn`` workload on Fashion-MNIST downsampled to 14x14 (2x2 mean; the same
+             CNN, 127,242 parameters: a quarter of the conv FLOPs), batch 128, 10 epochs
+             (4,690 steps), T = 20, beta = 0.99: the CPU-scale CNN (the 28x28 ``cnn`` takes
+             ~10 min per piece here, ~8 h for its 48 pieces; not yet run either).
   resnet20   Fashion-MNIST downsampled to 14x14 (2x2 mean, a quarter of the 28x28 FLOPs) on
              ``jaxfl.models.resnet20`` (272k parameters, BatchNorm), batch 128, 6 epochs
              (2,808 steps), wd 2e-4, T = 50, beta = 0.999: scaled to fit ~30 min per piece on
@@ -143,6 +147,9 @@ PRESETS = {
     "cnn": dict(dataset="fashion_mnist", model="cnn", image=28, batch=128, epochs=10, devices=1,
                 update_every=20, beta=0.99, weight_decay=5e-4, evals=20, blocks="layer",
                 grids=GRIDS_SMALL_BATCH),
+    "cnn14": dict(dataset="fashion_mnist", model="cnn", image=14, batch=128, epochs=10,
+                  devices=1, update_every=20, beta=0.99, weight_decay=5e-4, evals=20,
+                  blocks="layer", grids=GRIDS_SMALL_BATCH),
     "resnet20": dict(dataset="fashion_mnist", model="resnet20", image=14, batch=128, epochs=6,
                      devices=1, update_every=50, beta=0.999, weight_decay=2e-4, evals=20,
                      blocks="stage", grids=GRIDS_SMALL_BATCH),

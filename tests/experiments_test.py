@@ -382,3 +382,17 @@ def test_gem_text_mask_layout_groups_every_encoder_kernel():
     assert g(f"['encoder']['layer_3'][{k!r}]['kernel']") == "attention q/k/v/out"
   for k in ("intermediate", "output"):
     assert g(f"['encoder']['layer_5'][{k!r}]['kernel']") == "FFN in/out"
+
+
+def test_mlbfgs_benchmark_cnn14_is_the_cnn_workload_at_14x14():
+  """The CPU-scale CNN workload differs from ``cnn`` only in the input size, so its pieces
+  never mix with the 28x28 ones, and every optimizer keeps the same LR grid."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import mlbfgs_benchmark as mb
+
+  cnn, cnn14 = mb.config("cnn"), mb.config("cnn14")
+  assert cnn14["image"] == 14 and cnn["image"] == 28
+  assert {k: v for k, v in cnn14.items() if k not in ("image", "workload")} == \
+      {k: v for k, v in cnn.items() if k not in ("image", "workload")}
+  assert mb.run_config(cnn14, "adamw", 1e-3, 0) != mb.run_config(cnn, "adamw", 1e-3, 0)
+  assert mb.tag(cnn14) == "cnn14"
