@@ -313,16 +313,15 @@ def build_arm(cfg: dict, arm: str, lr: float, seed: int):
   rounds = rounds_of(cfg, arm)
   common = dict(client_lr=lr, client_momentum=0.9, weight_decay=cfg["weight_decay"],
                 batch_size=cfg["batch"], local_steps=interval_of(cfg, arm))
-  d, s = cfg["num_recycle"], cfg["levels"]
+  d, s = recycle_of(cfg, arm), cfg["levels"]
   if arm.startswith("fedavg"):
     algo = jaxfl.algorithms.fedavg(weighting="uniform", name=arm, **common)
   elif arm.startswith("fedlama_phi"):
     algo = lw.fedlama(int(arm[len("fedlama_phi"):]), name=arm, **common)
   else:
     algo = {
-        "fedluar": lambda: lw.fedluar(d, seed=seed, name=arm, **common),
-        "fedluar_half": lambda: lw.fedluar(recycle_of(cfg, arm), seed=seed, name=arm, **common),
-        "fedluar_3q": lambda: lw.fedluar(recycle_of(cfg, arm), seed=seed, name=arm, **common),
+        **{a: lambda: lw.fedluar(d, seed=seed, name=arm, **common)
+           for a in ("fedluar", *DELTA_SWEEP)},
         "fedluar_drop": lambda: lw.fedluar(d, recycle=False, seed=seed, name=arm, **common),
         "fedluar_uniform": lambda: lw.fedluar(d, selection="uniform", seed=seed, name=arm,
                                               **common),
