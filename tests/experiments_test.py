@@ -1,6 +1,7 @@
 """The paper-experiment scripts run end to end (CI-sized), and write the promised rows."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -384,9 +385,10 @@ def test_gem_text_mask_layout_groups_every_encoder_kernel():
     assert g(f"['encoder']['layer_5'][{k!r}]['kernel']") == "FFN in/out"
 
 
-def test_mlbfgs_benchmark_cnn14_is_the_cnn_workload_at_14x14():
-  """The CPU-scale CNN workload differs from ``cnn`` only in the input size, so its pieces
-  never mix with the 28x28 ones, and every optimizer keeps the same LR grid."""
+def test_mlbfgs_benchmark_14x14_workloads_differ_from_theirs_only_in_the_input_size():
+  """The CPU-scale CNN workloads (``cnn14``, ``dp_cnn14``) differ from ``cnn``/``dp_cnn`` only in
+  the input size, so their pieces never mix with the 28x28 ones, and every optimizer keeps the
+  same LR grid."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import mlbfgs_benchmark as mb
 
@@ -396,3 +398,83 @@ def test_mlbfgs_benchmark_cnn14_is_the_cnn_workload_at_14x14():
       {k: v for k, v in cnn.items() if k not in ("image", "workload")}
   assert mb.run_config(cnn14, "adamw", 1e-3, 0) != mb.run_config(cnn, "adamw", 1e-3, 0)
   assert mb.tag(cnn14) == "cnn14"
+  dp, dp14 = mb.config("dp_cnn"), mb.config("dp_cnn14")
+  assert dp14["image"] == 14 and dp14["devices"] == "all" and dp14["batch"] == 1024
+  assert {k: v for k, v in dp14.items() if k not in ("image", "workload")} == \
+      {k: v for k, v in dp.items() if k not in ("image", "workload")}
+
+
+@pytest.mark.slow
+def test_mlbfgs_benchmark_smoke_runs_kfac_jax_and_mlbfgs_and_writes_the_report(tmp_path):
+  """The study's code paths for real (AdamW, both K-FAC steps by kfac-jax, block-wise mL-BFGS)
+  on a few batches of the CPU-scale CNN workload, then the report from their pieces."""
+  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("Fashion-MNIST is not installed")
+  script = os.path.join(ROOT, "experiments", "mlbfgs_benchmark.py")
+  opts = ["adamw", "kfac", "kfac_nsgd", "mlbfgs_blocks"]
+  proc = subprocess.run([sys.executable, script, "--smoke", "--workloads", "cnn14",
+                         "--optimizers", *opts, "--out-dir", str(tmp_path)],
+                        capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  root = tmp_path / "mlbfgs" / "cnn14_smoke"
+  pieces = {p.name.split("_lr")[0]: json.load(open(p)) for p in root.glob("*_s0.json")}
+  assert set(pieces) == set(opts)
+  for opt, piece in pieces.items():
+    assert piece["run"]["optimizer"] == opt and piece["run"]["image"] == 14
+    assert not piece["diverged"], opt
+    losses = [h["train_loss"] for h in piece["history"]]
+    assert losses and all(math.isfinite(x) for x in losses), (opt, losses)
+  cost = json.load(open(root / "cost.json"))
+  assert set(cost["optimizers"]) == set(opts)
+  res = json.load(open(tmp_path / "mlbfgs_smoke.json"))
+  assert [w["workload"] for w in res["workloads"]] == ["cnn14"]
+  assert (tmp_path / "mlbfgs_smoke.png").exists()
+
+
+def test_mlbfgs_benchmark_kfac_nsgd_takes_the_references_normalised_momentum_step():
+  """``kfac_nsgd``: kfac-jax's K-FAC direction divided by its global norm, then heavy ball, as
+  the authors' ``train.py`` (kfac-pytorch, then their norm-dividing ``SGDOptimizer``): the
+  first step has length lr, the second is 0.9 x the first plus a step of length lr."""
+  pytest.importorskip("kfac_jax")  # the `bench` extra (in `dev`)
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import jax
+  import jax.numpy as jnp
+  import kfac_jax
+  import numpy as np
+  import optax
+  import mlbfgs_benchmark as mb
+
+  mb.kfac_jax_compat()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 64))
+
+  def value(p, batch):
+    xb, yb = batch
+    logits = kfac_jax.register_dense(xb @ p["w"], xb, p["w"])
+    kfac_jax.register_softmax_cross_entropy_loss(logits, yb)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+  lr = 0.1
+  const = lambda v: (lambda step: jnp.asarray(v, jnp.float32))
+  opt = mb.normalized_kfac_class()(
+      value_and_grad_func=jax.value_and_grad(value), l2_reg=0.0,
+      use_adaptive_learning_rate=False, learning_rate_schedule=const(lr),
+      use_adaptive_momentum=False, momentum_schedule=const(0.9), use_adaptive_damping=False,
+      damping_schedule=const(1e-3), norm_constraint=None, num_burnin_steps=0,
+      estimation_mode="fisher_empirical", curvature_ema=0.95, curvature_update_period=1,
+      inverse_update_period=1, multi_device=False)
+  p = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}
+  with jax.numpy_rank_promotion("allow"):  # kfac-jax's own code broadcasts implicitly
+    state = opt.init(p, jax.random.key(0), (x, y))
+    w = [np.array(p["w"])]
+    for i in range(2):  # kfac-jax donates the parameters: keep copies
+      p, state, _ = opt.step(p, state, jax.random.key(i + 1), batch=(x, y), global_step_int=i)
+      w.append(np.array(p["w"]))
+  d1, d2 = w[1] - w[0], w[2] - w[1]
+  np.testing.assert_allclose(np.linalg.norm(d1), lr, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(d2 - 0.9 * d1), lr, rtol=1e-5)
+  # preconditioned: a descent direction, but not the (normalised) gradient's
+  g = np.array(jax.grad(value)({"w": jnp.asarray(w[0])}, (x, y))["w"])
+  cos = np.vdot(d1, -g) / (np.linalg.norm(d1) * np.linalg.norm(g))
+  assert 0.0 < cos < 0.99, cos
