@@ -33,10 +33,10 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 #   --data-dir ~/tensorflow_datasets --out-dir "$OUT" --max-minutes 5
 # mL-BFGS vs SGD / AdamW / K-FAC (issue 17) at paper scale: ResNet-20 on CIFAR-10 (TFDS as above),
 # 100 epochs, T = 50, beta = 0.999, and the data-parallel large-batch CNN on the host's devices;
-# 6 optimizers x 6 LRs + 2 seeds x 6 = 48 pieces per workload, resumable like the layer-wise
+# 7 optimizers x 6 LRs + 2 seeds x 7 = 56 pieces per workload, resumable like the layer-wise
 # study (seed $OUT with the pieces done, bring $OUT/mlbfgs back). K-FAC needs kfac-jax (+ distrax,
-# tfp-nightly), which the GPU image lacks: carry the wheels or add `--optimizers adamw sgd mlbfgs
-# mlbfgs_blocks nsgd`.
+# tfp-nightly; the `bench` extra), which the GPU image lacks: carry the wheels or add
+# `--optimizers adamw sgd mlbfgs mlbfgs_blocks nsgd`.
 # cp -r experiments/results/mlbfgs "$OUT"/ 2>/dev/null || true
 # python experiments/mlbfgs_benchmark.py --workloads cifar10_resnet20 dp_cnn \
 #   --data-dir ~/tensorflow_datasets --out-dir "$OUT" --max-minutes 8

@@ -95,7 +95,8 @@ run the loss/accuracy on a fixed 5,000-image training subset and on the test set
 rounds of 10 steps, 100 steps each: one K-FAC inverse, 2-10 mL-BFGS extractions) for the
 per-step cost ratio to AdamW. The report gives, per optimizer at its best LR (mean over
 seeds): final train loss and test accuracy, steps and seconds to a target train loss (1.05 x
-the worst optimizer's final) and to a target test accuracy (the worst final - 0.5 points),
+SGD's final: the paper's claim is a speed-up over SGD; the worst optimizer's final without an
+SGD row) and to a target test accuracy (SGD's final - 0.5 points),
 the seconds measured in the pieces and the cost-normalised seconds (steps x side-by-side
 step time, robust to the host's load), and the grids.
 
@@ -147,10 +148,11 @@ def _grid(center: float, n: int = 6, factor: float = 2.0) -> tuple[float, ...]:
 
 # The normalised steps (mlbfgs*, nsgd, kfac_nsgd) take lr as a step length: the reference runs
 # them at 0.1-0.2 (run-SLIM.sh), so their grids reach 0.16 (small batch) and 0.32 (large).
-GRIDS_SMALL_BATCH = {"adamw": _grid(1e-3), "sgd": _grid(0.05), "kfac": _grid(0.05),
+# AdamW's grid reaches 8e-3: on cnn14 its loss still fell from 2e-3 to 4e-3.
+GRIDS_SMALL_BATCH = {"adamw": _grid(2e-3), "sgd": _grid(0.05), "kfac": _grid(0.05),
                      "mlbfgs": _grid(0.04), "mlbfgs_blocks": _grid(0.04), "nsgd": _grid(0.04),
                      "kfac_nsgd": _grid(0.04)}
-GRIDS_LARGE_BATCH = {"adamw": _grid(2e-3), "sgd": _grid(0.2), "kfac": _grid(0.2),
+GRIDS_LARGE_BATCH = {"adamw": _grid(4e-3), "sgd": _grid(0.2), "kfac": _grid(0.2),
                      "mlbfgs": _grid(0.08), "mlbfgs_blocks": _grid(0.08), "nsgd": _grid(0.08),
                      "kfac_nsgd": _grid(0.08)}
 
@@ -183,6 +185,7 @@ NUM_TRAIN_EVAL = 5_000  # fixed training subset for the train-loss evaluations
 TRAIN_SIZE = {"fashion_mnist": 60_000, "tfds:cifar10": 50_000}
 CPU_DEVICES = 2  # devices="all" on a CPU host: one XLA device per core of the dev box
 COST_STEPS, COST_CHUNK = 100, 10
+TARGET_ANCHOR = "sgd"  # the targets are 1.05 x its final train loss and its final acc - 0.5
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -862,9 +865,11 @@ def summarize(cfg: dict, done: dict, cost: dict | None, optimizers, seeds) -> di
                  "final_test_acc_std": _std([p["final_test_acc"] for p in pieces]),
                  "step_ms_pieces": 1e3 * (_mean([p["step_seconds_mean"] for p in pieces]) or 0),
                  "pieces": pieces})
-  finite = [r for r in rows if r["final_train_loss"] is not None]
+  # Targets: what SGD (the paper's baseline) reaches at the end; the worst row without SGD.
+  anchor = [r for r in rows if r["optimizer"] == TARGET_ANCHOR] or rows
+  finite = [r for r in anchor if r["final_train_loss"] is not None]
   target_loss = 1.05 * max(r["final_train_loss"] for r in finite) if finite else None
-  accs = [r["final_test_acc"] for r in rows if r["final_test_acc"] is not None]
+  accs = [r["final_test_acc"] for r in anchor if r["final_test_acc"] is not None]
   target_acc = min(accs) - 0.005 if accs else None
   cost_opt = (cost or {}).get("optimizers", {})
   for r in rows:
@@ -934,8 +939,8 @@ def report_md(results: list[dict], command: str, stale: dict) -> str:
            "`docs/mlbfgs.md`. Best LR per optimizer = lowest final train loss at seed 0 "
            "(**EDGE** = at the edge of its grid: the grid must be moved before the "
            "comparison counts); rows are means over the seeds done at that LR. Targets: "
-           "train loss = 1.05 x the worst optimizer's final, test accuracy = the worst "
-           "final - 0.5 points. `s` = training seconds measured in the pieces (their own "
+           "train loss = 1.05 x SGD's final (the worst optimizer's without SGD), test "
+           "accuracy = SGD's final (the worst) - 0.5 points. `s` = training seconds measured in the pieces (their own "
            "processes, noisy under load); `cost s` = steps x the side-by-side per-step "
            "time of the `cost` piece.", ""]
   for res in results:

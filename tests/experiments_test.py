@@ -478,3 +478,23 @@ def test_mlbfgs_benchmark_kfac_nsgd_takes_the_references_normalised_momentum_ste
   g = np.array(jax.grad(value)({"w": jnp.asarray(w[0])}, (x, y))["w"])
   cos = np.vdot(d1, -g) / (np.linalg.norm(d1) * np.linalg.norm(g))
   assert 0.0 < cos < 0.99, cos
+
+
+@pytest.mark.slow
+def test_mlbfgs_direction_diagnostic_runs_and_the_compact_form_matches_float64_loops(tmp_path):
+  """The direction diagnostic on real training pairs: probes recorded, and the transform's
+  float32 compact-form direction equals the textbook two-loop recursion in float64."""
+  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("Fashion-MNIST is not installed")
+  out = tmp_path / "diag.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "mlbfgs_direction.py"),
+                         "--epochs", "0.4", "--probe-every", "60", "--json", str(out)],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.load(open(out))
+  assert len(res["probes"]) >= 2
+  for r in res["probes"]:
+    assert r["cos_f64_two_loop"] > 0.9999, r["cos_f64_two_loop"]
+    # unit directions: g.d_nsgd = |g| bounds g.d_mlbfgs (Cauchy-Schwarz), equal iff parallel
+    assert r["nsgd"]["slope"] > 0 and r["mlbfgs"]["slope"] <= r["nsgd"]["slope"] * (1 + 1e-5)
+    assert 0.0 < r["tau"] and -1.0 <= r["cos"] <= 1.0 + 1e-6
