@@ -404,8 +404,8 @@ def normalized_kfac_class():
     # the direction can be rescaled with the optimizer's own momentum and schedules intact.
     def _maybe_apply_norm_constraint(self, grads, preconditioned_grads, coefficient):
       del grads, coefficient
-      norm = optax.tree.norm(preconditioned_grads)
-      return optax.tree.scale(1.0 / norm, preconditioned_grads), None
+      unit, _ = normalized_sgd_direction().update(preconditioned_grads, optax.EmptyState())
+      return unit, None
 
   return NormalizedKfac
 
