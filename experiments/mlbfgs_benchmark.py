@@ -27,7 +27,10 @@ workload, the same value for every optimizer):
                  "stage")``, the ResNet-50 layout of ``get_pblocks_resnet50``);
   nsgd           the authors' own SGD baseline (``opt/sgd.py``): SGD + momentum on the
                  gradient (+ ``wd`` theta) divided by its global norm, i.e. mL-BFGS without the
-                 curvature (same step-length scale). Last in the piece order.
+                 curvature (same step-length scale);
+  mlbfgs_ref     ``mlbfgs`` with the reference's T = 50, beta = 0.999 (``run-SLIM.sh``) on the
+                 workloads that run other values (the CNNs'); not run where they are the
+                 workload's own (ResNet-20), where it would repeat ``mlbfgs``.
 
 mL-BFGS settings: M = 10, gamma = 0.9, damping 0.01, sigma 0.01/1.5, heavy ball 0.9, the
 paper's (not ``reference_mode``) momenta; T and beta per workload: T = 20, beta = 0.99 for the
@@ -133,7 +136,12 @@ from _common import (
   write_results,
 )
 
-OPTIMIZERS = ("adamw", "sgd", "kfac", "mlbfgs", "mlbfgs_blocks", "nsgd", "kfac_nsgd")
+OPTIMIZERS = ("adamw", "sgd", "kfac", "mlbfgs", "mlbfgs_blocks", "nsgd", "kfac_nsgd",
+              "mlbfgs_ref")
+MLBFGS_VARIANTS = ("mlbfgs", "mlbfgs_blocks", "mlbfgs_ref")
+# The reference's curvature-pair settings (run-SLIM.sh: --period 50, --beta 0.999); the
+# ``mlbfgs_ref`` arm runs them on workloads whose own T, beta differ (the CNNs').
+REFERENCE_CURVATURE = dict(update_every=50, beta=0.999)
 MLBFGS = dict(history=10, pair_momentum=0.9, damping=0.01, sigma_lo=0.01, sigma_hi=1.5)
 KFAC = dict(damping=1e-3, curvature_ema=0.95, curvature_update_period=10,
             inverse_update_period=100, norm_constraint=1e-3, estimation_mode="fisher_empirical")
@@ -153,10 +161,10 @@ def _grid(center: float, n: int = 6, factor: float = 2.0) -> tuple[float, ...]:
 # falling with lr down to 2e-4 (the grid moved four times from 0.05; every piece is kept).
 GRIDS_SMALL_BATCH = {"adamw": _grid(2e-3), "sgd": _grid(0.05), "kfac": _grid(0.000390625),
                      "mlbfgs": _grid(0.04), "mlbfgs_blocks": _grid(0.04), "nsgd": _grid(0.04),
-                     "kfac_nsgd": _grid(0.04)}
+                     "kfac_nsgd": _grid(0.04), "mlbfgs_ref": _grid(0.04)}
 GRIDS_LARGE_BATCH = {"adamw": _grid(4e-3), "sgd": _grid(0.2), "kfac": _grid(0.0015625),
                      "mlbfgs": _grid(0.08), "mlbfgs_blocks": _grid(0.08), "nsgd": _grid(0.08),
-                     "kfac_nsgd": _grid(0.08)}
+                     "kfac_nsgd": _grid(0.08), "mlbfgs_ref": _grid(0.08)}
 
 PRESETS = {
     "cnn": dict(dataset="fashion_mnist", model="cnn", image=28, batch=128, epochs=10, devices=1,
@@ -205,6 +213,20 @@ def config(workload: str, smoke: bool = False, lrs=None, reference_mode: bool = 
   return cfg
 
 
+def curvature_settings(cfg: dict, opt: str) -> tuple[int, float]:
+  """(T, beta) of an mL-BFGS arm: the workload's, or the reference's for ``mlbfgs_ref``."""
+  if opt == "mlbfgs_ref":
+    return REFERENCE_CURVATURE["update_every"], REFERENCE_CURVATURE["beta"]
+  return cfg["update_every"], cfg["beta"]
+
+
+def workload_optimizers(cfg: dict, optimizers) -> list[str]:
+  """``optimizers`` less ``mlbfgs_ref`` where the workload already runs the reference's T and
+  beta (there it would repeat ``mlbfgs``)."""
+  same = (cfg["update_every"], cfg["beta"]) == curvature_settings(cfg, "mlbfgs_ref")
+  return [o for o in optimizers if not (same and o == "mlbfgs_ref")]
+
+
 def tag(cfg: dict) -> str:
   return (cfg["workload"] + ("_smoke" if cfg["smoke"] else "")
           + ("_refmode" if cfg["reference_mode"] else ""))
@@ -219,7 +241,8 @@ def run_config(cfg: dict, opt: str, lr: float, seed: int) -> dict:
   out.update(optimizer=opt, lr=float(lr), seed=int(seed), momentum=MOMENTUM,
              lr_floor=LR_FLOOR)
   if opt.startswith("mlbfgs"):
-    out.update(MLBFGS, update_every=cfg["update_every"], beta=cfg["beta"],
+    t, beta = curvature_settings(cfg, opt)
+    out.update(MLBFGS, update_every=t, beta=beta,
                reference_mode=cfg["reference_mode"],
                blocks=cfg["blocks"] if opt == "mlbfgs_blocks" else "full")
   if opt == "kfac":
@@ -315,10 +338,11 @@ def make_optax(cfg: dict, opt: str, lr: float, params, steps_per_epoch: int, sha
   if opt == "nsgd":
     return optax.chain(optax.add_decayed_weights(wd), normalized_sgd_direction(),
                        optax.trace(MOMENTUM), optax.scale_by_learning_rate(sched))
-  if opt in ("mlbfgs", "mlbfgs_blocks"):
+  if opt in MLBFGS_VARIANTS:
     labels = block_labels(cfg, params) if opt == "mlbfgs_blocks" else None
-    return M.mlbfgs(sched, labels, momentum=MOMENTUM, beta_p=cfg["beta"], beta_g=cfg["beta"],
-                    update_every=cfg["update_every"], weight_decay=wd,
+    t, beta = curvature_settings(cfg, opt)
+    return M.mlbfgs(sched, labels, momentum=MOMENTUM, beta_p=beta, beta_g=beta,
+                    update_every=t, weight_decay=wd,
                     reference_mode=cfg["reference_mode"],
                     sharding=sharding if opt == "mlbfgs_blocks" else None, **MLBFGS)
   raise ValueError(opt)
@@ -677,7 +701,7 @@ def run_cost(cfg: dict, out: str, optimizers, data_dir=None) -> dict:
     state = trainer.init(params, mstate, a["x"], a["y"], _put_idx(idx[0], mesh))
     runs[opt] = dict(trainer=trainer, carry=(params, state, mstate), a=a, idx=idx, i=0,
                      mesh=mesh, times=[])
-    for _ in range(2 * cfg["update_every"] + 2):
+    for _ in range(2 * curvature_settings(cfg, opt)[0] + 2):
       _cost_step(runs[opt], timed=False)
   chunk = cfg.get("cost_chunk", COST_CHUNK)
   rounds = max(1, cfg.get("cost_steps", COST_STEPS) // chunk)
@@ -909,7 +933,7 @@ def _mean_curves(pieces: list[dict]) -> dict:
 def claims(res: dict) -> list[str]:
   by = {r["optimizer"]: r for r in res["rows"]}
   out = []
-  for var in ("mlbfgs", "mlbfgs_blocks"):
+  for var in MLBFGS_VARIANTS:
     if var not in by:
       continue
     for what in ("loss", "acc"):
@@ -1017,11 +1041,12 @@ def report(cfgs: list[dict], out_dir: str, optimizers, seeds, command: str) -> l
   results, stale = [], {}
   for cfg in cfgs:
     root = os.path.join(out_dir, "mlbfgs", tag(cfg))
-    done, st = collect(cfg, root, optimizers, seeds)
+    opts = workload_optimizers(cfg, optimizers)
+    done, st = collect(cfg, root, opts, seeds)
     stale[cfg["workload"]] = st
     if not done:
       continue
-    results.append(summarize(cfg, done, read_json(os.path.join(root, "cost.json")), optimizers,
+    results.append(summarize(cfg, done, read_json(os.path.join(root, "cost.json")), opts,
                              seeds))
   if not results:
     print("no pieces yet; nothing to report")
@@ -1114,8 +1139,8 @@ def main(argv=None):
     return
   if args.cost:
     cfg = mk(args.cost)
-    run_cost(cfg, os.path.join(args.out_dir, "mlbfgs", tag(cfg), "cost.json"), optimizers,
-             args.data_dir)
+    run_cost(cfg, os.path.join(args.out_dir, "mlbfgs", tag(cfg), "cost.json"),
+             workload_optimizers(cfg, optimizers), args.data_dir)
     return
   if args.probe and os.environ.get("_MLBFGS_PROBE_CHILD") != "1":
     for w in args.workloads:  # one child per workload (its own device count)
@@ -1128,7 +1153,7 @@ def main(argv=None):
     return
   if args.probe:
     cfg = mk(args.workloads[0])
-    out = probe(cfg, optimizers, args.data_dir)
+    out = probe(cfg, workload_optimizers(cfg, optimizers), args.data_dir)
     write_json(os.path.join(args.out_dir, "mlbfgs", f"probe_{tag(cfg)}.json"), out)
     return
 
@@ -1158,20 +1183,21 @@ def main(argv=None):
   if not args.report_only:
     for cfg in cfgs:
       root = os.path.join(args.out_dir, "mlbfgs", tag(cfg))
-      _, stale = collect(cfg, root, optimizers, args.seeds)
+      opts = workload_optimizers(cfg, optimizers)
+      _, stale = collect(cfg, root, opts, args.seeds)
       if stale:
         p.error(f"{root} holds pieces of another configuration ({', '.join(stale)}); move "
                 "them away")
       cost = read_json(os.path.join(root, "cost.json")) or {}
-      if not args.no_cost and not set(optimizers) <= set(cost.get("optimizers", {})):
+      if not args.no_cost and not set(opts) <= set(cost.get("optimizers", {})):
         # (re)run when an optimizer is missing: the ratios need every one in the same process
         if out_of_time():
           break
         child(cfg, ["--cost", cfg["workload"]])
       while True:  # the plan grows as the seed-0 grids complete
-        done, _ = collect(cfg, root, optimizers, args.seeds)
-        best = best_lrs(cfg, done, optimizers, args.seeds[0])
-        todo = [x for x in plan(cfg, optimizers, args.seeds, best) if x not in done]
+        done, _ = collect(cfg, root, opts, args.seeds)
+        best = best_lrs(cfg, done, opts, args.seeds[0])
+        todo = [x for x in plan(cfg, opts, args.seeds, best) if x not in done]
         if not todo or out_of_time():
           break
         opt, lr, seed = todo[0]

@@ -404,6 +404,50 @@ def test_mlbfgs_benchmark_14x14_workloads_differ_from_theirs_only_in_the_input_s
       {k: v for k, v in dp.items() if k not in ("image", "workload")}
 
 
+def test_mlbfgs_benchmark_mlbfgs_ref_runs_the_references_pair_period_on_the_cnns_only():
+  """``mlbfgs_ref`` is ``mlbfgs`` with T = 50, beta = 0.999 (run-SLIM.sh): on cnn14 (T = 20) it
+  extracts its first curvature pair (two snapshots T apart) at step 100, ``mlbfgs`` at 40; on
+  ResNet-20, whose own T and beta are the reference's, it is not planned (it would repeat
+  ``mlbfgs``)."""
+  import jax
+  import numpy as np
+  import optax
+
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import mlbfgs_benchmark as mb
+  from jaxfl.transforms import MLBFGSState
+
+  cnn14, resnet = mb.config("cnn14"), mb.config("resnet20")
+  ref = mb.run_config(cnn14, "mlbfgs_ref", 0.04, 0)
+  own = mb.run_config(cnn14, "mlbfgs", 0.04, 0)
+  assert (ref["update_every"], ref["beta"]) == (50, 0.999)
+  assert (own["update_every"], own["beta"]) == (20, 0.99)
+  assert "mlbfgs_ref" in mb.workload_optimizers(cnn14, mb.OPTIMIZERS)
+  assert "mlbfgs_ref" not in mb.workload_optimizers(resnet, mb.OPTIMIZERS)
+  assert "mlbfgs" in mb.workload_optimizers(resnet, mb.OPTIMIZERS)
+
+  rng = np.random.default_rng(7)
+  params = {"a": jax.numpy.asarray(rng.normal(size=(6, 3)), "float32"),
+            "b": jax.numpy.asarray(rng.normal(size=(3,)), "float32")}
+  grads = [jax.tree.map(lambda p: jax.numpy.asarray(rng.normal(size=p.shape), "float32"), params)
+           for _ in range(100)]
+
+  def pairs_after(opt: str, steps: int) -> int:
+    tx = mb.make_optax(cnn14, opt, 0.04, params, steps_per_epoch=10)
+    step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(
+        *tx.update(g, s, p)))
+    p, s = params, tx.init(params)
+    for g in grads[:steps]:
+      p, s = step(p, s, g)
+    found = [x for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, MLBFGSState))
+             if isinstance(x, MLBFGSState)]
+    assert len(found) == 1
+    return int(found[0].num_pairs)
+
+  assert (pairs_after("mlbfgs", 39), pairs_after("mlbfgs", 40)) == (0, 1)
+  assert (pairs_after("mlbfgs_ref", 99), pairs_after("mlbfgs_ref", 100)) == (0, 1)
+
+
 @pytest.mark.slow
 def test_mlbfgs_benchmark_smoke_runs_kfac_jax_and_mlbfgs_and_writes_the_report(tmp_path):
   """The study's code paths for real (AdamW, both K-FAC steps by kfac-jax, block-wise mL-BFGS)
