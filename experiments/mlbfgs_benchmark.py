@@ -75,9 +75,11 @@ Workloads (``PRESETS``):
              (4,690 steps), T = 20, beta = 0.99: the CPU-scale CNN (the 28x28 ``cnn`` takes
              ~10 min per piece here, ~8 h for its 48 pieces; not yet run either).
   resnet20   Fashion-MNIST downsampled to 14x14 (2x2 mean, a quarter of the 28x28 FLOPs) on
-             ``jaxfl.models.resnet20`` (272k parameters, BatchNorm), batch 128, 6 epochs
-             (2,808 steps), wd 2e-4, T = 50, beta = 0.999: scaled to fit ~30 min per piece on
-             2 CPU cores (see the estimates below).
+             ``jaxfl.models.resnet20`` (272k parameters, BatchNorm), batch 128, 3 epochs
+             (1,404 steps), wd 2e-4, T = 50, beta = 0.999: scaled to fit <= 30 min per
+             optimizer (6 LRs + 2 seeds at ~3.4 min) on 2 CPU cores (a quiet probe: ~97 ms
+             per step for every optimizer, 2.6 s per evaluation). Optimizers
+             ``RESNET20_OPTIMIZERS``: K-FAC with the reference's step (``kfac_nsgd``) only.
   dp_cnn     the distributed large-batch setting: the CNN data-parallel over every device of
              a 1-D mesh (the batch split over the devices, parameters and optimizer state
              replicated, gradients all-reduced by XLA; mL-BFGS's block-wise variant
@@ -138,6 +140,9 @@ from _common import (
 
 OPTIMIZERS = ("adamw", "sgd", "kfac", "mlbfgs", "mlbfgs_blocks", "nsgd", "kfac_nsgd",
               "mlbfgs_ref")
+# ResNet-20 on 2 CPU cores: K-FAC with the reference's step only (``kfac_nsgd``, kfac-jax's
+# preconditioner); kfac-jax's own KL-clipped step moved its grid four times on cnn14 (13 pieces).
+RESNET20_OPTIMIZERS = ("adamw", "sgd", "mlbfgs", "mlbfgs_blocks", "nsgd", "kfac_nsgd")
 MLBFGS_VARIANTS = ("mlbfgs", "mlbfgs_blocks", "mlbfgs_ref")
 # The reference's curvature-pair settings (run-SLIM.sh: --period 50, --beta 0.999); the
 # ``mlbfgs_ref`` arm runs them on workloads whose own T, beta differ (the CNNs').
@@ -173,9 +178,9 @@ PRESETS = {
     "cnn14": dict(dataset="fashion_mnist", model="cnn", image=14, batch=128, epochs=10,
                   devices=1, update_every=20, beta=0.99, weight_decay=5e-4, evals=20,
                   blocks="layer", grids=GRIDS_SMALL_BATCH),
-    "resnet20": dict(dataset="fashion_mnist", model="resnet20", image=14, batch=128, epochs=6,
+    "resnet20": dict(dataset="fashion_mnist", model="resnet20", image=14, batch=128, epochs=3,
                      devices=1, update_every=50, beta=0.999, weight_decay=2e-4, evals=20,
-                     blocks="stage", grids=GRIDS_SMALL_BATCH),
+                     blocks="stage", grids=GRIDS_SMALL_BATCH, optimizers=RESNET20_OPTIMIZERS),
     "dp_cnn": dict(dataset="fashion_mnist", model="cnn", image=28, batch=1024, epochs=10,
                    devices="all", update_every=10, beta=0.99, weight_decay=5e-4, evals=20,
                    blocks="layer", grids=GRIDS_LARGE_BATCH),
@@ -220,9 +225,12 @@ def curvature_settings(cfg: dict, opt: str) -> tuple[int, float]:
   return cfg["update_every"], cfg["beta"]
 
 
-def workload_optimizers(cfg: dict, optimizers) -> list[str]:
-  """``optimizers`` less ``mlbfgs_ref`` where the workload already runs the reference's T and
-  beta (there it would repeat ``mlbfgs``)."""
+def workload_optimizers(cfg: dict, optimizers=None) -> list[str]:
+  """The optimizers run on a workload: ``optimizers`` (default: the preset's ``optimizers``,
+  else all) less ``mlbfgs_ref`` where the workload already runs the reference's T and beta
+  (there it would repeat ``mlbfgs``)."""
+  if optimizers is None:
+    optimizers = cfg.get("optimizers", OPTIMIZERS)
   same = (cfg["update_every"], cfg["beta"]) == curvature_settings(cfg, "mlbfgs_ref")
   return [o for o in optimizers if not (same and o == "mlbfgs_ref")]
 
@@ -917,8 +925,10 @@ def summarize(cfg: dict, done: dict, cost: dict | None, optimizers, seeds) -> di
   return {"workload": cfg["workload"], "tag": tag(cfg), "target_train_loss": target_loss,
           "target_test_acc": target_acc, "best_lr": best, "rows": rows, "grid": grid_rows,
           "cost": cost, "pieces_done": len(done),
-          "pieces_planned": len(plan(cfg, optimizers, seeds,
-                                     {o: cfg["grids"][o][0] for o in optimizers}))}
+          # the plan at the current best LRs, and pieces of earlier grids (moved since)
+          "pieces_planned": len(set(plan(cfg, optimizers, seeds,
+                                         {o: best.get(o, cfg["grids"][o][0])
+                                          for o in optimizers})) | set(done))}
 
 
 def _mean_curves(pieces: list[dict]) -> dict:
@@ -1038,7 +1048,16 @@ def _plot(path: str, results: list[dict]) -> bool:
 
 
 def report(cfgs: list[dict], out_dir: str, optimizers, seeds, command: str) -> list[dict]:
+  """The report of every workload with pieces under ``out_dir`` (not only ``cfgs``: one
+  driver per workload must not drop the others' results), in ``PRESETS`` order."""
   results, stale = [], {}
+  c0 = cfgs[0]
+  named = {c["workload"] for c in cfgs}
+  cfgs = list(cfgs) + [
+      config(w, c0["smoke"], None, c0["reference_mode"]) for w in PRESETS
+      if w not in named and os.path.isdir(os.path.join(
+          out_dir, "mlbfgs", tag(config(w, c0["smoke"], None, c0["reference_mode"]))))]
+  cfgs.sort(key=lambda c: list(PRESETS).index(c["workload"]))
   for cfg in cfgs:
     root = os.path.join(out_dir, "mlbfgs", tag(cfg))
     opts = workload_optimizers(cfg, optimizers)
@@ -1072,7 +1091,7 @@ def smoke_estimates(cfgs: list[dict], out_dir: str, optimizers) -> list[dict]:
     full = config(cfg["workload"], reference_mode=cfg["reference_mode"])
     root = os.path.join(out_dir, "mlbfgs", tag(cfg))
     cost = (read_json(os.path.join(root, "cost.json")) or {}).get("optimizers", {})
-    done, _ = collect(cfg, root, optimizers, [0])
+    done, _ = collect(cfg, root, workload_optimizers(cfg, optimizers), [0])
     for (opt, _lr, seed), piece in sorted(done.items()):
       if seed != 0:
         continue
@@ -1107,7 +1126,8 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workloads", nargs="+", choices=sorted(PRESETS), default=["cnn"])
   p.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=None,
-                 help=f"default: all ({', '.join(SMOKE_OPTIMIZERS)} with --smoke)")
+                 help="default: the workload's (all; ResNet-20: "
+                 f"{', '.join(RESNET20_OPTIMIZERS)}); {', '.join(SMOKE_OPTIMIZERS)} with --smoke")
   p.add_argument("--seeds", nargs="+", type=int, default=None,
                  help="the first is the LR-grid seed (default 0 1 2; 0 with --smoke)")
   p.add_argument("--lrs", nargs="+", type=float, default=None,
@@ -1128,7 +1148,9 @@ def main(argv=None):
   p.add_argument("--out-dir", default=RESULTS)
   args = p.parse_args(argv)
   mk = lambda w: config(w, args.smoke, args.lrs, args.reference_mode)
-  optimizers = list(args.optimizers or (SMOKE_OPTIMIZERS if args.smoke else OPTIMIZERS))
+  # None: each workload's own list (``workload_optimizers``)
+  optimizers = args.optimizers or (list(SMOKE_OPTIMIZERS) if args.smoke else None)
+  opt_args = ["--optimizers", *optimizers] if optimizers else []
   args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
 
   if args.piece:
@@ -1146,7 +1168,7 @@ def main(argv=None):
     for w in args.workloads:  # one child per workload (its own device count)
       env = dict(_child_env(mk(w)), _MLBFGS_PROBE_CHILD="1")
       subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", "--workloads", w,
-                      "--optimizers", *optimizers, "--out-dir", args.out_dir]
+                      "--out-dir", args.out_dir] + opt_args
                      + (["--smoke"] if args.smoke else [])
                      + (["--data-dir", args.data_dir] if args.data_dir else []),
                      env=env, check=True)
@@ -1162,8 +1184,8 @@ def main(argv=None):
   t0 = time.time()
 
   def child(cfg, extra):
-    cmd = [sys.executable, os.path.abspath(__file__), "--out-dir", args.out_dir,
-           "--optimizers", *optimizers] + extra
+    cmd = [sys.executable, os.path.abspath(__file__), "--out-dir", args.out_dir, *opt_args,
+           *extra]
     if args.smoke:
       cmd.append("--smoke")
     if args.reference_mode:

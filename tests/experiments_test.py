@@ -425,6 +425,11 @@ def test_mlbfgs_benchmark_mlbfgs_ref_runs_the_references_pair_period_on_the_cnns
   assert "mlbfgs_ref" in mb.workload_optimizers(cnn14, mb.OPTIMIZERS)
   assert "mlbfgs_ref" not in mb.workload_optimizers(resnet, mb.OPTIMIZERS)
   assert "mlbfgs" in mb.workload_optimizers(resnet, mb.OPTIMIZERS)
+  # by default ResNet-20 runs K-FAC with the reference's step only; an explicit list is kept
+  assert "kfac" not in mb.workload_optimizers(resnet) and "kfac_nsgd" in mb.workload_optimizers(
+      resnet)
+  assert "kfac" in mb.workload_optimizers(resnet, ["kfac", "sgd"])
+  assert set(mb.workload_optimizers(cnn14)) == set(mb.OPTIMIZERS)
 
   rng = np.random.default_rng(7)
   params = {"a": jax.numpy.asarray(rng.normal(size=(6, 3)), "float32"),
