@@ -1042,7 +1042,8 @@ def _plot(path: str, results: list[dict]) -> bool:
         ax.set_ylabel(yl)
         ax.set_title(res["workload"])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no rows until a grid has a best LR
+          ax.legend(fontsize=7)
 
   return save_plot(path, draw, nrows=len(results), ncols=4,
                    figsize=(18, 3.6 * len(results)), dpi=100)
