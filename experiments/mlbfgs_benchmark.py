@@ -249,7 +249,7 @@ def run_config(cfg: dict, opt: str, lr: float, seed: int) -> dict:
   out = {k: cfg[k] for k in keys}
   out.update(optimizer=opt, lr=float(lr), seed=int(seed), momentum=MOMENTUM,
              lr_floor=LR_FLOOR)
-  if opt.startswith("mlbfgs"):
+  if opt in MLBFGS_VARIANTS:
     t, beta = curvature_settings(cfg, opt)
     out.update(MLBFGS, update_every=t, beta=beta,
                reference_mode=cfg["reference_mode"],
@@ -1055,10 +1055,10 @@ def report(cfgs: list[dict], out_dir: str, optimizers, seeds, command: str) -> l
   results, stale = [], {}
   c0 = cfgs[0]
   named = {c["workload"] for c in cfgs}
-  cfgs = list(cfgs) + [
-      config(w, c0["smoke"], None, c0["reference_mode"]) for w in PRESETS
-      if w not in named and os.path.isdir(os.path.join(
-          out_dir, "mlbfgs", tag(config(w, c0["smoke"], None, c0["reference_mode"]))))]
+  others = [config(w, c0["smoke"], None, c0["reference_mode"]) for w in PRESETS
+            if w not in named]
+  cfgs = list(cfgs) + [c for c in others
+                       if os.path.isdir(os.path.join(out_dir, "mlbfgs", tag(c)))]
   cfgs.sort(key=lambda c: list(PRESETS).index(c["workload"]))
   for cfg in cfgs:
     root = os.path.join(out_dir, "mlbfgs", tag(cfg))
