@@ -1035,7 +1035,9 @@ def _plot(path: str, results: list[dict]) -> bool:
           c = r["curves"]
           pts = [(x, y) for x, y in zip(c[xk], c[yk]) if x is not None and y is not None]
           if pts:
-            ax.plot(*zip(*pts), label=f"{r['optimizer']} ({r['lr']:g})")
+            # one colour per optimizer across workloads (tab10 has a slot for each)
+            ax.plot(*zip(*pts), label=f"{r['optimizer']} ({r['lr']:g})",
+                    color=f"C{OPTIMIZERS.index(r['optimizer']) % 10}")
         if yk == "train_loss":
           ax.set_yscale("log")
         ax.set_xlabel(xl)
