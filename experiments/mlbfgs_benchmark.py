@@ -161,7 +161,7 @@ def _grid(center: float, n: int = 6, factor: float = 2.0) -> tuple[float, ...]:
 
 
 # The normalised steps (mlbfgs*, nsgd, kfac_nsgd) take lr as a step length: the reference runs
-# them at 0.1-0.2 (run-SLIM.sh), so their grids reach 0.16 (small batch) and 0.32 (large).
+# them at 0.1-0.2 (run-SLIM.sh), so their grids reach 0.16 (small batch) and 0.32 or 0.64 (large).
 # AdamW's grid reaches 8e-3: on cnn14 its loss still fell from 2e-3 to 4e-3. K-FAC with
 # kfac-jax's step reaches down to 4.9e-5: on cnn14 its KL clip binds at large lr and the loss kept
 # falling with lr down to 2e-4 (the grid moved four times from 0.05; every piece is kept).
