@@ -131,6 +131,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -665,8 +666,14 @@ def claims(rows) -> list[dict]:
 
   def add(text, arms, ok):
     if all(a in by for a in arms):
-      out.append({"claim": text, "arms": arms, "holds": bool(ok(*[by[a] for a in arms])),
-                  "seeds": min(len(by[a]["seeds"]) for a in arms)})
+      r, b = by[arms[0]], by[arms[1]]
+      # A verdict on means alone hides how far apart the arms are; the difference and its
+      # standard error (each arm's seed std / sqrt(seeds)) say whether seed noise could flip it.
+      se = math.sqrt(sum(x["final_acc_std"] ** 2 / len(x["seeds"]) for x in (r, b)))
+      out.append({"claim": text, "arms": arms, "holds": bool(ok(r, b)),
+                  "seeds": min(len(by[a]["seeds"]) for a in arms),
+                  "difference": r["final_acc_mean"] - b["final_acc_mean"],
+                  "difference_se": se})
 
   near = lambda r, b: r["final_acc_mean"] >= b["final_acc_mean"] - MARGIN
   add("FedLUAR within 1 point of FedAvg(tau') at <= 0.5 relative uplink",
@@ -727,8 +734,10 @@ def _report_md(cfg: dict, res: dict, stale, total_pieces: int) -> str:
       f"{recycle_of(cfg, 'fedluar_half')}, fedluar_3q: {recycle_of(cfg, 'fedluar_3q')}), "
       f"QSGD s={cfg['levels']}.", "",
       md_table(cols, cells), "",
-      md_table(["claim (means over seeds)", "holds", "seeds"],
-               [[c["claim"], "yes" if c["holds"] else "no", c["seeds"]] for c in res["claims"]]),
+      md_table(["claim (means over seeds)", "holds", "seeds", "difference ± SE (points)"],
+               [[c["claim"], "yes" if c["holds"] else "no", c["seeds"],
+                 f"{100 * c['difference']:+.2f} ± {100 * c['difference_se']:.2f}"]
+                for c in res["claims"]]),
       "",
       f"Target = FedAvg(tau')'s mean final accuracy - {MARGIN:g} = {_fmt(res['target_acc'])}; "
       "'MB to reach target' = mean cumulative uplink at the first evaluation at or above it, "

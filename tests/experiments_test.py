@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,9 +290,10 @@ def test_layerwise_converged_fedluar_half_is_the_delta_sweeps_second_point():
   assert lc.run_config(cfg, "fedluar", 0.1, 0)["num_recycle"] == 12
   half = lc.run_config(cfg, "fedluar_half", 0.1, 0)
   assert half["num_recycle"] == 6 and half["interval"] == cfg["tau"]
-  base = {"arm": "fedavg_tau", "final_acc_mean": 0.80, "rel_uplink": 1.0, "seeds": [0]}
-  row = lambda acc, up: {"arm": "fedluar_half", "final_acc_mean": acc, "rel_uplink": up,
-                         "seeds": [0]}
+  base = {"arm": "fedavg_tau", "final_acc_mean": 0.80, "final_acc_std": 0.0, "rel_uplink": 1.0,
+          "seeds": [0]}
+  row = lambda acc, up: {"arm": "fedluar_half", "final_acc_mean": acc, "final_acc_std": 0.0,
+                         "rel_uplink": up, "seeds": [0]}
   text = "FedLUAR(delta/2) within 1 point of FedAvg(tau') at <= 0.5 relative uplink"
   verdict = lambda r: {c["claim"]: c["holds"] for c in lc.claims([base, r])}[text]
   assert verdict(row(0.795, 0.45)) and not verdict(row(0.785, 0.45))
@@ -306,13 +308,31 @@ def test_layerwise_converged_fedluar_3q_sits_between_delta_and_half():
   assert lc.run_config(res, "fedluar_3q", 0.1, 0)["num_recycle"] == 9
   assert lc.recycle_of(cnn, "fedluar_3q") == 2 and lc.recycle_of(cnn, "fedluar_half") == 1
   assert lc.run_config(res, "fedluar_3q", 0.1, 0) != lc.run_config(res, "fedluar_half", 0.1, 0)
-  base = {"arm": "fedavg_tau", "final_acc_mean": 0.80, "rel_uplink": 1.0, "seeds": [0]}
+  base = {"arm": "fedavg_tau", "final_acc_mean": 0.80, "final_acc_std": 0.0, "rel_uplink": 1.0,
+          "seeds": [0]}
   text = "FedLUAR(3 delta/4) within 1 point of FedAvg(tau') at <= 0.5 relative uplink"
-  row = lambda acc, up: {"arm": "fedluar_3q", "final_acc_mean": acc, "rel_uplink": up,
-                         "seeds": [0]}
+  row = lambda acc, up: {"arm": "fedluar_3q", "final_acc_mean": acc, "final_acc_std": 0.0,
+                         "rel_uplink": up, "seeds": [0]}
   verdict = lambda r: {c["claim"]: c["holds"] for c in lc.claims([base, r])}[text]
   assert verdict(row(0.792, 0.49)) and not verdict(row(0.789, 0.49))
   assert not verdict(row(0.80, 0.51))
+
+
+def test_layerwise_converged_claims_carry_the_difference_and_its_standard_error():
+  """Each claim reports first arm minus second arm and the standard error of that difference
+  from the rows' seed std, so a 'yes' inside seed noise reads as such."""
+  lc = _layerwise_converged()
+  rng = np.random.default_rng()
+  a, b = rng.uniform(0.7, 0.9, size=3), rng.uniform(0.7, 0.9, size=2)
+  row = lambda arm, x: {"arm": arm, "final_acc_mean": float(np.mean(x)),
+                        "final_acc_std": float(np.std(x)), "rel_uplink": 0.4,
+                        "seeds": list(range(len(x)))}
+  out = {c["claim"]: c for c in lc.claims([row("fedluar", a), row("fedluar_drop", b)])}
+  c = out["recycling beats dropping the same layers (FedLUAR Table 5)"]
+  assert c["holds"] == (a.mean() > b.mean()) and c["seeds"] == 2
+  np.testing.assert_allclose(c["difference"], a.mean() - b.mean(), rtol=1e-12)
+  np.testing.assert_allclose(c["difference_se"],
+                             np.sqrt(a.var() / 3 + b.var() / 2), rtol=1e-12)
 
 
 @pytest.mark.slow
