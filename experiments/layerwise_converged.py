@@ -762,21 +762,25 @@ def _report_md(cfg: dict, res: dict, stale, total_pieces: int) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _band(ax, curves, label):
+def _band(ax, curves, label, index=0):
   n = min(len(c[0]) for c in curves)
   xs = np.mean([c[0][:n] for c in curves], axis=0)
   ys = np.array([c[1][:n] for c in curves])
   m, s = ys.mean(0), ys.std(0)
-  ax.plot(xs, m, label=f"{label} ({len(curves)})", marker="o" if n < 5 else None, ms=3)
+  # The colour cycle has 10 entries and the study has 12 arms: past the tenth, the line style
+  # changes so that no two arms share a colour and a style.
+  color, style = f"C{index % 10}", ("-", "--", ":")[(index // 10) % 3]
+  ax.plot(xs, m, label=f"{label} ({len(curves)})", marker="o" if n < 5 else None, ms=3,
+          color=color, ls=style)
   if len(curves) > 1:
-    ax.fill_between(xs, m - s, m + s, alpha=0.2)
+    ax.fill_between(xs, m - s, m + s, alpha=0.2, color=color)
 
 
 def _plot(path, groups: dict[str, list[dict]], target=None, title=""):
   def draw(axes):
     for ax, x in zip(axes, ("steps", "uplink")):
-      for label, ps in groups.items():
-        _band(ax, [_curve(p, x) for p in ps], label)
+      for i, (label, ps) in enumerate(groups.items()):
+        _band(ax, [_curve(p, x) for p in ps], label, i)
       if target is not None:
         ax.axhline(target, color="grey", lw=0.8, ls="--")
       ax.set_xlabel("local SGD steps per client" if x == "steps" else "cumulative uplink MB")
