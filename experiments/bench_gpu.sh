@@ -47,3 +47,8 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 # GEM on a pre-trained transformer (issue 21): the same study at a longer fine-tuning budget
 # (the CPU run is 60 steps of batch 16 at 32 tokens); needs the text extra + fortunes files:
 # python experiments/gem_text.py --steps 600 --max-len 64 --batch 32 --out-dir "$OUT"
+# EmbracingFL (ALGORITHMS.md §8b) in the same CIFAR-10 / ResNet-18 setting (dense model; weak /
+# moderate / strong clients train 3/7, 5/7 and all of the modules from the output side; the
+# `full` arm is PriSM's when its pieces are in $OUT):
+# python experiments/embracing.py --preset cifar10_resnet18 --data-npz cifar10_all.npz \
+#   --arms full embracing strong_only --seeds 0 --out-dir "$OUT"

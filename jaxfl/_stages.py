@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfl import sharding as jshard
 from jaxfl import tree as jtree
-from jaxfl.aggregation import LinearAggregator
+from jaxfl.aggregation import VALUES, LinearAggregator, is_counted
 from jaxfl.memory import ClientResult
 from jaxfl.models import Model, batched_clients
 from jaxfl.sampling import ClientMetrics
@@ -471,7 +471,10 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
   n_part = jnp.maximum(jnp.sum(participants), 1.0)
   n_real = jnp.maximum(jnp.sum(real), 1.0)
   up_elems = sum(jax.tree.leaves(agg.sent))
-  size = float(jtree.num_params(params))
+  # A counted tree's count leaves carry sub-model masks to the masked mean; the ledger does
+  # not charge them, so the model's size (the relative uplink's and downlink's unit) is the
+  # values' alone.
+  size = float(jtree.num_params(params[VALUES] if is_counted(params) else params))
   itemsize = float(np.dtype(jax.tree.leaves(params)[0].dtype).itemsize)
   m = outs.metrics
   took = participants > 0

@@ -36,6 +36,8 @@ def _build(args):
     kw["server_lr"] = args.server_lr
   if args.algorithm == "prism":
     return data, *_build_prism(args, model, kw)
+  if args.algorithm == "embracingfl":
+    return data, *_build_embracing(args, model, data, kw)
   if args.algorithm == "fedprox":
     kw["mu"] = args.mu
   if args.algorithm in jaxfl.algorithms.LAYERWISE_ALGORITHMS:  # the papers' protocol: fixed tau
@@ -53,10 +55,11 @@ def _build(args):
 
 
 def _algorithm_names() -> list[str]:
-  """``run --algorithm`` choices: the registry plus PriSM (which brings its own model)."""
+  """``run --algorithm`` choices: the registry plus PriSM and EmbracingFL (which bring their
+  own models)."""
   import jaxfl
 
-  return sorted([*jaxfl.algorithms.ALGORITHMS, "prism"])
+  return sorted([*jaxfl.algorithms.ALGORITHMS, "embracingfl", "prism"])
 
 
 def _build_prism(args, model, kw):
@@ -75,6 +78,40 @@ def _build_prism(args, model, kw):
   algo = jaxfl.algorithms.prism(kappa, sampling=args.prism_sampling, rounds=args.rounds, **kw)
   model = jaxfl.algorithms.prism_model(model, sliced=kappa if args.sliced else None)
   return model, algo
+
+
+def _build_embracing(args, model, data, kw):
+  """EmbracingFL: each client draws a class once (from --seed); a class trains a share of the
+  modules from the output side (--embracing-shares), or the longest suffix whose memory fits
+  its budget (--embracing-budgets: XLA's estimate of one local step)."""
+  import jax
+  import numpy as np
+  import optax
+
+  import jaxfl
+
+  A = jaxfl.algorithms
+  by_memory = args.embracing_budgets is not None
+  classes = list(args.embracing_budgets if by_memory else args.embracing_shares)
+  ratios = list(args.embracing_ratios)
+  flag = "--embracing-budgets" if by_memory else "--embracing-shares"
+  if len(classes) != len(ratios) or abs(sum(ratios) - 1.0) > 1e-6 or min(ratios) < 0:
+    raise ValueError(f"--embracing-ratios must give one probability per {flag} value and sum "
+                     f"to 1, got {ratios} for {classes}.")
+  if not all(0 < c <= 1 for c in classes):
+    raise ValueError(f"{flag} must be fractions in (0, 1], got {classes}.")
+  params = model.init(jax.random.key(0))[0]
+  order = A.depth_order(model, params)
+  if by_memory:
+    opt = optax.sgd(args.client_lr, momentum=args.client_momentum or None)
+    mem = A.suffix_training_bytes(model, params, order, opt, args.batch_size)
+    per_class = A.layers_for_budget(mem, np.asarray(classes))
+  else:
+    per_class = np.array([max(1, int(np.ceil(c * len(order) - 1e-9))) for c in classes])
+  draw = np.random.default_rng(args.seed).choice(len(classes), size=data.num_clients, p=ratios)
+  kw.pop("weighting")  # unweighted, as the sub-model baselines
+  algo = A.embracingfl(per_class[draw], order, rounds=args.rounds, **kw)
+  return A.embracing_model(model), algo
 
 
 def _add_run_args(p):
@@ -110,6 +147,14 @@ def _add_run_args(p):
                  choices=["power", "softmax", "uniform", "top"])
   p.add_argument("--sliced", action="store_true",
                  help="PriSM: clients compute at the sub-model's size (fewer FLOPs)")
+  p.add_argument("--embracing-shares", type=float, nargs="+", default=[0.4, 0.7, 1.0],
+                 help="EmbracingFL: per client class, the share of the model's modules it "
+                      "trains from the output side (rounded up)")
+  p.add_argument("--embracing-budgets", type=float, nargs="+", default=None,
+                 help="EmbracingFL: per client class, a memory budget as a fraction of full "
+                      "training instead (the longest output-side suffix that fits)")
+  p.add_argument("--embracing-ratios", type=float, nargs="+", default=[0.5, 0.3, 0.2],
+                 help="EmbracingFL: the share of clients in each class")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--local-steps", type=int, default=5)
   p.add_argument("--local-epochs", type=float, default=None)

@@ -101,3 +101,24 @@ def test_run_prism_trains_a_sliced_sub_model_and_refuses_a_dense_model(tmp_path,
   capsys.readouterr()
   assert main(base + ["--model", "mlp"]) == 2
   assert "needs an SVD-factorised model (--model prism_cnn" in capsys.readouterr().err
+
+
+def test_run_embracingfl_by_module_shares_or_memory_budgets(tmp_path, capsys):
+  import json
+
+  from jaxfl.cli import main
+  base = ["run", "--dataset", "digits", "--num-clients", "12", "--clients-per-round", "4",
+          "--rounds", "2", "--eval-every", "2", "--no-progress", "--algorithm", "embracingfl",
+          "--model", "small_cnn", "--local-steps", "2", "--batch-size", "8"]
+  assert main(base + ["--out", str(tmp_path)]) == 0
+  hist = json.loads((tmp_path / "history.json").read_text())
+  assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
+  assert 0 < hist[-1]["rel_uplink"] < 1  # weak clients upload their suffix only
+  assert main(base + ["--embracing-budgets", "0.5", "1.0", "--embracing-ratios", "0.5",
+                      "0.5"]) == 0
+  capsys.readouterr()
+  assert main(base + ["--embracing-budgets", "0.001", "1.0", "--embracing-ratios", "0.5",
+                      "0.5"]) == 2
+  assert "budget" in capsys.readouterr().err
+  assert main(base + ["--embracing-ratios", "0.5", "0.5"]) == 2
+  assert "--embracing-ratios" in capsys.readouterr().err

@@ -356,6 +356,47 @@ def test_layerwise_converged_smoke_piece_and_report(tmp_path):
   assert (tmp_path / "layerwise_converged_fmnist_cnn_smoke.png").exists()
 
 
+def test_embracing_report_pairs_seeds_reuses_prisms_full_pieces_and_sizes_the_uplink(tmp_path):
+  """The claims are paired per seed (mean and SE of the per-seed differences, NumPy formula);
+  the ``full`` arm is read from PriSM's pieces of the same config; the relative uplink is all
+  bytes over rounds x cohort x one float32 model."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import embracing
+
+  cfg = dict(embracing.PRESETS["fashion_mnist"])
+  rng = np.random.default_rng()
+  acc = {arm: rng.uniform(0.7, 0.9, size=3) for arm in ("full", "embracing", "strong_only")}
+  order = ["a", "b", "c"]
+  for arm, xs in acc.items():
+    folder = tmp_path / ("prism" if arm == "full" else "embracing") / "fashion_mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, x in enumerate(xs):
+      sent = 100.0 if arm == "full" else 40.0
+      piece = {"arm": arm, "seed": seed, "config": cfg, "seconds": 1.0, "order": order,
+               "summary": {"final_acc": float(x), "best_acc": float(x)},
+               "trained": None if arm == "full" else [3, 1, 2, 3],
+               "history": [{"round": r + 1, "test_accuracy": float(x), "uplink_bytes": sent}
+                           for r in range(cfg["rounds"])]}
+      (folder / f"{arm}_s{seed}.json").write_text(json.dumps(piece))
+  memory = {"num_params": 5, **{c: {"modules": 1, "trains": ["c"], "memory_fraction": 0.5}
+                                for c in embracing.CLASSES}}
+  res = embracing.report("fashion_mnist", cfg, embracing.ARMS, [0, 1, 2], "cmd", str(tmp_path),
+                         memory)
+  rows = {r["arm"]: r for r in res["rows"]}
+  assert rows["full"]["sources"][0].startswith("prism")
+  np.testing.assert_allclose(rows["full"]["rel_uplink"], 100.0 / (cfg["cohort"] * 4 * 5))
+  assert rows["embracing"]["full_model_clients"] == 0.5
+  claims = {(c["a"], c["b"]): c for c in res["claims"]}
+  for b in ("full", "strong_only"):
+    d = acc["embracing"] - acc[b]
+    c = claims[("embracing", b)]
+    np.testing.assert_allclose(c["difference"], d.mean(), rtol=1e-12)
+    np.testing.assert_allclose(c["se"], d.std() / np.sqrt(3), rtol=1e-12)
+  gap = (acc["embracing"] - acc["full"]).mean()
+  assert claims[("embracing", "full")]["holds"] == bool(gap > -0.01)
+  assert (tmp_path / "embracing.md").exists() and (tmp_path / "embracing.png").exists()
+
+
 def test_gem_text_federated_arm_waits_for_the_evidence_then_takes_the_best_gem_rule():
   """``--fed-allocation auto``: the federated GEM runs wait until every GEM rule's centralized
   pieces are in, then use the rule with the best mean test accuracy (bookkeeping only)."""

@@ -1,6 +1,14 @@
 """Ready-made federated algorithms: compositions of client, aggregator and server transforms."""
 
 from jaxfl.algorithms._base import Algorithm as Algorithm
+from jaxfl.algorithms._embracing import depth_order as depth_order
+from jaxfl.algorithms._embracing import embracing_counts as embracing_counts
+from jaxfl.algorithms._embracing import embracing_model as embracing_model
+from jaxfl.algorithms._embracing import embracing_view as embracing_view
+from jaxfl.algorithms._embracing import embracingfl as embracingfl
+from jaxfl.algorithms._embracing import layers_for_budget as layers_for_budget
+from jaxfl.algorithms._embracing import suffix_mask as suffix_mask
+from jaxfl.algorithms._embracing import suffix_training_bytes as suffix_training_bytes
 from jaxfl.algorithms._fedopt import ALGORITHMS as ALGORITHMS
 from jaxfl.algorithms._fedopt import fedadagrad as fedadagrad
 from jaxfl.algorithms._fedopt import fedadam as fedadam
@@ -31,11 +39,12 @@ from jaxfl.algorithms.layerwise import prunefl as prunefl
 
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
 
-# PriSM is not in ALGORITHMS (get_algorithm's registry): it needs its own model (factorised
-# layers + count leaves, prism_model); the CLI's `run --algorithm prism` pairs the two.
+# PriSM and EmbracingFL are not in ALGORITHMS (get_algorithm's registry): they need their own
+# models (count leaves: prism_model, embracing_model); the CLI's `run --algorithm prism` pairs the two.
 
-__all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "draw_capacities", "fedacg",
+__all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "depth_order", "draw_capacities",
+           "embracing_counts", "embracing_model", "embracing_view", "embracingfl", "fedacg",
            "fedadagrad", "fedadam", "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar",
-           "fednova", "fedopt", "fedpaq", "fedprox", "fedyogi", "get_algorithm", "lbgm", "prism",
-           "prism_client_update", "prism_counts", "prism_fedavg", "prism_model", "prism_view",
-           "prunefl", "scaffold", "submodel_fraction"]
+           "fednova", "fedopt", "fedpaq", "fedprox", "fedyogi", "get_algorithm", "layers_for_budget",
+           "lbgm", "prism", "prism_client_update", "prism_counts", "prism_fedavg", "prism_model", "prism_view",
+           "prunefl", "scaffold", "submodel_fraction", "suffix_mask", "suffix_training_bytes"]
