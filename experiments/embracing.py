@@ -50,7 +50,7 @@ from _common import (
   write_json,
   write_results,
 )
-from prism import PRESETS, load_data, make_model
+from prism import PRESETS, _fmt, _mean_std, load_data, make_model
 
 ARMS = ("full", "embracing", "strong_only")
 EXTRA_ARMS = ("weak_all",)
@@ -134,11 +134,6 @@ def run_piece(cfg: dict, arm: str, seed: int, out: str, data_dir=None, data_npz=
         f"best {res.summary['best_acc']:.4f} ({seconds:.0f} s)", flush=True)
 
 
-def _mean_std(xs):
-  xs = [x for x in xs if x is not None]
-  return (float(np.mean(xs)), float(np.std(xs))) if xs else (float("nan"), float("nan"))
-
-
 def _load_pieces(tag, arms, seeds, out_dir, cfg) -> dict:
   """Pieces per arm; ``full`` falls back to PriSM's pieces of the same preset and config."""
   pieces = {}
@@ -157,12 +152,23 @@ def _load_pieces(tag, arms, seeds, out_dir, cfg) -> dict:
   return pieces
 
 
+def _round_bytes(piece, cfg, memory) -> list | None:
+  """Uplink bytes per round: recorded, or (PriSM's pieces keep only ``rel_uplink``) that
+  share of every sampled client sending one dense float32 model."""
+  hist = piece["history"]
+  if all("uplink_bytes" in h for h in hist):
+    return [h["uplink_bytes"] for h in hist]
+  if memory and all("rel_uplink" in h for h in hist):
+    return [h["rel_uplink"] * cfg["cohort"] * 4 * memory["num_params"] for h in hist]
+  return None
+
+
 def _rel_uplink(piece, cfg, memory) -> float | None:
   """Uplink bytes over all rounds / (rounds x cohort x one dense float32 model)."""
-  total = sum(h.get("uplink_bytes", 0.0) or 0.0 for h in piece["history"])
-  if not total or not memory:
+  sent = _round_bytes(piece, cfg, memory)
+  if not sent or not memory:
     return None
-  return total / (cfg["rounds"] * cfg["cohort"] * 4 * memory["num_params"])
+  return sum(sent) / (cfg["rounds"] * cfg["cohort"] * 4 * memory["num_params"])
 
 
 def report(tag: str, cfg: dict, arms, seeds, command: str, out_dir: str, memory=None):
@@ -209,12 +215,8 @@ def report(tag: str, cfg: dict, arms, seeds, command: str, out_dir: str, memory=
   stem = "embracing" if tag == "fashion_mnist" else f"embracing_{tag}"
   write_results(out_dir, stem, command=command, data=result,
                 md=_report_md(tag, cfg, rows, claims, memory),
-                plot=lambda path: _plot(path, pieces))
+                plot=lambda path: _plot(path, pieces, cfg, memory))
   return result
-
-
-def _fmt(x, spec=".4f"):
-  return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def _report_md(tag, cfg, rows, claims, memory):
@@ -256,14 +258,14 @@ def _report_md(tag, cfg, rows, claims, memory):
   return "\n".join(lines) + "\n"
 
 
-def _plot(path, pieces):
+def _plot(path, pieces, cfg, memory):
   def draw(axes):
     ax, bx = axes
     plot_accuracy(ax, {arm: [p["history"] for p in ps] for arm, ps in pieces.items()})
     for arm, ps in pieces.items():
-      h = ps[0]["history"]
-      if all("uplink_bytes" in x for x in h):
-        cum = np.cumsum([x["uplink_bytes"] for x in h]) / 1e6
+      h, sent = ps[0]["history"], _round_bytes(ps[0], cfg, memory)
+      if sent:
+        cum = np.cumsum(sent) / 1e6
         acc = [x.get("test_accuracy") for x in h]
         pts = [(u, a) for u, a in zip(cum, acc) if a is not None]
         bx.plot([u for u, _ in pts], [a for _, a in pts], label=f"{arm} (seed {ps[0]['seed']})")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from prism_test import _data  # 6 ragged clients of 8x8 images, 3 classes
 
 import jaxfl
 from jaxfl.client import make_client_update
@@ -22,18 +23,6 @@ A = jaxfl.algorithms
 f64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
 # the small CNN's modules in depth order, written by hand (not by depth_order)
 CNN_ORDER = ["['conv1']", "['bn1']", "['conv2']", "['bn2']", "['conv3']", "['bn3']", "['fc']"]
-
-
-def _data(num_clients=6, seed=0, hw=8):
-  rng = np.random.default_rng(seed)
-  sizes = rng.integers(6, 12, num_clients)
-  m = int(sizes.sum())
-  ds = jaxfl.data.ArrayDataset(
-      "img", rng.normal(size=(m, hw, hw, 1)).astype(np.float32),
-      rng.integers(0, 3, m).astype(np.int32), rng.normal(size=(16, hw, hw, 1)).astype(np.float32),
-      rng.integers(0, 3, 16).astype(np.int32), 3)
-  parts = np.split(rng.permutation(m), np.cumsum(sizes)[:-1])
-  return jaxfl.data.from_client_indices(ds, parts, "img")
 
 
 def _cnn():
