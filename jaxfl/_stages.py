@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfl import sharding as jshard
 from jaxfl import tree as jtree
-from jaxfl.aggregation import VALUES, LinearAggregator, is_counted
+from jaxfl.aggregation import LinearAggregator
 from jaxfl.memory import ClientResult
 from jaxfl.models import Model, batched_clients
 from jaxfl.sampling import ClientMetrics
@@ -471,10 +471,9 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
   n_part = jnp.maximum(jnp.sum(participants), 1.0)
   n_real = jnp.maximum(jnp.sum(real), 1.0)
   up_elems = sum(jax.tree.leaves(agg.sent))
-  # A counted tree's count leaves carry sub-model masks to the masked mean; the ledger does
-  # not charge them, so the model's size (the relative uplink's and downlink's unit) is the
-  # values' alone.
-  size = float(jtree.num_params(params[VALUES] if is_counted(params) else params))
+  ledger = algorithm.ledger
+  size = float(jtree.num_params(params) if ledger.model_size is None
+               else ledger.model_size(params))
   itemsize = float(np.dtype(jax.tree.leaves(params)[0].dtype).itemsize)
   m = outs.metrics
   took = participants > 0
@@ -488,7 +487,7 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
       "server_step_skipped": (jnp.sum(outs.weight) <= 0).astype(jnp.float32),
       "update_norm": jtree.global_norm(updates),
       "uplink_elements": up_elems,
-      "uplink_bytes": up_elems * itemsize * algorithm.ledger.words_per_element,
+      "uplink_bytes": up_elems * itemsize * ledger.words_per_element,
       "downlink_bytes": jnp.sum(real) * size * itemsize,
       "rel_uplink": up_elems / (n_real * size),
   }

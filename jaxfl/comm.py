@@ -54,10 +54,15 @@ class Ledger(NamedTuple):
       masks) and ``uplink_state`` the uplink transform's state after the update.
     words_per_element: bytes per element in units of the parameter dtype: 1 for dense
       leaves, 2 for sparse uploads (index + value).
+    model_size: ``params -> int``, the elements of one full model (the unit of
+      ``rel_uplink`` and of ``downlink_bytes``), or None for every leaf. Sub-model methods
+      whose params carry count leaves (:func:`jaxfl.aggregation.counted`) count the values
+      only.
   """
 
   count: Callable[[Any, Any, Any, Any], Any]
   words_per_element: float = 1.0
+  model_size: Callable[[Any], int] | None = None
 
 
 def dense_ledger() -> Ledger:

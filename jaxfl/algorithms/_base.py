@@ -135,6 +135,9 @@ def validate_algorithm(algo: Algorithm) -> None:
   if algo.weighting not in ("examples", "uniform"):
     raise ValueError(f"`weighting` must be 'examples' or 'uniform', got {algo.weighting!r}.")
   _check_type(algo.ledger, comm.Ledger, "ledger", "a jaxfl.comm.Ledger")
+  if algo.ledger.model_size is not None and not callable(algo.ledger.model_size):
+    raise TypeError("`ledger.model_size` must be a callable params -> int or None, got "
+                    f"{type(algo.ledger.model_size).__name__}.")
   _check_type(algo.sampler, sampling.ClientSampler, "sampler", "a jaxfl.sampling.ClientSampler")
   _check_type(algo.view, views.ClientView, "view", "a jaxfl.views.ClientView")
   if algo.memory is not None:

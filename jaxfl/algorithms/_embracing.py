@@ -174,6 +174,14 @@ def _module_rank(values: Any, order: Sequence[str]) -> list[int]:
   return [rank[n] for n in names]
 
 
+def _suffix_mask(params: Any, order: Sequence[str], trained) -> Any:
+  """:func:`suffix_mask` for an int or a traced i32[] ``trained`` (no range check)."""
+  cut = len(order) - jnp.asarray(trained, jnp.int32)
+  treedef = jax.tree.structure(params)
+  return jax.tree.unflatten(treedef, [(cut <= r).astype(jnp.float32)
+                                      for r in _module_rank(params, order)])
+
+
 def suffix_mask(params: Any, order: Sequence[str], trained: int) -> Any:
   """A params-shaped tree of f32[] 0/1: 1 on the last ``trained`` modules of ``order``.
 
@@ -184,10 +192,7 @@ def suffix_mask(params: Any, order: Sequence[str], trained: int) -> Any:
   """
   if not 0 <= int(trained) <= len(order):
     raise ValueError(f"`trained` must be in [0, {len(order)}], got {trained!r}.")
-  ranks = _module_rank(params, order)
-  cut = len(order) - int(trained)
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [jnp.float32(r >= cut) for r in ranks])
+  return _suffix_mask(params, order, int(trained))
 
 
 # ----------------------------------------------------------------------------- memory model
@@ -340,20 +345,16 @@ def embracing_view(trained: int | Sequence[int] | np.ndarray, order: Sequence[st
   def apply(server, slot, row):
     del row
     values, counts = server.params[VALUES], server.params[COUNTS]
-    ranks = _module_rank(values, order)
-    n = (jnp.int32(int(table)) if table.ndim == 0 else jnp.asarray(table)[slot.client_id])
-    cut = len(order) - n
-    leaves, treedef = jax.tree.flatten(values)
-    mask = jax.tree.unflatten(treedef, [(cut <= r).astype(jnp.float32) for r in ranks])
     bad = [jax.tree_util.keystr(p) for p, c in jax.tree_util.tree_flatten_with_path(counts)[0]
            if np.shape(c) != ()]
-    if bad or jax.tree.structure(counts) != treedef:
+    if bad or jax.tree.structure(counts) != jax.tree.structure(values):
       raise ValueError("EmbracingFL's count leaves must be one f32[] per parameter: build the "
                        f"model with jaxfl.algorithms.embracing_model(model) (got {bad}).")
+    n = table if table.ndim == 0 else jnp.asarray(table)[slot.client_id]
+    mask = _suffix_mask(values, order, n)
     start = counted(values, jax.tree.map(jnp.subtract, counts, mask))
-    zeros = jax.tree.map(lambda c: jnp.zeros((), jnp.float32), counts)
-    ones = jax.tree.map(lambda c: jnp.ones((), jnp.float32), counts)
-    train, upload = counted(mask, zeros), counted(mask, ones)
+    train = counted(mask, optax.tree.zeros_like(counts))
+    upload = counted(mask, optax.tree.ones_like(counts))
     return views.ClientStart(params=start, train_mask=train, upload_mask=upload,
                              context={"grad_mask": train})
 
@@ -371,7 +372,7 @@ def _values_only(inner: optax.GradientTransformation) -> optax.GradientTransform
       return inner.update(updates, state, params)
     step, state = inner.update(updates[VALUES], state,
                                None if params is None else params[VALUES])
-    reset = (jax.tree.map(jnp.zeros_like, updates[COUNTS]) if params is None
+    reset = (optax.tree.zeros_like(updates[COUNTS]) if params is None
              else jax.tree.map(jnp.negative, params[COUNTS]))
     return counted(step, reset), state
 

@@ -59,6 +59,7 @@ from jaxfl.transforms._prism import (
   top_n_mask,
 )
 from jaxfl.transforms._round_schedule import scale_by_round_schedule
+from jaxfl.tree import num_params
 
 __all__ = ["draw_capacities", "prism", "prism_client_update", "prism_counts", "prism_fedavg",
            "prism_model", "prism_view", "submodel_fraction"]
@@ -396,7 +397,7 @@ def prism_view(kappa: float | np.ndarray, sampling: str = "power", gamma: float 
 
 def _ledger() -> comm.Ledger:
   """A client uploads the entries of its sub-model; the count leaves are bookkeeping (the
-  server knows the masks it sent) and cost nothing."""
+  server knows the masks it sent), cost nothing and are not part of the model's size."""
 
   def count(delta, abs_sums, start, uplink_state):
     del uplink_state
@@ -404,7 +405,7 @@ def _ledger() -> comm.Ledger:
                                 abs_sums[VALUES])
     return counted(sent, jax.tree.map(lambda _: jnp.zeros((), jnp.float32), delta[COUNTS]))
 
-  return comm.Ledger(count, 1.0)
+  return comm.Ledger(count, 1.0, lambda params: num_params(params[VALUES]))
 
 
 def _coverage(counts, weights) -> dict:
