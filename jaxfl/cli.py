@@ -20,6 +20,23 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 
 def _build(args):
+  """(data, model, algorithm) of ``run``: the algorithm's preset, with the local optimizer
+  wrapped in (layer-wise) SAM when ``--local-sam-rho`` is set."""
+  import jaxfl
+
+  data, model, algo = _build_preset(args)
+  if args.local_sam_rho is None:
+    return data, model, algo
+  if args.local_sam_layers is not None and args.local_sam_layers < 1:
+    raise ValueError(f"--local-sam-layers must be a positive int, got {args.local_sam_layers}.")
+  sam = jaxfl.transforms.layerwise_sam(algo.local.optimizer, rho=args.local_sam_rho,
+                                       num_layers=args.local_sam_layers)
+  return data, model, algo._replace(
+      name=f"{algo.name}+{'sam' if args.local_sam_layers is None else 'lwsam'}",
+      local=algo.local._replace(optimizer=sam, pass_grad_fn=True))
+
+
+def _build_preset(args):
   import jaxfl
 
   part = {"iid": lambda: jaxfl.data.iid(),
@@ -155,6 +172,12 @@ def _add_run_args(p):
                       "training instead (the longest output-side suffix that fits)")
   p.add_argument("--embracing-ratios", type=float, nargs="+", default=[0.5, 0.3, 0.2],
                  help="EmbracingFL: the share of clients in each class")
+  p.add_argument("--local-sam-rho", type=float, default=None,
+                 help="wrap the local optimizer in SAM with this radius (FedSAM-style; "
+                 "transforms.layerwise_sam)")
+  p.add_argument("--local-sam-layers", type=int, default=None,
+                 help="with --local-sam-rho: perturb only the k modules with the largest "
+                 "gradient norms (layer-wise SAM); default every module (SAM)")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--local-steps", type=int, default=5)
   p.add_argument("--local-epochs", type=float, default=None)

@@ -63,6 +63,12 @@ class LocalTraining(NamedTuple):
     unroll: ``lax.scan`` unroll factor over local steps.
     loss_fn: ``loss_fn(logits, labels, weights) -> scalar``.
     track_grad_sum: also return the summed gradients (:attr:`ClientOutput.grad_sum`).
+    pass_grad_fn: call the optimizer's ``update`` with ``grad_fn=fn(params, i)``, the
+      gradient on the current minibatch (same batch, dropout key and model state) at other
+      params: the convention of ``optax.contrib.sam(..., opaque_mode=True)`` and
+      :func:`jaxfl.transforms.layerwise_sam` (FedSAM-style local SAM). The model state the
+      second pass computes is discarded, so BatchNorm statistics see each batch once. The
+      ``grad_norm`` metric and ``grad_sum`` use the clean gradient.
   """
 
   optimizer: optax.GradientTransformation
@@ -73,6 +79,7 @@ class LocalTraining(NamedTuple):
   unroll: int | bool = 1
   loss_fn: LossFn = softmax_cross_entropy
   track_grad_sum: bool = False
+  pass_grad_fn: bool = False
 
 
 def validate_local_training(lt: LocalTraining) -> None:
@@ -85,6 +92,8 @@ def validate_local_training(lt: LocalTraining) -> None:
     raise ValueError(f"`local_steps` must be a positive int, got {lt.local_steps!r}.")
   if lt.local_epochs is not None and not lt.local_epochs > 0:
     raise ValueError(f"`local_epochs` must be > 0, got {lt.local_epochs!r}.")
+  if not isinstance(lt.pass_grad_fn, bool):
+    raise ValueError(f"`pass_grad_fn` must be a bool, got {lt.pass_grad_fn!r}.")
   if lt.max_steps is not None and lt.max_steps < 1:
     raise ValueError(f"`max_steps` must be >= 1, got {lt.max_steps!r}.")
 
@@ -135,8 +144,9 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     optimizer = lt.optimizer
     hyperparams = None
-    if context is not None:
+    if context is not None or lt.pass_grad_fn:
       optimizer = optax.with_extra_args_support(optimizer)
+    if context is not None:
       context = dict(context)
       hyperparams = context.pop("hyperparams", None)
     opt_state0 = set_hyperparams(optimizer.init(params), hyperparams)
@@ -163,8 +173,12 @@ def make_client_update(model: Model, lt: LocalTraining, max_client_size: int):
       # slots are never read, and BatchNorm only ever sees real data.
       rows = indices[order[pos % size]]
       xb, yb = x[rows], y[rows]
-      (loss, new_ms), grads = grad_fn(p, ms, xb, yb, weight, jax.random.fold_in(dropout_key, s))
-      updates, new_opt_state = optimizer.update(grads, opt_state, p, **(context or {}))
+      step_key = jax.random.fold_in(dropout_key, s)
+      (loss, new_ms), grads = grad_fn(p, ms, xb, yb, weight, step_key)
+      extra = dict(context or {})
+      if lt.pass_grad_fn:
+        extra["grad_fn"] = lambda q, _: grad_fn(q, ms, xb, yb, weight, step_key)[1]
+      updates, new_opt_state = optimizer.update(grads, opt_state, p, **extra)
       if update_mask is not None:
         updates = jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, update_mask)
       new_p = optax.apply_updates(p, updates)

@@ -122,3 +122,24 @@ def test_run_embracingfl_by_module_shares_or_memory_budgets(tmp_path, capsys):
   assert "budget" in capsys.readouterr().err
   assert main(base + ["--embracing-ratios", "0.5", "0.5"]) == 2
   assert "--embracing-ratios" in capsys.readouterr().err
+
+
+def test_run_with_local_sam_wraps_the_client_optimizer(tmp_path, capsys):
+  import json
+
+  from jaxfl.cli import main
+  base = ["run", "--dataset", "digits", "--num-clients", "12", "--clients-per-round", "4",
+          "--rounds", "2", "--eval-every", "2", "--no-progress", "--model", "mlp",
+          "--local-steps", "2", "--batch-size", "8"]
+  outs = {}
+  for name, extra in (("plain", []), ("sam", ["--local-sam-rho", "0.05"]),
+                      ("lwsam", ["--local-sam-rho", "0.05", "--local-sam-layers", "1"])):
+    assert main(base + extra + ["--out", str(tmp_path / name)]) == 0
+    outs[name] = json.loads((tmp_path / name / "history.json").read_text())
+    assert all(np.isfinite(h["train_loss"]) for h in outs[name])
+  # the perturbation changes the trajectory, and perturbing one module differs from all
+  assert outs["sam"][-1]["train_loss"] != outs["plain"][-1]["train_loss"]
+  assert outs["lwsam"][-1]["train_loss"] != outs["sam"][-1]["train_loss"]
+  capsys.readouterr()
+  assert main(base + ["--local-sam-rho", "0.05", "--local-sam-layers", "0"]) == 2
+  assert "--local-sam-layers" in capsys.readouterr().err

@@ -611,3 +611,66 @@ def test_mlbfgs_direction_diagnostic_runs_and_the_compact_form_matches_float64_l
     # unit directions: g.d_nsgd = |g| bounds g.d_mlbfgs (Cauchy-Schwarz), equal iff parallel
     assert r["nsgd"]["slope"] > 0 and r["mlbfgs"]["slope"] <= r["nsgd"]["slope"] * (1 + 1e-5)
     assert 0.0 < r["tau"] and -1.0 <= r["cos"] <= 1.0 + 1e-6
+
+
+def test_layerwise_sam_chooses_by_validation_pairs_seeds_and_plans_the_best_points(tmp_path):
+  """Each arm's best grid point is chosen by validation accuracy (never test); seeds 1 and 2
+  are planned at it; the claims pair the seeds (mean and SE of per-seed differences)."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import layerwise_sam as L
+
+  cfg = L.config("cnn14")
+  root = tmp_path / "layerwise_sam" / "cnn14"
+  rng = np.random.default_rng()
+  # validation prefers the grid's last point, test the first: the choice must follow validation
+  best = {arm: L.grid(arm)[-1] for arm in L.ARMS}
+  assert L.plan([0, 1, 2], {}) == [(a, v, 0) for a in L.ARMS for v in L.grid(a)]
+  test_acc = {}
+
+  def write(arm, v, seed, val, test):
+    history = [{"step": s, "epoch": s, "train_loss": 0.3, "train_acc": 0.9, "grad_norm": 0.1,
+                "val_acc": val, "test_loss": 0.3, "test_acc": test, "time": 1.0}
+               for s in range(3)]
+    piece = {"arm": arm, "value": v, "seed": seed, "lr": 0.1, "config": cfg,
+             "rho": None if arm == "sgd" else v,
+             "diverged": False, "train_seconds": 1.0, "selected_share": None,
+             "final": {k: history[-1][k] for k in ("train_loss", "train_acc", "grad_norm",
+                                                    "val_acc", "test_acc")},
+             "history": history}
+    L.write_json(L.piece_path(str(root), arm, v, seed), piece)
+
+  for arm in L.ARMS:
+    for j, v in enumerate(L.grid(arm)):
+      write(arm, v, 0, 0.8 + 0.01 * j, 0.9 - 0.01 * j)
+  stale = dict(cfg, epochs=cfg["epochs"] + 1)  # another configuration's piece: ignored
+  L.write_json(L.piece_path(str(root), "sgd", L.grid("sgd")[0], 1), {"config": stale})
+  done = L.collect(cfg, str(root), [0, 1, 2])
+  assert ("sgd", L.grid("sgd")[0], 1) not in done and len(done) == 3 * len(L.ARMS)
+  assert L.best_values(done, 0) == best
+  assert L.plan([0, 1, 2], best)[-len(L.ARMS) * 2:] == [
+      (a, best[a], s) for s in (1, 2) for a in L.ARMS]
+  for arm in L.ARMS:
+    test_acc[arm] = [0.9 - 0.01 * (len(L.grid(arm)) - 1)] + list(rng.uniform(0.85, 0.9, 2))
+    for s in (1, 2):
+      write(arm, best[arm], s, 0.8, test_acc[arm][s])
+  res = L.report(cfg, str(tmp_path), [0, 1, 2], "cmd")
+  d = np.array(test_acc["lwsam"]) - np.array(test_acc["sam"])
+  pair = res["paired_test_acc"]["lwsam - sam"]
+  np.testing.assert_allclose(pair["mean"], d.mean(), rtol=1e-12)
+  np.testing.assert_allclose(pair["se"], d.std(ddof=1) / np.sqrt(3), rtol=1e-12)
+  assert {r["arm"]: r["best"] for r in res["rows"]} == best
+  assert (tmp_path / "layerwise_sam.md").exists() and (tmp_path / "layerwise_sam.png").exists()
+
+
+def test_layerwise_sam_smoke_piece_runs_the_output_side_arm(tmp_path):
+  """One ``lwsam_out`` piece on 8 batches: the trainer passes ``grad_fn``, the evaluation
+  measures the full-batch gradient norm, and only the two output-side modules are selected."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import layerwise_sam as L
+
+  cfg = L.config("cnn14", smoke=True)
+  piece = L.run_piece(cfg, "lwsam_out", 0.05, 0, str(tmp_path / "p.json"))
+  assert piece["steps"] == 8 and not piece["diverged"]
+  assert all(h["grad_norm"] > 0 for h in piece["history"])
+  assert piece["selected_share"] == {"['Conv_0']": 0.0, "['Conv_1']": 0.0, "['Dense_0']": 1.0,
+                                     "['Dense_1']": 1.0}

@@ -4,7 +4,8 @@
 metrics of a short seeded digits run (``tests/golden/record.py``), recorded with the engine
 of commit 87ff161 (a monolithic ``build_round`` with per-algorithm flags). The rewrite as
 stages over the sampler / view / memory / aggregator contracts keeps every summation order,
-so equality is exact; a deliberate numerics change must re-record the files and say why.
+so equality is exact on the recording host (``tests/golden/record.py`` explains the tolerance
+on other CPUs); a deliberate numerics change must re-record the files and say why.
 """
 
 import os
@@ -24,4 +25,6 @@ def test_every_preset_reproduces_its_golden_final_state(devices):
                         timeout=1200)
   lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert len(lines) >= 26 and all(ln.endswith("identical") for ln in lines), proc.stdout
+  # bit-identical on the recording host; within record.CROSS_HOST_RTOL on another CPU
+  assert len(lines) >= 26 and all(ln.split()[1] in ("identical", "close:") for ln in lines), (
+      proc.stdout)

@@ -1,7 +1,7 @@
 """Optax transformations in the four roles of a federated round.
 
 * client optimizers: :func:`mlbfgs`, :func:`scale_by_mlbfgs`, :func:`plain_stochastic_lbfgs`,
-  :func:`add_proximal_term`, :func:`scaffold_correction`, :func:`scale_by_round_schedule`,
+  :func:`layerwise_sam` (with ``LocalTraining(pass_grad_fn=True)``), :func:`add_proximal_term`, :func:`scaffold_correction`, :func:`scale_by_round_schedule`,
   :func:`frobenius_decay`, :func:`mask_gradients` (+ any optax optimizer);
 * uplink transforms (per client, inside vmap, called with ``key=``): :func:`masked_uplink`,
   :func:`qsgd_quantize`, :func:`random_dropout`, :func:`lbgm` (per-client state),
@@ -18,7 +18,7 @@
 that go with one transform are importable from here but are not transforms and are not in
 ``__all__``: mL-BFGS's ``block_sharding``, ``resnet_block_labels``, ``top_level_block_labels``,
 ``damp_pair``, ``two_loop``; FedLAMA's ``fedlama_intervals``, ``layer_discrepancy``; FedLUAR's
-``recycle_mask``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
+``recycle_mask``; layer-wise SAM's ``layer_ids``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
 ``sample_components``, ``sampling_logits``, ``top_n_mask``; the one-tensor
 quantiser ``qsgd`` and ``content_key``. QSGD bit accounting is in :mod:`jaxfl.comm`.
 """
@@ -41,6 +41,9 @@ from jaxfl.transforms._fedprox import add_proximal_term as add_proximal_term
 from jaxfl.transforms._gem import GemMaskState as GemMaskState
 from jaxfl.transforms._gem import gem_mask as gem_mask
 from jaxfl.transforms._gem import masked_uplink as masked_uplink
+from jaxfl.transforms._layerwise_sam import LayerwiseSAMState as LayerwiseSAMState
+from jaxfl.transforms._layerwise_sam import layer_ids as layer_ids
+from jaxfl.transforms._layerwise_sam import layerwise_sam as layerwise_sam
 from jaxfl.transforms._lbgm import LBGMState as LBGMState
 from jaxfl.transforms._lbgm import lbgm as lbgm
 from jaxfl.transforms._mlbfgs import MLBFGSState as MLBFGSState
@@ -71,9 +74,9 @@ from jaxfl.transforms._scaffold import scaffold_server_control as scaffold_serve
 
 __all__ = [
     "FedLAMAState", "FedLUARBypassState", "FedLUARState", "GemMaskState", "LBGMState",
-    "MLBFGSState", "PrismState", "ProximalState", "PruneFLState", "ScaffoldClientState",
+    "LayerwiseSAMState", "MLBFGSState", "PrismState", "ProximalState", "PruneFLState", "ScaffoldClientState",
     "ScaffoldState", "add_proximal_term", "fedlama", "fedluar", "fedluar_bypass",
-    "frobenius_decay", "gem_mask", "lbgm", "mask_gradients", "masked_uplink", "mlbfgs",
+    "frobenius_decay", "gem_mask", "layerwise_sam", "lbgm", "mask_gradients", "masked_uplink", "mlbfgs",
     "plain_stochastic_lbfgs", "prism_server", "prunefl", "qsgd_quantize",
     "random_dropout", "scaffold_client_control", "scaffold_correction",
     "scaffold_server_control", "scale_by_mlbfgs", "scale_by_round_schedule",

@@ -60,6 +60,8 @@ REGISTRY = {
     "fedluar_bypass": Case(dict(luar=transforms.fedluar(1), inner=optax.sgd(1.0)),
                            extra=_SERVER),
     "gem_mask": Case(dict(mask=_MASK)),
+    "layerwise_sam": Case(dict(optimizer=optax.sgd(0.1, momentum=0.9), rho=0.1),
+                          extra=("grad_fn",)),
     "lbgm": Case(dict(threshold=0.5)),
     "masked_uplink": Case(dict(mask=_MASK), extra=("key",)),
     "mlbfgs": Case(dict(learning_rate=0.1, update_every=2, history=3),
@@ -115,7 +117,8 @@ def _extra(names, params, step):
       client_weights=jnp.array([1.0, 2.0]),
       key=jax.random.key(step),
       round=jnp.asarray(step, jnp.int32),
-      control=jax.tree.map(lambda p: 0.01 * p, params))
+      control=jax.tree.map(lambda p: 0.01 * p, params),
+      grad_fn=lambda p, _: jax.tree.map(lambda x: jnp.sin(2 * x) + 0.1 * x, p))
   unknown = set(names) - set(everything)
   assert not unknown, f"REGISTRY asks for unknown extra args {unknown}"
   return {k: everything[k] for k in names}
@@ -129,13 +132,20 @@ def _grads(params, step):
 def _run(name, tx, case, params, steps=3, jit=True):
   """Runs ``steps`` updates; returns the updates and the states after each."""
   tx = optax.with_extra_args_support(tx)
+  # Function-valued extra args (SAM's grad_fn) are closed over, not traced.
+  functions = {k: v for k, v in _extra(case.extra, params, 0).items() if callable(v)}
+
+  def tx_update(updates, state, params, **arrays):
+    return tx.update(updates, state, params, **functions, **arrays)
+
   init = jax.jit(tx.init) if jit else tx.init
-  update = jax.jit(chex.assert_max_traces(tx.update, n=1)) if jit else tx.update
+  update = jax.jit(chex.assert_max_traces(tx_update, n=1)) if jit else tx_update
   state = init(params)
   outs, states = [], [state]
   for s in range(steps):
+    arrays = {k: v for k, v in _extra(case.extra, params, s).items() if k not in functions}
     try:
-      u, state = update(_grads(params, s), state, params, **_extra(case.extra, params, s))
+      u, state = update(_grads(params, s), state, params, **arrays)
     except TypeError as err:
       pytest.fail(f"jaxfl.transforms.{name}.update failed ({err}); if it needs extra inputs, "
                   f"add them to its Case in REGISTRY in {__file__}.")
