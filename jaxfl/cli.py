@@ -37,6 +37,8 @@ def _build(args):
 
 
 def _build_preset(args):
+  import jax
+
   import jaxfl
 
   part = {"iid": lambda: jaxfl.data.iid(),
@@ -57,6 +59,12 @@ def _build_preset(args):
     return data, *_build_embracing(args, model, data, kw)
   if args.algorithm == "fedprox":
     kw["mu"] = args.mu
+  if args.algorithm == "pma":  # one group per round, contiguous in the traced depth order
+    kw.pop("local_epochs")
+    kw.pop("weighting")
+    params, state = model.init(jax.random.key(0))
+    kw.update(num_groups=args.pma_groups, resample_every=args.pma_resample_every,
+              order=jaxfl.algorithms.depth_order(model, params, state))
   if args.algorithm in jaxfl.algorithms.LAYERWISE_ALGORITHMS:  # the papers' protocol: fixed tau
     kw.pop("local_epochs")
     kw.pop("weighting")
@@ -172,6 +180,11 @@ def _add_run_args(p):
                       "training instead (the longest output-side suffix that fits)")
   p.add_argument("--embracing-ratios", type=float, nargs="+", default=[0.5, 0.3, 0.2],
                  help="EmbracingFL: the share of clients in each class")
+  p.add_argument("--pma-groups", type=int, default=4,
+                 help="pma: parameter groups P, one averaged per round of --local-steps steps")
+  p.add_argument("--pma-resample-every", type=int, default=None,
+                 help="pma: draw a new cohort every so many rounds (default: every client "
+                      "trains every round, --clients-per-round = --num-clients)")
   p.add_argument("--local-sam-rho", type=float, default=None,
                  help="wrap the local optimizer in SAM with this radius (FedSAM-style; "
                  "transforms.layerwise_sam)")

@@ -86,6 +86,18 @@ def sparse_ledger() -> Ledger:
   return Ledger(count, 2.0)
 
 
+def upload_mask_ledger() -> Ledger:
+  """A sent leaf costs the ones of the client's declared ``upload_mask`` and no indices: the
+  server knows the mask (a schedule such as partial model averaging's groups, which cut
+  through leaves)."""
+
+  def count(delta, abs_sums, start, uplink_state):
+    del uplink_state
+    return uplink_elements(delta, False, start.upload_mask, abs_sums)
+
+  return Ledger(count, 1.0)
+
+
 def model_bytes(params) -> int:
   """Bytes of one dense copy of ``params``."""
   return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
@@ -98,4 +110,5 @@ def relative_uplink_cost(history: list[dict]) -> float:
 
 
 __all__ = ["Ledger", "dense_ledger", "model_bytes", "qsgd_bits_per_element", "qsgd_uplink_bytes",
-           "relative_uplink_cost", "sparse_ledger", "uplink_elements"]
+           "relative_uplink_cost", "sparse_ledger", "upload_mask_ledger",
+           "uplink_elements"]

@@ -103,23 +103,26 @@ class PeriodicState(NamedTuple):
   cohort: jax.Array
 
 
-def periodic(period: int, sampler: ClientSampler | None = None) -> ClientSampler:
+def periodic(period: int | None, sampler: ClientSampler | None = None) -> ClientSampler:
   """Keeps one cohort for ``period`` rounds, then draws a new one with ``sampler``.
 
   FedLAMA (Lee et al., AAAI 2023) resamples its cohort every :math:`\\phi` rounds, so that
   layers with the long interval :math:`\\phi\\tau'` are averaged over the clients that trained
-  them. A new cohort is drawn in rounds ``r`` with ``r % period == 0``.
+  them. A new cohort is drawn in rounds ``r`` with ``r % period == 0``. Partial model
+  averaging (:func:`jaxfl.algorithms.pma`) never has every parameter in sync, so with
+  ``period=None`` it keeps the cohort drawn in round 0 for the whole run.
 
   Args:
-    period: rounds per cohort (>= 1; 1 = a new cohort every round).
+    period: rounds per cohort (>= 1; 1 = a new cohort every round; None = one cohort for
+      the whole run).
     sampler: the sampler that draws each new cohort (default :func:`uniform`); its ``update``
       sees every round's metrics.
 
   Returns:
     A :class:`ClientSampler` with :class:`PeriodicState`.
   """
-  if not isinstance(period, int | np.integer) or period < 1:
-    raise ValueError(f"`period` must be a positive int, got {period!r}.")
+  if period is not None and (not isinstance(period, int | np.integer) or period < 1):
+    raise ValueError(f"`period` must be a positive int or None, got {period!r}.")
   sampler = uniform() if sampler is None else sampler
 
   def init(num_clients, cohort_size):
@@ -131,7 +134,8 @@ def periodic(period: int, sampler: ClientSampler | None = None) -> ClientSampler
                            cohort_size=cohort_size, **context)
     if period == 1:
       return fresh
-    return jnp.where(jnp.mod(round, period) == 0, fresh, state.cohort)
+    new = round == 0 if period is None else jnp.mod(round, period) == 0
+    return jnp.where(new, fresh, state.cohort)
 
   def update(state, ids, metrics):
     return PeriodicState(sampler.update(state.inner, ids, metrics), ids)

@@ -143,3 +143,19 @@ def test_run_with_local_sam_wraps_the_client_optimizer(tmp_path, capsys):
   capsys.readouterr()
   assert main(base + ["--local-sam-rho", "0.05", "--local-sam-layers", "0"]) == 2
   assert "--local-sam-layers" in capsys.readouterr().err
+
+
+def test_run_pma_sends_one_group_per_round(tmp_path, capsys):
+  """`--algorithm pma`: every client every round, groups from the traced depth order."""
+  import json
+
+  from jaxfl.cli import main
+  base = ["run", "--dataset", "digits", "--num-clients", "6", "--clients-per-round", "6",
+          "--rounds", "3", "--eval-every", "3", "--no-progress", "--model", "mlp",
+          "--local-steps", "2", "--batch-size", "8", "--algorithm", "pma", "--pma-groups", "3"]
+  assert main(base + ["--out", str(tmp_path / "pma")]) == 0
+  hist = json.loads((tmp_path / "pma" / "history.json").read_text())
+  np.testing.assert_allclose([h["rel_uplink"] for h in hist], [1 / 3] * 3, rtol=1e-3)
+  capsys.readouterr()
+  assert main(base[:6] + ["3"] + base[7:]) == 2  # a held cohort needs every client
+  assert "clients_per_round == num_clients" in capsys.readouterr().err

@@ -18,6 +18,8 @@ from jaxfl.algorithms._fedopt import fedopt as fedopt
 from jaxfl.algorithms._fedopt import fedprox as fedprox
 from jaxfl.algorithms._fedopt import fedyogi as fedyogi
 from jaxfl.algorithms._fedopt import get_algorithm as get_algorithm
+from jaxfl.algorithms._pma import pma as pma
+from jaxfl.algorithms._pma import pma_local_average as pma_local_average
 from jaxfl.algorithms._prism import draw_capacities as draw_capacities
 from jaxfl.algorithms._prism import prism as prism
 from jaxfl.algorithms._prism import prism_client_update as prism_client_update
@@ -38,6 +40,7 @@ from jaxfl.algorithms.layerwise import lbgm as lbgm
 from jaxfl.algorithms.layerwise import prunefl as prunefl
 
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
+ALGORITHMS["pma"] = pma
 
 # PriSM and EmbracingFL are not in ALGORITHMS (get_algorithm's registry): they need their own
 # models (count leaves: prism_model, embracing_model); the CLI's `run --algorithm prism` pairs the two.
@@ -46,5 +49,5 @@ __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "depth_order", "dr
            "embracing_counts", "embracing_model", "embracing_view", "embracingfl", "fedacg",
            "fedadagrad", "fedadam", "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar",
            "fednova", "fedopt", "fedpaq", "fedprox", "fedyogi", "get_algorithm", "layers_for_budget",
-           "lbgm", "prism", "prism_client_update", "prism_counts", "prism_fedavg", "prism_model", "prism_view",
+           "lbgm", "pma", "pma_local_average", "prism", "prism_client_update", "prism_counts", "prism_fedavg", "prism_model", "prism_view",
            "prunefl", "scaffold", "submodel_fraction", "suffix_mask", "suffix_training_bytes"]

@@ -7,7 +7,7 @@
   :func:`qsgd_quantize`, :func:`random_dropout`, :func:`lbgm` (per-client state),
   :func:`scaffold_client_control`;
 * server transforms on the pseudo-gradient: :func:`fedluar`, :func:`fedluar_bypass`,
-  :func:`fedlama`, :func:`prunefl`, :func:`scaffold_server_control`, :func:`prism_server`
+  :func:`fedlama`, :func:`partial_averaging`, :func:`prunefl`, :func:`scaffold_server_control`, :func:`prism_server`
   (+ any optax optimizer);
 * parameter masks for sparse fine-tuning: :func:`gem_mask` (masks are built by
   :mod:`jaxfl.masks`).
@@ -18,7 +18,7 @@
 that go with one transform are importable from here but are not transforms and are not in
 ``__all__``: mL-BFGS's ``block_sharding``, ``resnet_block_labels``, ``top_level_block_labels``,
 ``damp_pair``, ``two_loop``; FedLAMA's ``fedlama_intervals``, ``layer_discrepancy``; FedLUAR's
-``recycle_mask``; layer-wise SAM's ``layer_ids``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
+``recycle_mask``; layer-wise SAM's ``layer_ids``; partial averaging's ``pma_group_mask``, ``pma_group_sizes``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
 ``sample_components``, ``sampling_logits``, ``top_n_mask``; the one-tensor
 quantiser ``qsgd`` and ``content_key``. QSGD bit accounting is in :mod:`jaxfl.comm`.
 """
@@ -55,6 +55,10 @@ from jaxfl.transforms._mlbfgs_blocks import resnet_block_labels as resnet_block_
 from jaxfl.transforms._mlbfgs_blocks import top_level_block_labels as top_level_block_labels
 from jaxfl.transforms._mlbfgs_two_loop import damp_pair as damp_pair
 from jaxfl.transforms._mlbfgs_two_loop import two_loop as two_loop
+from jaxfl.transforms._partial_averaging import PartialAveragingState as PartialAveragingState
+from jaxfl.transforms._partial_averaging import partial_averaging as partial_averaging
+from jaxfl.transforms._partial_averaging import pma_group_mask as pma_group_mask
+from jaxfl.transforms._partial_averaging import pma_group_sizes as pma_group_sizes
 from jaxfl.transforms._prism import PrismState as PrismState
 from jaxfl.transforms._prism import frobenius_decay as frobenius_decay
 from jaxfl.transforms._prism import mask_gradients as mask_gradients
@@ -74,10 +78,10 @@ from jaxfl.transforms._scaffold import scaffold_server_control as scaffold_serve
 
 __all__ = [
     "FedLAMAState", "FedLUARBypassState", "FedLUARState", "GemMaskState", "LBGMState",
-    "LayerwiseSAMState", "MLBFGSState", "PrismState", "ProximalState", "PruneFLState", "ScaffoldClientState",
+    "LayerwiseSAMState", "MLBFGSState", "PartialAveragingState", "PrismState", "ProximalState", "PruneFLState", "ScaffoldClientState",
     "ScaffoldState", "add_proximal_term", "fedlama", "fedluar", "fedluar_bypass",
     "frobenius_decay", "gem_mask", "layerwise_sam", "lbgm", "mask_gradients", "masked_uplink", "mlbfgs",
-    "plain_stochastic_lbfgs", "prism_server", "prunefl", "qsgd_quantize",
+    "partial_averaging", "plain_stochastic_lbfgs", "prism_server", "prunefl", "qsgd_quantize",
     "random_dropout", "scaffold_client_control", "scaffold_correction",
     "scaffold_server_control", "scale_by_mlbfgs", "scale_by_round_schedule",
 ]
