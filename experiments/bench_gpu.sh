@@ -58,3 +58,9 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 # cp -r experiments/results/layerwise_sam "$OUT"/ 2>/dev/null || true
 # python experiments/layerwise_sam.py --workload cifar10_resnet20 \
 #   --data-dir ~/tensorflow_datasets --out-dir "$OUT" --max-minutes 8
+# Partial model averaging (ALGORITHMS.md §8a) at the paper's scale: 128 workers, all training
+# every round, CIFAR-10 / ResNet-20 (TFDS as above), tau = 16 = 4 groups x 4 steps, 8,000 local
+# steps; FedAvg(tau), PMA and FedAvg(tau/4) x 3 LRs + 2 seeds (15 pieces, resumable as above):
+# cp -r experiments/results/pma "$OUT"/ 2>/dev/null || true
+# python experiments/pma.py --preset cifar10_resnet20 --data-dir ~/tensorflow_datasets \
+#   --out-dir "$OUT" --max-minutes 8

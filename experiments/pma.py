@@ -43,8 +43,16 @@ import subprocess
 import sys
 
 import numpy as np
-from _common import RESULTS, command_line, md_table, read_json, save_plot, timed, write_json, \
-    write_results
+from _common import (
+  RESULTS,
+  command_line,
+  md_table,
+  read_json,
+  save_plot,
+  timed,
+  write_json,
+  write_results,
+)
 
 PRESETS = {
     # CPU scale: 32 workers (the paper: 128), Fashion-MNIST mean-pooled to 14x14, the pfl/FedAvg
@@ -81,8 +89,9 @@ def rounds_of(cfg, arm):
 
 
 def load_setup(cfg, data_dir=None):
-  import jaxfl
   from layerwise_converged import downsample
+
+  import jaxfl
 
   data = jaxfl.data.load(cfg["dataset"], cfg["num_clients"], jaxfl.data.dirichlet(cfg["alpha"]),
                          seed=0, data_dir=data_dir)

@@ -479,6 +479,7 @@ def test_mlbfgs_benchmark_mlbfgs_ref_runs_the_references_pair_period_on_the_cnns
 
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import mlbfgs_benchmark as mb
+
   from jaxfl.transforms import MLBFGSState
 
   cnn14, resnet = mb.config("cnn14"), mb.config("resnet20")
@@ -553,9 +554,9 @@ def test_mlbfgs_benchmark_kfac_nsgd_takes_the_references_normalised_momentum_ste
   import jax
   import jax.numpy as jnp
   import kfac_jax
+  import mlbfgs_benchmark as mb
   import numpy as np
   import optax
-  import mlbfgs_benchmark as mb
 
   mb.kfac_jax_compat()
   rng = np.random.default_rng(0)
@@ -675,3 +676,44 @@ def test_layerwise_sam_smoke_piece_runs_the_output_side_arm(tmp_path):
   assert all(h["grad_norm"] > 0 for h in piece["history"])
   assert piece["selected_share"] == {"['Conv_0']": 0.0, "['Conv_1']": 0.0, "['Dense_0']": 1.0,
                                      "['Dense_1']": 1.0}
+
+
+def test_pma_smoke_piece_sends_fedavg_bytes_and_tracks_the_local_models(tmp_path):
+  """One smoke ``pma`` piece (4 workers, tau 4, P 2, 8 steps): P rounds send one model per
+  worker, as FedAvg(tau); the local models differ from their mean between syncs."""
+  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
+  import jax
+
+  import jaxfl
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import pma as P
+
+  cfg = P.config("fmnist_cnn14", smoke=True)
+  piece = P.run_piece(cfg, "pma", 0.05, 0, str(tmp_path / "p.json"))
+  data, model = P.load_setup(cfg)
+  n_params = jaxfl.tree.num_params(model.init(jax.random.key(0))[0])
+  syncs = cfg["steps"] // cfg["tau"]  # every parameter averaged once per tau steps
+  assert piece["rounds"] == cfg["steps"] // (cfg["tau"] // cfg["groups"])
+  np.testing.assert_allclose(piece["uplink_bytes"], syncs * cfg["num_clients"] * 4 * n_params,
+                             rtol=1e-6)
+  evals = [h for h in piece["history"] if "test_accuracy" in h]
+  assert len(evals) == cfg["steps"] // cfg["eval_steps"]
+  assert all(h["discrepancy"] > 0 for h in evals)
+
+
+def test_pma_plan_tunes_every_arm_then_reruns_its_best_lr(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import pma as P
+
+  cfg = dict(P.config("fmnist_cnn14"), lrs=(0.01, 0.02, 0.04))
+  pieces = {}
+  first = P.plan(cfg, pieces)
+  assert first[:3] == [(a, 0.02, 0) for a in P.ARMS] and len(first) == 9
+  best = {"fedavg": 0.01, "pma": 0.04, "fedavg_fast": 0.02}
+  for arm in P.ARMS:
+    for lr in cfg["lrs"]:
+      acc = 0.9 if lr == best[arm] else 0.8
+      pieces[(arm, lr, 0)] = {"tail_acc": acc, "final_acc": acc}
+  assert {a: P.best_lr(cfg, pieces, a) for a in P.ARMS} == best
+  assert P.plan(cfg, pieces) == [(a, best[a], s) for s in (1, 2) for a in P.ARMS]

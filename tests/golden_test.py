@@ -17,14 +17,23 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+sys.path.insert(0, os.path.join(HERE, "golden"))
+from record import TWO_DEVICE_PATHS, presets  # noqa: E402
+
+
 @pytest.mark.parametrize("devices", [1, 2])
 def test_every_preset_reproduces_its_golden_final_state(devices):
+  """Every preset on 1 device; on 2 devices the presets with a device path of their own
+  (``record.TWO_DEVICE_PATHS``: the others differ only on the replicated server side)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  only = [] if devices == 1 else ["--only", *TWO_DEVICE_PATHS]
   proc = subprocess.run([sys.executable, os.path.join(HERE, "golden", "record.py"),
-                         "--devices", str(devices)], env=env, capture_output=True, text=True,
-                        timeout=1200)
+                         "--devices", str(devices), *only], env=env, capture_output=True,
+                        text=True, timeout=1200)
   lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  want = len(presets()) if devices == 1 else len(TWO_DEVICE_PATHS)
+  assert want >= 13 and set(TWO_DEVICE_PATHS) <= set(presets())
   # bit-identical on the recording host; within record.CROSS_HOST_RTOL on another CPU
-  assert len(lines) >= 26 and all(ln.split()[1] in ("identical", "close:") for ln in lines), (
+  assert len(lines) == want and all(ln.split()[1] in ("identical", "close:") for ln in lines), (
       proc.stdout)

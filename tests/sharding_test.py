@@ -74,20 +74,20 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
     algos = [jaxfl.algorithms.fedlama(2, local_steps=3, warmup_rounds=0, client_lr=0.1,
                                       batch_size=3),
              jaxfl.algorithms.fedluar(2, local_steps=3, client_lr=0.1, batch_size=3)]
-    for algo in algos:
-      for chunk in (None, 1):
-        res = [jaxfl.simulate(algo, model, data, rounds=6, clients_per_round=5, seed=1,
-                              devices=jax.devices()[:n], progress=False, eval_every=6,
-                              clients_per_chunk=chunk) for n in (1, 2)]
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                     res[0].state.params, res[1].state.params)
-        assert res[0].summary["rel_uplink_cost"] < 1.0
-        np.testing.assert_allclose(res[0].summary["rel_uplink_cost"],
-                                   res[1].summary["rel_uplink_cost"], rtol=1e-6)
-        if algo.memory is not None:  # padded to 6 slots on 2 devices; the real 5 agree
-          jax.tree.map(lambda a, b: np.testing.assert_allclose(a[:5], b[:5], rtol=1e-5,
-                                                               atol=1e-6),
-                       res[0].state.memory, res[1].state.memory)
+    # per-slot memory through lax.map (one client per device at a time), recycling vmapped
+    for algo, chunk in zip(algos, (1, None)):
+      res = [jaxfl.simulate(algo, model, data, rounds=6, clients_per_round=5, seed=1,
+                            devices=jax.devices()[:n], progress=False, eval_every=6,
+                            clients_per_chunk=chunk) for n in (1, 2)]
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   res[0].state.params, res[1].state.params)
+      assert res[0].summary["rel_uplink_cost"] < 1.0
+      np.testing.assert_allclose(res[0].summary["rel_uplink_cost"],
+                                 res[1].summary["rel_uplink_cost"], rtol=1e-6)
+      if algo.memory is not None:  # padded to 6 slots on 2 devices; the real 5 agree
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[:5], b[:5], rtol=1e-5,
+                                                             atol=1e-6),
+                     res[0].state.memory, res[1].state.memory)
     # One compilation per run on 2 devices, client memory or not: the first round's input is
     # laid out as the round returns its state (memory along the clients, the rest replicated).
     from jaxfl.data import device_data

@@ -173,8 +173,8 @@ def layerwise_sam(
     selected = jnp.asarray(fixed if fixed is not None else [False] * len(names), jnp.float32)
     # Built from a parameter so that, inside a round's shard_map, it varies over devices as
     # the selection made from the gradients does (the client's lax.cond needs equal types).
-    selected = selected + jnp.zeros_like(jnp.ravel(jax.tree.leaves(params)[0])[:1],
-                                         jnp.float32)
+    # (The sum of an empty slice: a scalar zero whatever the leaf's size, empty leaves too.)
+    selected = selected + jnp.sum(jnp.ravel(jax.tree.leaves(params)[0])[:0]).astype(jnp.float32)
     return LayerwiseSAMState(count=jnp.zeros([], jnp.int32), selected=selected,
                              inner_state=inner.init(params))
 

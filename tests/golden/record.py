@@ -105,6 +105,16 @@ def presets():
   return out
 
 
+# The presets whose 2-device round takes a path of its own: client-axis layouts (stream,
+# stacked, vmap, chunks, dropout), per-client and per-slot memory, upload masks and
+# train masks, keyed uplink transforms, the sparse ledger, general (gathering) aggregators.
+# The other presets change only the server chain or the loss, which run the same on any mesh;
+# `record.py --devices 2` checks them all, the test suite these.
+TWO_DEVICE_PATHS = ("fedavg", "fedavg_nostream", "fedavg_vmap", "fedavg_chunk2", "fedavg_dropout",
+                    "lbgm", "fedlama", "fedluar", "prunefl", "fedpaq", "feddropoutavg", "median",
+                    "dp_mean")
+
+
 def run(name, devices):
   import jax
   import numpy as np

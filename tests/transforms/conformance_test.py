@@ -66,6 +66,7 @@ REGISTRY = {
     "masked_uplink": Case(dict(mask=_MASK), extra=("key",)),
     "mlbfgs": Case(dict(learning_rate=0.1, update_every=2, history=3),
                    bf16="checked in mlbfgs_test (f32 statistics, bf16 outputs)"),
+    "partial_averaging": Case(dict(num_groups=2)),
     "plain_stochastic_lbfgs": Case(dict(learning_rate=0.1, update_every=1, history=3),
                                    bf16="checked in mlbfgs_test (f32 statistics, bf16 outputs)"),
     "prunefl": Case(dict(keep=0.5, reconfig_every=2), extra=_SERVER,

@@ -255,6 +255,16 @@ def test_bad_arguments_are_refused_at_construction(kwargs, match):
     layerwise_sam(optax.sgd(0.1), **kwargs)
 
 
+def test_an_empty_first_leaf_keeps_one_selection_entry_per_layer():
+  params = {"a": jnp.zeros((0,)), "b": {"kernel": jnp.ones((2, 3))}}
+  state = layerwise_sam(optax.sgd(0.1), layers="leaf").init(params)
+  assert state.selected.shape == (2,) and state.selected.dtype == jnp.float32
+  grads = {"a": jnp.zeros((0,)), "b": {"kernel": jnp.full((2, 3), 2.0)}}
+  _, state = jax.jit(lambda g, s, p: layerwise_sam(optax.sgd(0.1), layers="leaf").update(
+      g, s, p, grad_fn=lambda q, i: g))(grads, state, params)
+  np.testing.assert_array_equal(state.selected, [0.0, 1.0])  # the non-empty leaf's norm wins
+
+
 def test_unknown_layer_name_is_refused_at_init():
   params, _, _ = _problem(0)
   with pytest.raises(ValueError, match="`select` names layers"):
