@@ -282,13 +282,16 @@ TWO_DEVICES = textwrap.dedent("""
     from jaxfl.client import LocalTraining
     assert jax.device_count() == 2, jax.devices()
     data, model = tiny_data(num_clients=6, seed=3), tiny_model()
-    for kw in (dict(num_layers=1), dict(select=["['Dense_1']"], perturbed="selected")):
+    # the adaptive selection (a lax.cond) in every layout; the fixed one sharded by chunks
+    for kw, layouts in ((dict(num_layers=1), ((1, "auto"), (2, "auto"), (2, None))),
+                        (dict(select=["['Dense_1']"], perturbed="selected"),
+                         ((1, "auto"), (2, "auto")))):
       tx = jaxfl.transforms.layerwise_sam(optax.sgd(0.1, momentum=0.9), rho=0.1, **kw)
       algo = jaxfl.Algorithm("lwsam", LocalTraining(tx, batch_size=4, local_steps=3,
                                                     pass_grad_fn=True), optax.sgd(1.0))
       res = [jaxfl.simulate(algo, model, data, rounds=2, clients_per_round=3, seed=1,
                             progress=False, devices=jax.devices()[:n], clients_per_chunk=c)
-             for n, c in ((1, "auto"), (2, "auto"), (2, None))]
+             for n, c in layouts]
       for r in res[1:]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      res[0].state.params, r.state.params)
