@@ -59,7 +59,7 @@ PRESETS = {
     # CNN; tau = 16 = 4 groups x 4 steps.
     "fmnist_cnn14": dict(dataset="fashion_mnist", model="cnn", image=14, num_clients=32,
                          alpha=0.1, tau=16, groups=4, steps=1280, batch=32,
-                         lrs=(0.02, 0.05, 0.1, 0.2),
+                         lrs=(0.02, 0.05, 0.1, 0.2, 0.4),
                          eval_steps=64, num_test=None),
     # the paper's scale, for a GPU: 128 workers, CIFAR-10 (TFDS), ResNet-20.
     "cifar10_resnet20": dict(dataset="tfds:cifar10", model="resnet20", image=32, num_clients=128,
