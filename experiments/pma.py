@@ -59,7 +59,7 @@ PRESETS = {
     # CNN; tau = 16 = 4 groups x 4 steps.
     "fmnist_cnn14": dict(dataset="fashion_mnist", model="cnn", image=14, num_clients=32,
                          alpha=0.1, tau=16, groups=4, steps=1280, batch=32,
-                         lrs=(0.02, 0.05, 0.1, 0.2, 0.4),
+                         lrs=(0.02, 0.05, 0.1, 0.2, 0.4, 0.8),
                          eval_steps=64, num_test=None),
     # the paper's scale, for a GPU: 128 workers, CIFAR-10 (TFDS), ResNet-20.
     "cifar10_resnet20": dict(dataset="tfds:cifar10", model="resnet20", image=32, num_clients=128,
@@ -70,6 +70,7 @@ SMOKE = dict(num_clients=4, tau=4, groups=2, steps=8, batch=8, lrs=(0.05,), eval
              num_test=256)
 ARMS = ("fedavg", "pma", "fedavg_fast")
 SEEDS = (0, 1, 2)
+COLORS = {"fedavg": "C0", "pma": "C1", "fedavg_fast": "C3"}
 TAIL = 3
 
 
@@ -237,10 +238,17 @@ def plan(cfg, pieces):
           if (arm, best_lr(cfg, pieces, arm), s) not in pieces]
 
 
+def provisional_lr(cfg, pieces, arm):
+  """The best seed-0 LR among the grid points done so far (None if none)."""
+  got = [(pieces[(arm, lr, 0)]["tail_acc"], lr) for lr in cfg["lrs"] if (arm, lr, 0) in pieces]
+  return max(got)[1] if got else None
+
+
 def summarise(cfg, pieces):
   rows, table = [], {}
+  complete = all(best_lr(cfg, pieces, arm) is not None for arm in ARMS)
   for arm in ARMS:
-    lr = best_lr(cfg, pieces, arm)
+    lr = best_lr(cfg, pieces, arm) if complete else provisional_lr(cfg, pieces, arm)
     if lr is None:
       continue
     runs = [pieces[(arm, lr, s)] for s in SEEDS if (arm, lr, s) in pieces]
@@ -248,7 +256,8 @@ def summarise(cfg, pieces):
     entry = {"arm": arm, "lr": lr, "seeds": len(runs), "final_mean": float(fin.mean()),
              "final_std": float(fin.std()), "uplink_bytes": float(runs[0]["uplink_bytes"]),
              "rounds": runs[0]["rounds"], "interval": runs[0]["interval"],
-             "seconds": float(np.mean([r["seconds"] for r in runs]))}
+             "seconds": float(np.mean([r["seconds"] for r in runs])),
+             "grid_complete": complete}
     if arm == "pma":
       lm = np.array([r["final_local_mean_acc"] for r in runs])
       entry.update(local_mean_mean=float(lm.mean()), local_mean_std=float(lm.std()))
@@ -277,6 +286,9 @@ def report(cfg, pieces, out_dir, argv):
     rel = e["uplink_bytes"] / base if base else float("nan")
     rows.append([arm, e["interval"], e["rounds"], f"{e['lr']:g}", e["seeds"], acc, local,
                  f"{rel:.2f}", f"{e['seconds']:.0f}"])
+  if table and not next(iter(table.values()))["grid_complete"]:
+    lines += ["**Provisional:** the seed-0 grid is not complete, so each arm's LR below is "
+              "its best among the grid points done so far.", ""]
   lines.append(md_table(["arm", "steps/round", "rounds", "LR", "seeds", "final acc (server)",
                          "final acc (local mean)", "uplink vs FedAvg", "s/run"], rows))
   lines += ["", "Seed-0 grid (tail = mean of the last 3 evaluations):", "",
@@ -293,13 +305,14 @@ def report(cfg, pieces, out_dir, argv):
         ev = [[h for h in r["history"] if key in h] for r in runs]
         x = np.array([h[xkey] for h in ev[0]], float)
         y = np.array([[h[key] for h in e_] for e_ in ev])
-        ax.plot(x, y.mean(0), label=f"{arm} (lr {e['lr']:g})")
-        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+        c = COLORS[arm]
+        ax.plot(x, y.mean(0), color=c, label=f"{arm} (lr {e['lr']:g})")
+        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=c, alpha=0.2)
       if arm == "pma":
         ev = [[h for h in r["history"] if "local_mean_accuracy" in h] for r in runs]
         x = np.array([h["steps"] for h in ev[0]], float)
         y = np.array([[h["local_mean_accuracy"] for h in e_] for e_ in ev])
-        axes[0].plot(x, y.mean(0), "--", label="pma, local mean")
+        axes[0].plot(x, y.mean(0), "--", color="k", label="pma, local mean")
     axes[0].set_xlabel("local steps per worker")
     axes[1].set_xlabel("cumulative uplink bytes")
     for ax in axes:
