@@ -42,6 +42,22 @@ def layer_names(tree: PyTree, group: str = "leaf") -> PyTree:
   return jax.tree_util.tree_map_with_path(name, tree)
 
 
+def module_ranks(tree: PyTree, order, arg: str = "order") -> list[int]:
+  """Per leaf of ``tree`` (flattening order), its module's position in ``order``.
+
+  ``order`` names every module (:func:`layer_names` with ``group="module"``) exactly once, as
+  :func:`jaxfl.algorithms.depth_order` returns them; anything else raises naming ``arg``.
+  """
+  names = jax.tree.leaves(layer_names(tree, "module"))
+  rank = {name: i for i, name in enumerate(order)}
+  missing = sorted({name for name in names if name not in rank})
+  if missing or len(rank) != len(order):
+    raise ValueError(f"`{arg}` must name every module of the params once (as "
+                     f"jaxfl.algorithms.depth_order returns them); missing {missing}, "
+                     f"given {list(order)!r}.")
+  return [rank[name] for name in names]
+
+
 def is_kernel(tree: PyTree) -> PyTree:
   """A same-structure tree of Python bools: True for leaves with ``ndim >= 2``."""
   return jax.tree.map(lambda x: bool(np.ndim(x) >= 2), tree)

@@ -25,3 +25,16 @@ def test_weighted_sum_equals_numpy(clients):
   np.testing.assert_allclose(mean, np.tensordot(w / w.sum(), stack["k"].astype(np.float64), 1),
                              rtol=1e-5, atol=1e-6)
   assert not np.any(jtree.weighted_mean(stack, 0 * w)["k"])  # zero total weight: zeros
+
+
+def test_module_ranks_follow_the_given_order_and_refuse_a_wrong_one():
+  # Flattening order sorts keys: a_out/{bias,kernel}, b_in/{bias,kernel}, c_mid/scale.
+  params = {"b_in": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)},
+            "c_mid": {"scale": np.zeros(3)},
+            "a_out": {"kernel": np.zeros((3, 1)), "bias": np.zeros(1)}}
+  order = ["['b_in']", "['c_mid']", "['a_out']"]
+  assert jtree.module_ranks(params, order) == [2, 2, 0, 0, 1]
+  with pytest.raises(ValueError, match=r"`order` must name every module.*\['c_mid'\]"):
+    jtree.module_ranks(params, order[:1] + order[2:])
+  with pytest.raises(ValueError, match="`trained_order` must name every module"):
+    jtree.module_ranks(params, order + order[:1], arg="trained_order")

@@ -48,7 +48,7 @@ from jaxfl.algorithms._fedopt import _lr
 from jaxfl.algorithms._prism import _client, _ledger
 from jaxfl.client import softmax_cross_entropy
 from jaxfl.models import Model, with_counts
-from jaxfl.tree import layer_names
+from jaxfl.tree import layer_names, module_ranks
 
 __all__ = ["depth_order", "embracing_counts", "embracing_model", "embracing_view", "embracingfl",
            "layers_for_budget", "suffix_mask", "suffix_training_bytes"]
@@ -163,23 +163,12 @@ def depth_order(model: Model, params: Any, model_state: Any = None) -> list[str]
   return sorted(depth, key=lambda n: depth[n])
 
 
-def _module_rank(values: Any, order: Sequence[str]) -> list[int]:
-  """Per leaf of ``values`` (flattening order), its module's position in ``order``."""
-  names = jax.tree.leaves(layer_names(values, "module"))
-  rank = {n: i for i, n in enumerate(order)}
-  missing = sorted({n for n in names if n not in rank})
-  if missing or len(rank) != len(order):
-    raise ValueError(f"`order` must name every module of the params once (depth_order's "
-                     f"output); missing {missing}, given {list(order)!r}.")
-  return [rank[n] for n in names]
-
-
 def _suffix_mask(params: Any, order: Sequence[str], trained) -> Any:
   """:func:`suffix_mask` for an int or a traced i32[] ``trained`` (no range check)."""
   cut = len(order) - jnp.asarray(trained, jnp.int32)
   treedef = jax.tree.structure(params)
   return jax.tree.unflatten(treedef, [(cut <= r).astype(jnp.float32)
-                                      for r in _module_rank(params, order)])
+                                      for r in module_ranks(params, order)])
 
 
 def suffix_mask(params: Any, order: Sequence[str], trained: int) -> Any:
@@ -229,7 +218,7 @@ def suffix_training_bytes(model: Model, params: Any, order: Sequence[str],
     raise ValueError("`params` must be the plain model's params, not a counted tree.")
   if model_state is None:
     model_state = model.init(jax.random.key(0))[1]
-  ranks = _module_rank(params, order)
+  ranks = module_ranks(params, order)
   leaves, treedef = jax.tree.flatten(params)
   spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))
   x = jax.ShapeDtypeStruct((batch_size,) + tuple(model.input_shape), jnp.float32)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxfl.tree import layer_names
+from jaxfl.tree import module_ranks
 
 __all__ = ["PartialAveragingState", "partial_averaging", "pma_group_mask", "pma_group_sizes"]
 
@@ -52,14 +52,8 @@ def _leaf_order(params: Any, order: Sequence[str] | None) -> list[int]:
   n = len(jax.tree.leaves(params))
   if order is None:
     return list(range(n))
-  names = jax.tree.leaves(layer_names(params, "module"))
-  rank = {name: i for i, name in enumerate(order)}
-  missing = sorted({name for name in names if name not in rank})
-  if missing or len(rank) != len(order):
-    raise ValueError(f"`order` must name every module of the params once (as "
-                     f"jaxfl.algorithms.depth_order returns them); missing {missing}, "
-                     f"given {list(order)!r}.")
-  return sorted(range(n), key=lambda i: rank[names[i]])  # stable: ties keep leaf order
+  rank = module_ranks(params, order)
+  return sorted(range(n), key=lambda i: rank[i])  # stable: ties keep leaf order
 
 
 def _layout(params: Any, num_groups: int, order: Sequence[str] | None, granularity: str):
