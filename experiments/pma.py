@@ -22,8 +22,10 @@ averaging) and, for PMA, also the mean of the workers' local models (what one fi
 averaging would give: ``jaxfl.algorithms.pma_local_average``). Also recorded: the workers'
 discrepancy (1/m) sum_i ||x_i - mean||^2 of PMA's local models at each evaluation.
 
-Grid: ``lrs`` for every arm at seed 0; best LR per arm = highest mean accuracy over its last 3
-evaluations (server model; the same rule for every arm); seeds 1 and 2 at each arm's best LR.
+Grid (the same budget and rule for every arm): ``lrs`` at seed 0; seeds 1 and 2 at each arm's
+``TOP`` best seed-0 LRs (tail = mean test accuracy of the server model over the last 3
+evaluations); each arm's LR = the one of those with the highest 3-seed mean tail accuracy (a seed
+that diverges counts with its measured accuracy, so an LR at the edge of stability is penalised).
 
 Pieces (``experiments/results/pma/<preset>/<arm>_lr<lr>_s<seed>.json``), one per child
 process; the driver skips pieces already written, starts none after ``--max-minutes``, and
@@ -72,6 +74,7 @@ ARMS = ("fedavg", "pma", "fedavg_fast")
 SEEDS = (0, 1, 2)
 COLORS = {"fedavg": "C0", "pma": "C1", "fedavg_fast": "C3"}
 TAIL = 3
+TOP = 2  # seed-0 LRs per arm that get seeds 1 and 2
 
 
 def config(preset: str, smoke: bool = False) -> dict:
@@ -219,14 +222,28 @@ def load_pieces(out_dir, cfg):
   return out
 
 
-def best_lr(cfg, pieces, arm):
-  """The grid LR with the highest seed-0 tail accuracy, once the arm's seed-0 grid is done."""
+def finalists(cfg, pieces, arm):
+  """The arm's ``TOP`` best seed-0 LRs, once its seed-0 grid is done (else None)."""
   got = [(pieces[(arm, lr, 0)]["tail_acc"], lr) for lr in cfg["lrs"] if (arm, lr, 0) in pieces]
-  return max(got)[1] if len(got) == len(cfg["lrs"]) else None
+  if len(got) < len(cfg["lrs"]):
+    return None
+  return [lr for _, lr in sorted(got, reverse=True)[:TOP]]
+
+
+def seed_mean_tail(pieces, arm, lr):
+  return float(np.mean([pieces[(arm, lr, s)]["tail_acc"] for s in SEEDS]))
+
+
+def best_lr(cfg, pieces, arm):
+  """The finalist LR with the highest 3-seed mean tail accuracy, once all finalists have 3 seeds."""
+  fin = finalists(cfg, pieces, arm)
+  if fin is None or any((arm, lr, s) not in pieces for lr in fin for s in SEEDS):
+    return None
+  return max((seed_mean_tail(pieces, arm, lr), lr) for lr in fin)[1]
 
 
 def plan(cfg, pieces):
-  """Seed 0 over the grid (middle LR first, all arms), then seeds 1, 2 at each best LR."""
+  """Seed 0 over the grid (middle LR first, all arms), then seeds 1, 2 at each arm's finalists."""
   lrs = list(cfg["lrs"])
   mid = lrs[len(lrs) // 2]
   order = [(arm, mid, 0) for arm in ARMS] + [(arm, lr, 0) for lr in lrs if lr != mid
@@ -234,50 +251,69 @@ def plan(cfg, pieces):
   todo = [p for p in order if p not in pieces]
   if todo:
     return todo
-  return [(arm, best_lr(cfg, pieces, arm), s) for s in SEEDS[1:] for arm in ARMS
-          if (arm, best_lr(cfg, pieces, arm), s) not in pieces]
+  return [(arm, lr, s) for s in SEEDS[1:] for rank in range(TOP) for arm in ARMS
+          for lr in finalists(cfg, pieces, arm)[rank:rank + 1] if (arm, lr, s) not in pieces]
 
 
 def provisional_lr(cfg, pieces, arm):
-  """The best seed-0 LR among the grid points done so far (None if none)."""
-  got = [(pieces[(arm, lr, 0)]["tail_acc"], lr) for lr in cfg["lrs"] if (arm, lr, 0) in pieces]
+  """Before :func:`best_lr` is known: the best LR by mean tail accuracy over the seeds done so
+  far, among the finalists once the seed-0 grid is done, else among the seed-0 points done."""
+  fin = finalists(cfg, pieces, arm)
+  cands = fin if fin is not None else [lr for lr in cfg["lrs"] if (arm, lr, 0) in pieces]
+  got = [(np.mean([pieces[(arm, lr, s)]["tail_acc"] for s in SEEDS if (arm, lr, s) in pieces]),
+          lr) for lr in cands]
   return max(got)[1] if got else None
 
 
+def diverged(piece) -> bool:
+  """Chance-level final accuracy (10 classes): the run blew up."""
+  return piece["final_acc"] <= 0.11
+
+
+def seed_stats(pieces, arm, lr):
+  runs = [pieces[(arm, lr, s)] for s in SEEDS if (arm, lr, s) in pieces]
+  fin = np.array([r["final_acc"] for r in runs])
+  tail = np.array([r["tail_acc"] for r in runs])
+  out = {"arm": arm, "lr": lr, "seeds": len(runs), "final_mean": float(fin.mean()),
+         "final_std": float(fin.std()), "tail_mean": float(tail.mean()),
+         "diverged": int(sum(diverged(r) for r in runs))}
+  if arm == "pma":
+    lm = np.array([r["final_local_mean_acc"] for r in runs])
+    out.update(local_mean_mean=float(lm.mean()), local_mean_std=float(lm.std()))
+  return out, runs
+
+
 def summarise(cfg, pieces):
-  rows, table = [], {}
+  table, finals = {}, []
   complete = all(best_lr(cfg, pieces, arm) is not None for arm in ARMS)
   for arm in ARMS:
     lr = best_lr(cfg, pieces, arm) if complete else provisional_lr(cfg, pieces, arm)
     if lr is None:
       continue
-    runs = [pieces[(arm, lr, s)] for s in SEEDS if (arm, lr, s) in pieces]
-    fin = np.array([r["final_acc"] for r in runs])
-    entry = {"arm": arm, "lr": lr, "seeds": len(runs), "final_mean": float(fin.mean()),
-             "final_std": float(fin.std()), "uplink_bytes": float(runs[0]["uplink_bytes"]),
-             "rounds": runs[0]["rounds"], "interval": runs[0]["interval"],
-             "seconds": float(np.mean([r["seconds"] for r in runs])),
-             "grid_complete": complete}
-    if arm == "pma":
-      lm = np.array([r["final_local_mean_acc"] for r in runs])
-      entry.update(local_mean_mean=float(lm.mean()), local_mean_std=float(lm.std()))
+    entry, runs = seed_stats(pieces, arm, lr)
+    entry.update(uplink_bytes=float(runs[0]["uplink_bytes"]), rounds=runs[0]["rounds"],
+                 interval=runs[0]["interval"],
+                 seconds=float(np.mean([r["seconds"] for r in runs])), grid_complete=complete)
     table[arm] = entry
-    rows.append(entry)
+    for f in finalists(cfg, pieces, arm) or []:
+      finals.append(seed_stats(pieces, arm, f)[0])
   grid = [{"arm": a, "lr": lr, "tail_acc": pieces[(a, lr, 0)]["tail_acc"],
            "final_acc": pieces[(a, lr, 0)]["final_acc"]}
           for a in ARMS for lr in cfg["lrs"] if (a, lr, 0) in pieces]
-  return table, grid
+  return table, grid, finals
 
 
 def report(cfg, pieces, out_dir, argv):
-  table, grid = summarise(cfg, pieces)
+  table, grid, finals = summarise(cfg, pieces)
   stem = "pma_" + cfg["preset"] + ("_smoke" if cfg["smoke"] else "")
   base = table.get("fedavg", {}).get("uplink_bytes")
   lines = [f"# Partial model averaging vs FedAvg ({cfg['preset']})", "",
            f"{cfg['num_clients']} workers, all training every round, Dirichlet "
            f"{cfg['alpha']}, {cfg['steps']} local steps per worker, tau = {cfg['tau']}, "
-           f"P = {cfg['groups']} groups; best LR per arm from the seed-0 grid "
-           f"{list(cfg['lrs'])}, final test accuracy over seeds (mean ± std).", ""]
+           f"P = {cfg['groups']} groups. LR per arm: seed 0 over the grid {list(cfg['lrs'])}, "
+           f"seeds 1-2 at each arm's {TOP} best seed-0 LRs, then the one with the best 3-seed "
+           "mean tail accuracy (a diverged seed counts at its accuracy). Final test accuracy "
+           "over seeds (mean ± std).", ""]
   rows = []
   for arm, e in table.items():
     acc = f"{e['final_mean']:.4f} ± {e['final_std']:.4f}"
@@ -287,10 +323,16 @@ def report(cfg, pieces, out_dir, argv):
     rows.append([arm, e["interval"], e["rounds"], f"{e['lr']:g}", e["seeds"], acc, local,
                  f"{rel:.2f}", f"{e['seconds']:.0f}"])
   if table and not next(iter(table.values()))["grid_complete"]:
-    lines += ["**Provisional:** the seed-0 grid is not complete, so each arm's LR below is "
-              "its best among the grid points done so far.", ""]
+    lines += ["**Provisional:** not every finalist LR has 3 seeds yet, so each arm's LR below "
+              "is its best on the runs done so far.", ""]
   lines.append(md_table(["arm", "steps/round", "rounds", "LR", "seeds", "final acc (server)",
                          "final acc (local mean)", "uplink vs FedAvg", "s/run"], rows))
+  if finals:
+    lines += ["", "Finalist LRs (diverged = seeds ending at chance accuracy):", "",
+              md_table(["arm", "LR", "seeds", "diverged", "final acc", "tail acc (mean)"],
+                       [[f["arm"], f"{f['lr']:g}", f["seeds"], f["diverged"],
+                         f"{f['final_mean']:.4f} ± {f['final_std']:.4f}",
+                         f"{f['tail_mean']:.4f}"] for f in finals])]
   lines += ["", "Seed-0 grid (tail = mean of the last 3 evaluations):", "",
             md_table(["arm", "LR", "tail acc", "final acc"],
                      [[g["arm"], f"{g['lr']:g}", f"{g['tail_acc']:.4f}",
@@ -324,7 +366,8 @@ def report(cfg, pieces, out_dir, argv):
   if table:
     save_plot(plot, draw, ncols=2)
   write_results(out_dir, stem, command=command_line(__file__, argv),
-                data={"config": cfg, "table": table, "grid": grid}, md=md)
+                data={"config": cfg, "table": table, "finalists": finals, "grid": grid},
+                md=md)
   return md
 
 

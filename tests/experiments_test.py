@@ -702,7 +702,7 @@ def test_pma_smoke_piece_sends_fedavg_bytes_and_tracks_the_local_models(tmp_path
   assert all(h["discrepancy"] > 0 for h in evals)
 
 
-def test_pma_plan_tunes_every_arm_then_reruns_its_best_lr(tmp_path):
+def test_pma_plan_tunes_every_arm_then_picks_by_the_three_seed_mean(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import pma as P
 
@@ -710,10 +710,23 @@ def test_pma_plan_tunes_every_arm_then_reruns_its_best_lr(tmp_path):
   pieces = {}
   first = P.plan(cfg, pieces)
   assert first[:3] == [(a, 0.02, 0) for a in P.ARMS] and len(first) == 9
-  best = {"fedavg": 0.01, "pma": 0.04, "fedavg_fast": 0.02}
-  for arm in P.ARMS:
-    for lr in cfg["lrs"]:
-      acc = 0.9 if lr == best[arm] else 0.8
+  seed0 = {"fedavg": {0.01: 0.7, 0.02: 0.8, 0.04: 0.9},
+           "pma": {0.01: 0.9, 0.02: 0.7, 0.04: 0.8},
+           "fedavg_fast": {0.01: 0.7, 0.02: 0.9, 0.04: 0.8}}
+  for arm, accs in seed0.items():
+    for lr, acc in accs.items():
       pieces[(arm, lr, 0)] = {"tail_acc": acc, "final_acc": acc}
-  assert {a: P.best_lr(cfg, pieces, a) for a in P.ARMS} == best
-  assert P.plan(cfg, pieces) == [(a, best[a], s) for s in (1, 2) for a in P.ARMS]
+  top2 = {"fedavg": [0.04, 0.02], "pma": [0.01, 0.04], "fedavg_fast": [0.02, 0.04]}
+  assert {a: P.finalists(cfg, pieces, a) for a in P.ARMS} == top2
+  assert all(P.best_lr(cfg, pieces, a) is None for a in P.ARMS)  # finalists lack seeds 1-2
+  todo = P.plan(cfg, pieces)
+  assert todo[:3] == [(a, top2[a][0], 1) for a in P.ARMS]
+  assert sorted(todo) == sorted((a, lr, s) for a in P.ARMS for lr in top2[a] for s in (1, 2))
+  for arm, lr, s in todo:
+    # fedavg's seed-0 winner diverges at seed 1, so its runner-up wins on the 3-seed mean.
+    acc = 0.1 if (arm, lr, s) == ("fedavg", 0.04, 1) else seed0[arm][lr]
+    pieces[(arm, lr, s)] = {"tail_acc": acc, "final_acc": acc}
+  assert P.plan(cfg, pieces) == []
+  assert {a: P.best_lr(cfg, pieces, a) for a in P.ARMS} == {
+      "fedavg": 0.02, "pma": 0.01, "fedavg_fast": 0.02}
+  assert P.diverged(pieces[("fedavg", 0.04, 1)]) and not P.diverged(pieces[("pma", 0.01, 1)])
