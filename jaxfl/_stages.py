@@ -463,7 +463,8 @@ def update_sampler(sampler, sampler_state, selected, cohort: Cohort, outs: SlotO
 
 
 def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Aggregate,
-                  updates, sampler_state, report_grad_norm: bool = False) -> dict:
+                  updates, sampler_state, report_grad_norm: bool = False,
+                  round_index=None) -> dict:
   """The round's scalar metrics (client means over participants, ledger, aggregator aux);
   ``grad_norm`` only if asked (otherwise XLA drops the per-step norms nobody reads)."""
   real = cohort.real
@@ -488,7 +489,9 @@ def round_metrics(algorithm, params, cohort: Cohort, outs: SlotOutputs, agg: Agg
       "update_norm": jtree.global_norm(updates),
       "uplink_elements": up_elems,
       "uplink_bytes": up_elems * itemsize * ledger.words_per_element,
-      "downlink_bytes": jnp.sum(real) * size * itemsize,
+      "downlink_bytes": jnp.sum(real) * itemsize * (
+          size if ledger.downlink is None
+          else jnp.asarray(ledger.downlink(params, round_index), jnp.float32)),
       "rel_uplink": up_elems / (n_real * size),
   }
   if report_grad_norm:

@@ -58,11 +58,16 @@ class Ledger(NamedTuple):
       ``rel_uplink`` and of ``downlink_bytes``), or None for every leaf. Sub-model methods
       whose params carry count leaves (:func:`jaxfl.aggregation.counted`) count the values
       only.
+    downlink: ``(params, round) -> f32[]`` elements each client of the round receives
+      (``downlink_bytes`` = that x clients x itemsize), or None for one full model
+      (``model_size``). A method whose clients keep most of their model between rounds
+      declares what actually travels (partial model averaging: the group averaged last round).
   """
 
   count: Callable[[Any, Any, Any, Any], Any]
   words_per_element: float = 1.0
   model_size: Callable[[Any], int] | None = None
+  downlink: Callable[[Any, Any], Any] | None = None
 
 
 def dense_ledger() -> Ledger:
@@ -86,16 +91,16 @@ def sparse_ledger() -> Ledger:
   return Ledger(count, 2.0)
 
 
-def upload_mask_ledger() -> Ledger:
+def upload_mask_ledger(downlink: Callable[[Any, Any], Any] | None = None) -> Ledger:
   """A sent leaf costs the ones of the client's declared ``upload_mask`` and no indices: the
   server knows the mask (a schedule such as partial model averaging's groups, which cut
-  through leaves)."""
+  through leaves). ``downlink``: :attr:`Ledger.downlink` (None: a full model per client)."""
 
   def count(delta, abs_sums, start, uplink_state):
     del uplink_state
     return uplink_elements(delta, False, start.upload_mask, abs_sums)
 
-  return Ledger(count, 1.0)
+  return Ledger(count, 1.0, None, downlink)
 
 
 def model_bytes(params) -> int:

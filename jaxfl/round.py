@@ -195,7 +195,7 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     # clients): round r + 1 then gets inputs sharded as round r's and reuses its program.
     new_state = _state_layout(new_state, mesh)
     return new_state, _stages.round_metrics(algorithm, state.params, cohort, outs, agg, updates,
-                                            sampler_state, report_grad_norm)
+                                            sampler_state, report_grad_norm, state.round)
 
   jit_step = jax.jit(step, donate_argnums=(0,) if donate else (),
                      compiler_options=_compiler_options(mesh))

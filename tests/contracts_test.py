@@ -126,6 +126,10 @@ def test_bad_contract_types_are_named_before_compiling():
     with pytest.raises(TypeError, match=f"`{field}`"):
       jaxfl.build_round(algo._replace(**{field: bad}), model, num_clients=4,
                         max_client_size=3, clients_per_round=2)
+  for field in ("model_size", "downlink"):
+    with pytest.raises(TypeError, match=f"`ledger.{field}`"):
+      jaxfl.build_round(algo._replace(ledger=algo.ledger._replace(**{field: 7})), model,
+                        num_clients=4, max_client_size=3, clients_per_round=2)
 
 
 def test_memory_rows_lie_along_the_client_axis_and_per_slot_keeps_uncommitted_rows():

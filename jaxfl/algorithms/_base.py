@@ -138,6 +138,9 @@ def validate_algorithm(algo: Algorithm) -> None:
   if algo.ledger.model_size is not None and not callable(algo.ledger.model_size):
     raise TypeError("`ledger.model_size` must be a callable params -> int or None, got "
                     f"{type(algo.ledger.model_size).__name__}.")
+  if algo.ledger.downlink is not None and not callable(algo.ledger.downlink):
+    raise TypeError("`ledger.downlink` must be a callable (params, round) -> f32[] or None, "
+                    f"got {type(algo.ledger.downlink).__name__}.")
   _check_type(algo.sampler, sampling.ClientSampler, "sampler", "a jaxfl.sampling.ClientSampler")
   _check_type(algo.view, views.ClientView, "view", "a jaxfl.views.ClientView")
   if algo.memory is not None:

@@ -77,7 +77,8 @@ def pma(num_groups: int = 4, *, local_steps: int = 5, order: Sequence[str] | Non
 
   Returns:
     An :class:`Algorithm`; uplink counted as the due group's entries
-    (:func:`jaxfl.comm.upload_mask_ledger`). Evaluate ``ServerState.params`` (each group as of
+    (:func:`jaxfl.comm.upload_mask_ledger`), downlink as the group averaged in the previous
+    round (the whole model in a cohort's first round). Evaluate ``ServerState.params`` (each group as of
     its last averaging) or :func:`pma_local_average` of ``ServerState.memory``.
   """
   if resample_every is not None and (not isinstance(resample_every, int) or resample_every < 1
@@ -105,6 +106,14 @@ def pma(num_groups: int = 4, *, local_steps: int = 5, order: Sequence[str] | Non
     return jax.tree.map(lambda g, l, s: jnp.where(s | quarantined, g, l), after.params,
                         result.local, due(before.params, before.round))
 
+  def downlink(params, round):
+    # A worker receives the group averaged in the previous round; a cohort's first round
+    # receives the whole global model. (A quarantined worker's full restart is not counted.)
+    sizes = jnp.asarray(pma_lib.pma_group_sizes(params, num_groups, order=order,
+                                                granularity=granularity), jnp.float32)
+    first = round == 0 if resample_every is None else jnp.mod(round, resample_every) == 0
+    return jnp.where(first, jnp.sum(sizes), sizes[jnp.mod(round - 1, num_groups)])
+
   sampler = sampling.periodic(resample_every)
   if resample_every is None:
     def init(num_clients, cohort_size):
@@ -122,4 +131,4 @@ def pma(num_groups: int = 4, *, local_steps: int = 5, order: Sequence[str] | Non
                    sampler=sampler,
                    view=views.ClientView(view),
                    memory=jmemory.per_slot(lambda params: params, write),
-                   ledger=comm.upload_mask_ledger())
+                   ledger=comm.upload_mask_ledger(downlink))

@@ -184,6 +184,11 @@ def test_round_equals_client_loop_reference(order, granularity, cohort, resample
         np.testing.assert_allclose(rows[k][slot], local[slot][k], rtol=2e-5, atol=2e-6)
     sent = sum(int(np.sum(groups[k] == r % P)) for k in names)
     np.testing.assert_allclose(float(metrics["rel_uplink"]), sent / total, rtol=1e-6)
+    # Downlink: a cohort's first round receives the whole model, later rounds the group
+    # averaged in the round before (float32 entries, one copy per worker).
+    got_group = total if r == 0 or (resample and r % resample == 0) else sum(
+        int(np.sum(groups[k] == (r - 1) % P)) for k in names)
+    assert float(metrics["downlink_bytes"]) == 4.0 * cohort * got_group
     state = new
   if resample:
     assert all(c == cohorts[0] for c in cohorts[:resample])
