@@ -1,8 +1,10 @@
 """Optax transformations in the four roles of a federated round.
 
 * client optimizers: :func:`mlbfgs`, :func:`scale_by_mlbfgs`, :func:`plain_stochastic_lbfgs`,
-  :func:`layerwise_sam` (with ``LocalTraining(pass_grad_fn=True)``), :func:`add_proximal_term`, :func:`scaffold_correction`, :func:`scale_by_round_schedule`,
-  :func:`frobenius_decay`, :func:`mask_gradients` (+ any optax optimizer);
+  :func:`layerwise_sam` (with ``LocalTraining(pass_grad_fn=True)``), :func:`add_proximal_term`,
+  :func:`scaffold_correction`, :func:`scale_by_round_schedule`, :func:`frobenius_decay`,
+  :func:`mask_gradients`, :func:`hessian_aware_lr` (large-batch training, fed measured
+  sharpness) (+ any optax optimizer);
 * uplink transforms (per client, inside vmap, called with ``key=``): :func:`masked_uplink`,
   :func:`qsgd_quantize`, :func:`random_dropout`, :func:`lbgm` (per-client state),
   :func:`scaffold_client_control`;
@@ -18,7 +20,8 @@
 that go with one transform are importable from here but are not transforms and are not in
 ``__all__``: mL-BFGS's ``block_sharding``, ``resnet_block_labels``, ``top_level_block_labels``,
 ``damp_pair``, ``two_loop``; FedLAMA's ``fedlama_intervals``, ``layer_discrepancy``; FedLUAR's
-``recycle_mask``; layer-wise SAM's ``layer_ids``; partial averaging's ``pma_group_mask``, ``pma_group_sizes``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
+``recycle_mask``; layer-wise SAM's ``layer_ids``; partial averaging's ``pma_group_mask``,
+``pma_group_sizes``; the Hessian-aware rate's ``hessian_top_eigenvalue``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
 ``sample_components``, ``sampling_logits``, ``top_n_mask``; the one-tensor
 quantiser ``qsgd`` and ``content_key``. QSGD bit accounting is in :mod:`jaxfl.comm`.
 """
@@ -41,6 +44,9 @@ from jaxfl.transforms._fedprox import add_proximal_term as add_proximal_term
 from jaxfl.transforms._gem import GemMaskState as GemMaskState
 from jaxfl.transforms._gem import gem_mask as gem_mask
 from jaxfl.transforms._gem import masked_uplink as masked_uplink
+from jaxfl.transforms._hessian_lr import HessianAwareLRState as HessianAwareLRState
+from jaxfl.transforms._hessian_lr import hessian_aware_lr as hessian_aware_lr
+from jaxfl.transforms._hessian_lr import hessian_top_eigenvalue as hessian_top_eigenvalue
 from jaxfl.transforms._layerwise_sam import LayerwiseSAMState as LayerwiseSAMState
 from jaxfl.transforms._layerwise_sam import layer_ids as layer_ids
 from jaxfl.transforms._layerwise_sam import layerwise_sam as layerwise_sam
@@ -77,10 +83,11 @@ from jaxfl.transforms._scaffold import scaffold_correction as scaffold_correctio
 from jaxfl.transforms._scaffold import scaffold_server_control as scaffold_server_control
 
 __all__ = [
-    "FedLAMAState", "FedLUARBypassState", "FedLUARState", "GemMaskState", "LBGMState",
-    "LayerwiseSAMState", "MLBFGSState", "PartialAveragingState", "PrismState", "ProximalState", "PruneFLState", "ScaffoldClientState",
-    "ScaffoldState", "add_proximal_term", "fedlama", "fedluar", "fedluar_bypass",
-    "frobenius_decay", "gem_mask", "layerwise_sam", "lbgm", "mask_gradients", "masked_uplink", "mlbfgs",
+    "FedLAMAState", "FedLUARBypassState", "FedLUARState", "GemMaskState",
+    "HessianAwareLRState", "LBGMState", "LayerwiseSAMState", "MLBFGSState",
+    "PartialAveragingState", "PrismState", "ProximalState", "PruneFLState",
+    "ScaffoldClientState", "ScaffoldState", "add_proximal_term", "fedlama", "fedluar",
+    "fedluar_bypass", "frobenius_decay", "gem_mask", "hessian_aware_lr", "layerwise_sam", "lbgm", "mask_gradients", "masked_uplink", "mlbfgs",
     "partial_averaging", "plain_stochastic_lbfgs", "prism_server", "prunefl", "qsgd_quantize",
     "random_dropout", "scaffold_client_control", "scaffold_correction",
     "scaffold_server_control", "scale_by_mlbfgs", "scale_by_round_schedule",

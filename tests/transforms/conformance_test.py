@@ -57,6 +57,7 @@ REGISTRY = {
     "add_proximal_term": Case(dict(mu=0.1)),
     "fedlama": Case(dict(tau_prime=2, phi=2, warmup_rounds=0), extra=_SERVER),
     "fedluar": Case(dict(num_recycle=1), extra=_SERVER),
+    "hessian_aware_lr": Case(dict(peak_lr=0.1, warmup_steps=2, min_lr=0.01)),
     "fedluar_bypass": Case(dict(luar=transforms.fedluar(1), inner=optax.sgd(1.0)),
                            extra=_SERVER),
     "gem_mask": Case(dict(mask=_MASK)),
