@@ -730,3 +730,45 @@ def test_pma_plan_tunes_every_arm_then_picks_by_the_three_seed_mean(tmp_path):
   assert {a: P.best_lr(cfg, pieces, a) for a in P.ARMS} == {
       "fedavg": 0.02, "pma": 0.01, "fedavg_fast": 0.02}
   assert P.diverged(pieces[("fedavg", 0.04, 1)]) and not P.diverged(pieces[("pma", 0.01, 1)])
+
+
+def test_hessian_lr_smoke_piece_warms_up_measures_and_decays_to_the_floor(tmp_path):
+  """One smoke ``large_hessian`` piece (batch 256, 4 epochs): the rate warms up to the peak,
+  the eigenvalue is measured every epoch, and the decay reaches 0.01 x peak at the end."""
+  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import hessian_lr as H
+
+  cfg = H.config("fmnist_cnn14", smoke=True)
+  piece = H.run_piece(cfg, "large_hessian", 0.4, 0, str(tmp_path / "p.json"))
+  spe = (cfg["num_train"] - cfg["num_val"]) // cfg["large_batch"]
+  assert piece["steps"] == piece["total_steps"] == spe * cfg["epochs"] and not piece["diverged"]
+  assert 0 < piece["decay_start_step"] <= int(0.6 * piece["total_steps"])
+  hist = piece["history"]
+  assert len(hist) == cfg["epochs"] and all(math.isfinite(h["sharpness"]) for h in hist)
+  assert hist[-1]["lr"] == pytest.approx(H.FLOOR * 0.4, rel=0.05)
+  assert hist[0]["lr"] == pytest.approx(0.4 * (spe - 1) / spe)  # warm-up's last step
+  assert os.path.exists(tmp_path / "p.json")
+
+
+def test_hessian_lr_plan_tunes_every_arm_then_picks_by_the_three_seed_mean():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import hessian_lr as H
+
+  cfg = dict(H.config("fmnist_cnn14"), lrs_small=(0.1, 0.2, 0.4), lrs_large=(1.0, 2.0, 4.0))
+  pieces = {}
+  first = H.plan(cfg, pieces)
+  assert first[:4] == [("small", 0.2, 0)] + [(a, 2.0, 0) for a in H.ARMS[1:]]
+  assert len(first) == 12
+  for arm, lr, _ in first:
+    pieces[(arm, lr, 0)] = {"tail_val_acc": lr / 10 if arm == "small" else 1 / lr}
+  fin = {a: H.finalists(cfg, pieces, a) for a in H.ARMS}
+  assert fin["small"] == [0.4, 0.2] and fin["large_step"] == [1.0, 2.0]
+  todo = H.plan(cfg, pieces)
+  assert sorted(todo) == sorted((a, lr, s) for a in H.ARMS for lr in fin[a] for s in (1, 2))
+  for arm, lr, s in todo:  # the seed-0 winners collapse at seeds 1-2
+    best0 = fin[arm][0]
+    pieces[(arm, lr, s)] = {"tail_val_acc": 0.0 if lr == best0 else 0.5}
+  assert H.plan(cfg, pieces) == []
+  assert {a: H.best_lr(cfg, pieces, a) for a in H.ARMS} == {a: fin[a][1] for a in H.ARMS}

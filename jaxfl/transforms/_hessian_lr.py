@@ -38,11 +38,11 @@ def _tree_dot(a, b):
 
 
 def hessian_top_eigenvalue(loss_fn: Callable[[Any], jax.Array], params: Any, key: jax.Array,
-                           *, num_iters: int = 20) -> tuple[jax.Array, Any]:
+                           *, num_iters: int = 20, mode: str = "reverse"
+                           ) -> tuple[jax.Array, Any]:
   """The dominant Hessian eigenvalue of ``loss_fn`` at ``params`` by power iteration.
 
-  Each iteration is one Hessian-vector product (forward-over-reverse,
-  ``jax.jvp(jax.grad(loss_fn))``), about the cost of two gradients; nothing of size
+  Each iteration is one Hessian-vector product, a few gradients' cost; nothing of size
   :math:`N^2` is formed. Starting from a Gaussian direction :math:`v_0`,
 
   .. math::
@@ -56,6 +56,10 @@ def hessian_top_eigenvalue(loss_fn: Callable[[Any], jax.Array], params: Any, key
     key: for the start direction.
     num_iters: :math:`K \\ge 1` (static). The error shrinks like
       :math:`(\\lambda_2/\\lambda_1)^{K}`.
+    mode: ``"reverse"`` (reverse-over-reverse, ``grad`` of :math:`\\langle \\nabla L,
+      v\\rangle`: works through ``jax.custom_vjp`` layers such as jaxfl's conv and max-pool)
+      or ``"forward"`` (forward-over-reverse, ``jvp`` of ``grad``: cheaper, but JAX cannot
+      push a tangent through a ``custom_vjp``).
 
   Returns:
     ``(lam, v)``: the Rayleigh quotient f32[] and the unit direction (a params-shaped tree).
@@ -64,10 +68,14 @@ def hessian_top_eigenvalue(loss_fn: Callable[[Any], jax.Array], params: Any, key
   """
   if not isinstance(num_iters, int) or num_iters < 1:
     raise ValueError(f"`num_iters` must be an int >= 1, got {num_iters!r}.")
+  if mode not in ("reverse", "forward"):
+    raise ValueError(f"`mode` must be 'reverse' or 'forward', got {mode!r}.")
   grad = jax.grad(loss_fn)
 
   def hvp(v):
-    return jax.jvp(grad, (params,), (v,))[1]
+    if mode == "forward":
+      return jax.jvp(grad, (params,), (v,))[1]
+    return jax.grad(lambda p: _tree_dot(grad(p), v))(params)
 
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))

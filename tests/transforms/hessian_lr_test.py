@@ -20,8 +20,8 @@ def _spectrum_matrix(rng, n, top):
   return (q * eig) @ q.T
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_top_eigenvalue_of_a_quadratic_equals_numpy(seed):
+@pytest.mark.parametrize("seed,mode", [(0, "reverse"), (1, "forward")])
+def test_top_eigenvalue_of_a_quadratic_equals_numpy(seed, mode):
   rng = np.random.default_rng(seed)
   a = _spectrum_matrix(rng, 9, [rng.uniform(8, 12), rng.uniform(3, 4)])
   b = rng.normal(size=9)
@@ -34,7 +34,7 @@ def test_top_eigenvalue_of_a_quadratic_equals_numpy(seed):
     x = jnp.concatenate([p["u"], p["w"].reshape(-1)])
     return 0.5 * x @ A @ x + B @ x
 
-  lam, v = jax.jit(lambda p, k: hessian_top_eigenvalue(loss, p, k, num_iters=60))(
+  lam, v = jax.jit(lambda p, k: hessian_top_eigenvalue(loss, p, k, num_iters=60, mode=mode))(
       params, jax.random.key(seed))
   want = np.linalg.eigvalsh(a)  # float64
   np.testing.assert_allclose(float(lam), want[-1], rtol=1e-4)
@@ -63,6 +63,41 @@ def test_top_eigenvalue_of_a_network_loss_equals_the_dense_hessian():
   lam, _ = jax.jit(lambda p, k: hessian_top_eigenvalue(loss, p, k, num_iters=200))(
       params, jax.random.key(0))
   np.testing.assert_allclose(float(lam), want, rtol=2e-3)
+
+
+def test_reverse_mode_goes_through_custom_vjp_layers():
+  """jaxfl's max-pool carries a custom VJP: forward-over-reverse cannot pass it, the default
+  reverse-over-reverse can, and equals the dense Hessian's eigenvalue (a tiny conv net)."""
+  import flax.linen as nn
+
+  import jaxfl
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = jnp.tanh(nn.Conv(2, (3, 3))(x))
+      x = jaxfl.models.max_pool(x, (2, 2))
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(8, 4, 4, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 8))
+  model = jaxfl.models.from_linen(Tiny(), (4, 4, 1))
+  params, state = model.init(jax.random.key(0))
+
+  def loss(p):
+    logits = model.apply(p, state, x, train=False)[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  lam, _ = jax.jit(lambda p: hessian_top_eigenvalue(loss, p, jax.random.key(1),
+                                                    num_iters=300))(params)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    hessian_top_eigenvalue(loss, params, jax.random.key(1), num_iters=2, mode="forward")
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  assert flat.size < 100
+  dense = np.asarray(jax.jacrev(jax.grad(lambda f: loss(unravel(f))))(flat), np.float64)
+  eig = np.linalg.eigvalsh(0.5 * (dense + dense.T))
+  np.testing.assert_allclose(float(lam), eig[np.argmax(np.abs(eig))], rtol=2e-3)
 
 
 def _reference_rates(steps, sharpness, *, peak_lr, warmup_steps=0, init_lr=0.0, min_lr=0.0,
@@ -164,3 +199,6 @@ def test_bad_arguments_name_the_argument(kwargs, match):
   with pytest.raises(ValueError, match="num_iters"):
     hessian_top_eigenvalue(lambda p: jnp.sum(p ** 2), jnp.ones(2), jax.random.key(0),
                            num_iters=0)
+  with pytest.raises(ValueError, match="mode"):
+    hessian_top_eigenvalue(lambda p: jnp.sum(p ** 2), jnp.ones(2), jax.random.key(0),
+                           mode="fwd")
