@@ -64,3 +64,9 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 # cp -r experiments/results/pma "$OUT"/ 2>/dev/null || true
 # python experiments/pma.py --preset cifar10_resnet20 --data-dir ~/tensorflow_datasets \
 #   --out-dir "$OUT" --max-minutes 8
+# Hessian-aware learning rate (ALGORITHMS.md §10a) at the paper's setting: CIFAR-10 / ResNet-20
+# (TFDS as above), 200 epochs, batch 128 vs 16,384; small / large_step / large_cosine /
+# large_hessian x 6-point LR grid + 2 seeds at each arm's 2 best (40 pieces, resumable as above):
+# cp -r experiments/results/hessian_lr "$OUT"/ 2>/dev/null || true
+# python experiments/hessian_lr.py --preset cifar10_resnet20 --data-dir ~/tensorflow_datasets \
+#   --out-dir "$OUT" --max-minutes 8
