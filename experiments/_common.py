@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -169,6 +170,28 @@ def write_results(out_dir: str, stem: str, *, command: str, data=None, md: str |
     if plot(base + ".png") is not False:
       paths["png"] = base + ".png"
   return paths
+
+
+# ------------------------------------------------------------------------ resumable studies
+
+
+def drive_pieces(script: str, child_args: Sequence[str], *, load: Callable[[], Any],
+                 plan: Callable[[Any], list], report: Callable[[Any], str],
+                 max_minutes: float | None = None, report_only: bool = False) -> str:
+  """The resumable-study loop: while ``plan(load())`` has pieces and ``max_minutes`` have not
+  passed, run the first ``(arm, value, seed)`` as ``python script *child_args --piece ARM
+  VALUE SEED`` (a child process: one piece's memory and compile caches go with it), then
+  ``report(load())``. Returns the last report's text."""
+  start = time.time()
+  while not report_only:
+    todo = plan(load())
+    if not todo or (max_minutes and time.time() - start > 60 * max_minutes):
+      break
+    arm, value, seed = todo[0]
+    subprocess.run([sys.executable, script, *child_args, "--piece", str(arm), repr(value),
+                    str(seed)], check=True)
+    report(load())
+  return report(load())
 
 
 # -------------------------------------------------------------------------------------- plots

@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import numpy as np
 from _common import (
   RESULTS,
   command_line,
+  drive_pieces,
   md_table,
   read_json,
   save_plot,
@@ -386,20 +386,12 @@ def main(argv=None):
     arm, lr, seed = args.piece[0], float(args.piece[1]), int(args.piece[2])
     run_piece(cfg, arm, lr, seed, piece_path(args.out_dir, cfg, arm, lr, seed), args.data_dir)
     return 0
-  import time
-  start = time.time()
-  while not args.report_only:
-    pieces = load_pieces(args.out_dir, cfg)
-    todo = plan(cfg, pieces)
-    if not todo or (args.max_minutes and time.time() - start > 60 * args.max_minutes):
-      break
-    arm, lr, seed = todo[0]
-    cmd = [sys.executable, __file__, "--preset", args.preset, "--out-dir", args.out_dir,
-           "--piece", arm, repr(lr), str(seed)] + (["--smoke"] if args.smoke else []) + (
-               ["--data-dir", args.data_dir] if args.data_dir else [])
-    subprocess.run(cmd, check=True)
-    report(cfg, load_pieces(args.out_dir, cfg), args.out_dir, argv)
-  print(report(cfg, load_pieces(args.out_dir, cfg), args.out_dir, argv))
+  child = ["--preset", args.preset, "--out-dir", args.out_dir] + (
+      ["--smoke"] if args.smoke else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
+  print(drive_pieces(__file__, child, load=lambda: load_pieces(args.out_dir, cfg),
+                     plan=lambda pieces: plan(cfg, pieces),
+                     report=lambda pieces: report(cfg, pieces, args.out_dir, argv),
+                     max_minutes=args.max_minutes, report_only=args.report_only))
   return 0
 
 

@@ -772,3 +772,27 @@ def test_hessian_lr_plan_tunes_every_arm_then_picks_by_the_three_seed_mean():
     pieces[(arm, lr, s)] = {"tail_val_acc": 0.0 if lr == best0 else 0.5}
   assert H.plan(cfg, pieces) == []
   assert {a: H.best_lr(cfg, pieces, a) for a in H.ARMS} == {a: fin[a][1] for a in H.ARMS}
+
+
+def test_drive_pieces_runs_each_missing_piece_once_in_a_child_and_reports_after_each(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  from _common import drive_pieces
+
+  script = tmp_path / "study.py"
+  script.write_text("import sys, pathlib\n"
+                    "a = sys.argv[sys.argv.index('--piece') + 1:]\n"
+                    "pathlib.Path(sys.argv[1], '_'.join(a)).write_text('done')\n")
+  want = [("a", 0.1, 0), ("b", 0.2, 0), ("a", 0.1, 1)]
+  load = lambda: sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".py")
+  plan = lambda done: [w for w in want if "_".join(map(str, w)) not in done]
+  reports = []
+  text = drive_pieces(str(script), [str(tmp_path)], load=load, plan=plan,
+                      report=lambda done: reports.append(len(done)) or f"{len(done)} done")
+  assert text == "3 done" and reports == [1, 2, 3, 3]
+  assert load() == sorted("_".join(map(str, w)) for w in want)
+  import time
+
+  late = lambda d: time.sleep(0.01) or [("c", 1.0, 0)]  # planning outlasts max_minutes
+  assert drive_pieces(str(script), [str(tmp_path)], load=load, plan=late,
+                      report=lambda d: "stopped", max_minutes=1e-5) == "stopped"
+  assert "c_1.0_0" not in load()  # past max_minutes: no piece starts
