@@ -24,14 +24,15 @@ def _run(args, tmp_path):
 
 @pytest.mark.slow
 def test_cifar10_resnet20_configuration_smoke_on_random_images(tmp_path):
-  """The papers' CIFAR-10 / ResNet-20 preset on random images of the same shapes."""
-  _run(["--config", "cifar10_resnet20", "--smoke", "--methods", "fedavg,fedlama,fedluar"],
-       tmp_path)
+  """The papers' CIFAR-10 / ResNet-20 preset on random images of the same shapes, for the two
+  layer-wise methods (each is FedAvg's round plus its transform; BatchNorm averaging in a round
+  is checked in round_test)."""
+  _run(["--config", "cifar10_resnet20", "--smoke", "--methods", "fedlama,fedluar"], tmp_path)
   rows = json.load(open(tmp_path / "layerwise_comm_cifar10_resnet20_smoke.json"))
-  assert [r["method"] for r in rows] == ["fedavg", "fedlama", "fedluar"]
+  assert [r["method"] for r in rows] == ["fedlama", "fedluar"]
   for r in rows:
     assert REQUIRED <= set(r) and 0.0 <= r["final_acc"] <= 1.0
-  assert rows[0]["rel_uplink_cost"] == 1.0 and rows[2]["rel_uplink_cost"] < 1.0
+  assert rows[0]["rel_uplink_cost"] <= 1.0 and rows[1]["rel_uplink_cost"] < 1.0
 
 
 @pytest.mark.slow
