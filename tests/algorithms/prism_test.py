@@ -417,7 +417,7 @@ TWO_DEVICES = textwrap.dedent("""
     res = [jaxfl.simulate(algo, _model(), _data(), rounds=3, clients_per_round=3, seed=3,
                           progress=False, eval_every=3, devices=jax.devices()[:n],
                           clients_per_chunk=c)
-           for n, c in ((1, "auto"), (2, "auto"), (2, None))]
+           for n, c in ((1, "auto"), (2, "auto"))]
     for r in res[1:]:
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                    merged(res[0].state.params), merged(r.state.params))
@@ -429,7 +429,8 @@ TWO_DEVICES = textwrap.dedent("""
 
 
 def test_two_devices_equal_one():
-  """Padded cohort (3 -> 4 slots), one client per device per step and the vmapped cohort."""
+  """Padded cohort (3 -> 4 slots), one client per device per step (EmbracingFL's test runs the
+  same counted masked mean with the vmapped cohort)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   here = os.path.dirname(__file__)
