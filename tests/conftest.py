@@ -12,6 +12,18 @@ import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Tests that run for a minute or more (multi-device subprocesses, every golden preset, the
+# notebooks). They go first, so that with `pytest -n auto` the run ends on short tests and no
+# worker idles while another finishes a long one. The order is otherwise the collection order.
+_LONG = ("golden_test.py", "two_devices", "sharded", "two_processes", "notebooks_test.py",
+         "compilation_and_exact_resume", "sliced_model_equal_masked_rounds",
+         "mlbfgs_benchmark_smoke")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  items.sort(key=lambda item: not any(k in item.nodeid for k in _LONG))  # stable
+
 
 def tiny_data(num_clients=6, dim=5, num_classes=3, sizes=None, seed=0):
   """A small federated dataset with ragged clients (fresh random values per seed)."""
