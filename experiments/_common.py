@@ -10,6 +10,7 @@ stops; ``ready`` picks what to wait for (default: the whole output).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -192,6 +193,39 @@ def drive_pieces(script: str, child_args: Sequence[str], *, load: Callable[[], A
                     str(seed)], check=True)
     report(load())
   return report(load())
+
+
+def study_main(study, argv: Sequence[str] | None = None) -> int:
+  """The command line of a resumable study module ``study`` (``pma.py``, ``hessian_lr.py``).
+
+  ``study`` defines ``__doc__``, ``__file__``, ``PRESETS``, ``config(preset, smoke)``,
+  ``run_piece(cfg, arm, value, seed, out, data_dir)``, ``piece_path(out_dir, cfg, arm, value,
+  seed)``, ``load_pieces(out_dir, cfg)``, ``plan(cfg, pieces)`` and ``report(cfg, pieces,
+  out_dir, argv)``. Without ``--piece`` this drives the study (:func:`drive_pieces`); with it,
+  it runs that one piece (the child process).
+  """
+  p = argparse.ArgumentParser(description=study.__doc__.split("\n")[0])
+  p.add_argument("--preset", default=next(iter(study.PRESETS)), choices=sorted(study.PRESETS))
+  p.add_argument("--data-dir", default=None)
+  p.add_argument("--out-dir", default=RESULTS)
+  p.add_argument("--max-minutes", type=float, default=None)
+  p.add_argument("--report-only", action="store_true")
+  p.add_argument("--smoke", action="store_true")
+  p.add_argument("--piece", nargs=3, metavar=("ARM", "VALUE", "SEED"), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  cfg = study.config(args.preset, args.smoke)
+  if args.piece:
+    arm, value, seed = args.piece[0], float(args.piece[1]), int(args.piece[2])
+    study.run_piece(cfg, arm, value, seed,
+                    study.piece_path(args.out_dir, cfg, arm, value, seed), args.data_dir)
+    return 0
+  child = ["--preset", args.preset, "--out-dir", args.out_dir] + (
+      ["--smoke"] if args.smoke else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
+  print(drive_pieces(study.__file__, child, load=lambda: study.load_pieces(args.out_dir, cfg),
+                     plan=lambda pieces: study.plan(cfg, pieces),
+                     report=lambda pieces: study.report(cfg, pieces, args.out_dir, argv),
+                     max_minutes=args.max_minutes, report_only=args.report_only))
+  return 0
 
 
 # -------------------------------------------------------------------------------------- plots

@@ -39,18 +39,16 @@ rewrites ``experiments/results/pma_<preset>.{json,md,png}`` after each.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 from _common import (
-  RESULTS,
   command_line,
-  drive_pieces,
   md_table,
   read_json,
   save_plot,
+  study_main,
   timed,
   write_json,
   write_results,
@@ -372,27 +370,7 @@ def report(cfg, pieces, out_dir, argv):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="fmnist_cnn14", choices=sorted(PRESETS))
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--out-dir", default=RESULTS)
-  p.add_argument("--max-minutes", type=float, default=None)
-  p.add_argument("--report-only", action="store_true")
-  p.add_argument("--smoke", action="store_true")
-  p.add_argument("--piece", nargs=3, metavar=("ARM", "LR", "SEED"), help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  cfg = config(args.preset, args.smoke)
-  if args.piece:
-    arm, lr, seed = args.piece[0], float(args.piece[1]), int(args.piece[2])
-    run_piece(cfg, arm, lr, seed, piece_path(args.out_dir, cfg, arm, lr, seed), args.data_dir)
-    return 0
-  child = ["--preset", args.preset, "--out-dir", args.out_dir] + (
-      ["--smoke"] if args.smoke else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
-  print(drive_pieces(__file__, child, load=lambda: load_pieces(args.out_dir, cfg),
-                     plan=lambda pieces: plan(cfg, pieces),
-                     report=lambda pieces: report(cfg, pieces, args.out_dir, argv),
-                     max_minutes=args.max_minutes, report_only=args.report_only))
-  return 0
+  return study_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -753,6 +754,31 @@ def test_hessian_lr_smoke_piece_warms_up_measures_and_decays_to_the_floor(tmp_pa
   assert hist[-1]["lr"] == pytest.approx(H.FLOOR * 0.4, rel=0.05)
   assert hist[0]["lr"] == pytest.approx(0.4 * (spe - 1) / spe)  # warm-up's last step
   assert os.path.exists(tmp_path / "p.json")
+
+
+def test_hessian_lr_micro_batches_give_the_whole_batch_gradient():
+  """Accumulating over 4 micro-batches of the CNN equals one pass over the 16 images (no
+  BatchNorm), and a micro-batch that does not divide the batch is refused."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import hessian_lr as H
+  import optax
+
+  model = H.build_model({"model": "cnn"}, (8, 8, 1), "xla")
+  params, ms = model.init(jax.random.key(0))
+  kx, ky = jax.random.split(jax.random.key(1))
+  xb = jax.random.normal(kx, (16, 8, 8, 1))
+  yb = jax.random.randint(ky, (16,), 0, 10)
+
+  def loss(p, ms, xb, yb):
+    logits, ms = model.apply(p, ms, xb, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), ms
+
+  (l1, _), g1 = jax.jit(H.batch_grad(loss))(params, ms, xb, yb)
+  (l4, _), g4 = jax.jit(H.batch_grad(loss, 4))(params, ms, xb, yb)
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g4, g1)
+  with pytest.raises(ValueError, match="micro_batch"):
+    H.batch_grad(loss, 5)(params, ms, xb, yb)
 
 
 def test_hessian_lr_plan_tunes_every_arm_then_picks_by_the_three_seed_mean():
