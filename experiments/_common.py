@@ -195,6 +195,87 @@ def drive_pieces(script: str, child_args: Sequence[str], *, load: Callable[[], A
   return report(load())
 
 
+class SeedGrid:
+  """The tuning rule of the resumable studies, the same for every arm.
+
+  Seed 0 runs over each arm's grid (the middle value first, then outwards), then seeds
+  ``seeds[1:]`` run at each arm's ``top`` best seed-0 values (by the piece's ``score``); the
+  arm's value is the finalist with the best mean score over all seeds. Pieces are a dict
+  ``{(arm, value, seed): piece dict}``.
+  """
+
+  def __init__(self, arms: Sequence[str], grid: Callable[[str], Sequence[float]], score: str,
+               seeds: Sequence[int] = (0, 1, 2), top: int = 2):
+    self.arms, self.grid, self.score = tuple(arms), grid, score
+    self.seeds, self.top = tuple(seeds), top
+
+  def finalists(self, pieces, arm) -> list | None:
+    """The arm's ``top`` best seed-0 values (None until its seed-0 grid is done)."""
+    got = [(pieces[(arm, v, 0)][self.score], v) for v in self.grid(arm) if (arm, v, 0) in pieces]
+    if len(got) < len(self.grid(arm)):
+      return None
+    return [v for _, v in sorted(got, reverse=True)[:self.top]]
+
+  def mean_score(self, pieces, arm, value) -> float:
+    """Mean score over the seeds done at ``value``."""
+    got = [pieces[(arm, value, s)][self.score] for s in self.seeds if (arm, value, s) in pieces]
+    return sum(got) / len(got)
+
+  def best(self, pieces, arm, partial: bool = False):
+    """The finalist with the best mean score over all seeds (None until every finalist has
+    them). ``partial``: the best so far instead (among the finalists, or the seed-0 points
+    done before the grid is)."""
+    fin = self.finalists(pieces, arm)
+    if not partial and (fin is None or any((arm, v, s) not in pieces for v in fin
+                                           for s in self.seeds)):
+      return None
+    cands = fin if fin is not None else [v for v in self.grid(arm) if (arm, v, 0) in pieces]
+    return max(((self.mean_score(pieces, arm, v), v) for v in cands), default=(None, None))[1]
+
+  def load(self, path: Callable[[str, float, int], str]) -> dict:
+    """``{(arm, value, seed): piece}`` for every grid piece whose file ``path(arm, value,
+    seed)`` exists."""
+    return {(a, v, s): read_json(path(a, v, s)) for a in self.arms for v in self.grid(a)
+            for s in self.seeds if os.path.exists(path(a, v, s))}
+
+  def complete(self, pieces) -> bool:
+    return all(self.best(pieces, a) is not None for a in self.arms)
+
+  def plan(self, pieces) -> list:
+    """The pieces still to run, in order: the seed-0 grids (middle values first, arms
+    interleaved), then the other seeds at the finalists."""
+    order = []
+    for rank in range(max(len(self.grid(a)) for a in self.arms)):
+      for arm in self.arms:
+        vals = list(self.grid(arm))
+        mid = len(vals) // 2
+        ranked = sorted(vals, key=lambda v: (abs(vals.index(v) - mid), vals.index(v)))
+        if rank < len(ranked):
+          order.append((arm, ranked[rank], 0))
+    todo = [p for p in order if p not in pieces]
+    if todo:
+      return todo
+    return [(arm, v, s) for s in self.seeds[1:] for rank in range(self.top) for arm in self.arms
+            for v in self.finalists(pieces, arm)[rank:rank + 1] if (arm, v, s) not in pieces]
+
+
+def federated_images(dataset: str, num_clients: int, dirichlet: float, image: int,
+                     num_test: int | None = None, data_dir: str | None = None):
+  """An image dataset split over ``num_clients`` by Dirichlet(``dirichlet``) labels (split
+  seed 0), mean-pooled to ``image`` x ``image`` and the test set cut to ``num_test``."""
+  from layerwise_converged import downsample
+
+  import jaxfl
+
+  data = jaxfl.data.load(dataset, num_clients, jaxfl.data.dirichlet(dirichlet), seed=0,
+                         data_dir=data_dir)
+  if data.example_shape[0] != image:
+    data = data._replace(x=downsample(data.x, image), x_test=downsample(data.x_test, image))
+  if num_test:
+    data = data._replace(x_test=data.x_test[:num_test], y_test=data.y_test[:num_test])
+  return data
+
+
 def study_main(study, argv: Sequence[str] | None = None) -> int:
   """The command line of a resumable study module ``study`` (``pma.py``, ``hessian_lr.py``).
 

@@ -70,3 +70,9 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 # cp -r experiments/results/hessian_lr "$OUT"/ 2>/dev/null || true
 # python experiments/hessian_lr.py --preset cifar10_resnet20 --data-dir ~/tensorflow_datasets \
 #   --out-dir "$OUT" --max-minutes 8
+# FedMut (a FedLUAR baseline) vs FedAvg nearer the paper's setting: CIFAR-10 (TFDS as above),
+# 100 clients (Dirichlet 0.1), 10 per round, 50 local steps of 50, 1,000 rounds, ResNet-20;
+# 2 arms x 6-point LR grid + 2 seeds at each arm's 2 best (20 pieces, resumable as above):
+# cp -r experiments/results/fedmut "$OUT"/ 2>/dev/null || true
+# python experiments/fedmut.py --preset cifar10_resnet20 --data-dir ~/tensorflow_datasets \
+#   --out-dir "$OUT" --max-minutes 8

@@ -47,9 +47,9 @@ import time
 
 import numpy as np
 from _common import (
+  SeedGrid,
   command_line,
   md_table,
-  read_json,
   save_plot,
   study_main,
   write_json,
@@ -67,7 +67,7 @@ PRESETS = {
                          num_val=5000, num_test=None, num_train_eval=0, epochs=20,
                          small_batch=128, large_batch=2048, micro_batch=128, warmup_epochs=3,
                          wd=5e-4, lrs_small=(0.0125, 0.025, 0.05, 0.1, 0.2, 0.4),
-                         lrs_large=(0.1, 0.2, 0.4, 0.8, 1.6, 3.2), conv_train="xla",
+                         lrs_large=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8), conv_train="xla",
                          conv_measure="patches", measure_epochs=2, probe=512, power_iters=10,
                          eval_epochs=2),
     # The paper's setting, for a GPU: CIFAR-10 (TFDS), ResNet-20, 200 epochs, 128 vs 16,384.
@@ -314,57 +314,25 @@ def piece_path(out_dir, cfg, arm, lr, seed):
 
 
 def load_pieces(out_dir, cfg):
-  out = {}
-  for arm in ARMS:
-    for lr in lrs_of(cfg, arm):
-      for seed in SEEDS:
-        p = piece_path(out_dir, cfg, arm, lr, seed)
-        if os.path.exists(p):
-          out[(arm, lr, seed)] = read_json(p)
-  return out
+  return grid_rule(cfg).load(lambda a, lr, s: piece_path(out_dir, cfg, a, lr, s))
+
+
+def grid_rule(cfg) -> SeedGrid:
+  """Every arm: its 6-point grid at seed 0, seeds 1-2 at its ``TOP`` best, then the best
+  3-seed mean tail validation accuracy."""
+  return SeedGrid(ARMS, lambda arm: lrs_of(cfg, arm), "tail_val_acc", SEEDS, TOP)
 
 
 def finalists(cfg, pieces, arm):
-  """The arm's ``TOP`` best seed-0 LRs by tail validation accuracy (None until its grid is
-  done)."""
-  got = [(pieces[(arm, lr, 0)]["tail_val_acc"], lr) for lr in lrs_of(cfg, arm)
-         if (arm, lr, 0) in pieces]
-  if len(got) < len(lrs_of(cfg, arm)):
-    return None
-  return [lr for _, lr in sorted(got, reverse=True)[:TOP]]
+  return grid_rule(cfg).finalists(pieces, arm)
 
 
 def best_lr(cfg, pieces, arm, partial=False):
-  """The finalist with the best mean tail validation accuracy over its seeds (all 3 unless
-  ``partial``); before the grid is done (``partial``), the best seed-0 point so far."""
-  fin = finalists(cfg, pieces, arm)
-  if fin is None:
-    if not partial:
-      return None
-    got = [(pieces[(arm, lr, 0)]["tail_val_acc"], lr) for lr in lrs_of(cfg, arm)
-           if (arm, lr, 0) in pieces]
-    return max(got)[1] if got else None
-  if not partial and any((arm, lr, s) not in pieces for lr in fin for s in SEEDS):
-    return None
-  return max((np.mean([pieces[(arm, lr, s)]["tail_val_acc"] for s in SEEDS
-                       if (arm, lr, s) in pieces]), lr) for lr in fin)[1]
+  return grid_rule(cfg).best(pieces, arm, partial)
 
 
 def plan(cfg, pieces):
-  """Seed 0 over every arm's grid (middle points first), then seeds 1, 2 at the finalists."""
-  order = []
-  for rank in range(max(len(cfg["lrs_small"]), len(cfg["lrs_large"]))):
-    for arm in ARMS:
-      lrs = list(lrs_of(cfg, arm))
-      mid = len(lrs) // 2
-      ranked = sorted(lrs, key=lambda v: (abs(lrs.index(v) - mid), lrs.index(v)))
-      if rank < len(ranked):
-        order.append((arm, ranked[rank], 0))
-  todo = [p for p in order if p not in pieces]
-  if todo:
-    return todo
-  return [(arm, lr, s) for s in SEEDS[1:] for rank in range(TOP) for arm in ARMS
-          for lr in finalists(cfg, pieces, arm)[rank:rank + 1] if (arm, lr, s) not in pieces]
+  return grid_rule(cfg).plan(pieces)
 
 
 def summarise(cfg, pieces):

@@ -51,9 +51,9 @@ def main(argv=None):
 
   import jax
   import jax.numpy as jnp
+  import mlbfgs_benchmark as mb
   import optax
 
-  import mlbfgs_benchmark as mb
   from jaxfl import transforms as M
 
   cfg = mb.config(args.workload)

@@ -44,9 +44,10 @@ import sys
 
 import numpy as np
 from _common import (
+  SeedGrid,
   command_line,
+  federated_images,
   md_table,
-  read_json,
   save_plot,
   study_main,
   timed,
@@ -92,18 +93,10 @@ def rounds_of(cfg, arm):
 
 
 def load_setup(cfg, data_dir=None):
-  from layerwise_converged import downsample
-
   import jaxfl
 
-  data = jaxfl.data.load(cfg["dataset"], cfg["num_clients"], jaxfl.data.dirichlet(cfg["alpha"]),
-                         seed=0, data_dir=data_dir)
-  if data.example_shape[0] != cfg["image"]:
-    data = data._replace(x=downsample(data.x, cfg["image"]),
-                         x_test=downsample(data.x_test, cfg["image"]))
-  if cfg["num_test"]:
-    data = data._replace(x_test=data.x_test[:cfg["num_test"]],
-                         y_test=data.y_test[:cfg["num_test"]])
+  data = federated_images(cfg["dataset"], cfg["num_clients"], cfg["alpha"], cfg["image"],
+                          cfg["num_test"], data_dir)
   model = jaxfl.models.get_model(cfg["model"], data.example_shape, data.num_classes)
   return data, model
 
@@ -210,14 +203,8 @@ def piece_path(out_dir, cfg, arm, lr, seed):
 
 
 def load_pieces(out_dir, cfg):
-  out = {}
-  for arm in ARMS:
-    for lr in cfg["lrs"]:
-      for seed in SEEDS:
-        p = piece_path(out_dir, cfg, arm, lr, seed)
-        if os.path.exists(p):
-          out[(arm, lr, seed)] = read_json(p)
-  return out
+  grid = SeedGrid(ARMS, lambda arm: cfg["lrs"], "tail_acc", SEEDS, TOP)
+  return grid.load(lambda a, lr, s: piece_path(out_dir, cfg, a, lr, s))
 
 
 def finalists(cfg, pieces, arm):

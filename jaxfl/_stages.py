@@ -224,13 +224,15 @@ def _all_finite(tree):
   return out
 
 
-def make_train_slot(algorithm, client_update, keep_uplink_state: bool):
+def make_train_slot(algorithm, client_update, keep_uplink_state: bool,
+                    cohort_size: int | None = None):
   """The per-slot client stage: view -> local update -> uplink -> quarantine -> ledger.
 
   Args:
     algorithm: the :class:`jaxfl.algorithms.Algorithm` (its view, uplink, ledger, weighting).
     client_update: from :func:`jaxfl.client.make_client_update`.
     keep_uplink_state: return the uplink state (for a client-memory write).
+    cohort_size: :math:`C`, handed to the view in :class:`jaxfl.views.SlotInfo`.
 
   Returns:
     ``train_slot(server: ServerSnapshot, data, x: SlotInputs) -> SlotOutputs`` for one
@@ -242,8 +244,8 @@ def make_train_slot(algorithm, client_update, keep_uplink_state: bool):
   def train_slot(server: ServerSnapshot, data, x: SlotInputs) -> SlotOutputs:
     params = server.params
     train_key, uplink_key = jax.random.split(x.key)
-    start = algorithm.view.apply(server, SlotInfo(x.id, x.slot, jax.random.fold_in(x.key, 2)),
-                                 x.row)
+    start = algorithm.view.apply(
+        server, SlotInfo(x.id, x.slot, jax.random.fold_in(x.key, 2), cohort_size), x.row)
     p0 = params if start.params is None else start.params
     # Every client optimizer may read the round index (per-round LR schedules).
     context = {"round": server.round, **(start.context or {})}

@@ -65,6 +65,8 @@ def _build_preset(args):
     params, state = model.init(jax.random.key(0))
     kw.update(num_groups=args.pma_groups, resample_every=args.pma_resample_every,
               order=jaxfl.algorithms.depth_order(model, params, state))
+  if args.algorithm == "fedmut":
+    kw["alpha"] = args.fedmut_alpha
   if args.algorithm in jaxfl.algorithms.LAYERWISE_ALGORITHMS:  # the papers' protocol: fixed tau
     kw.pop("local_epochs")
     kw.pop("weighting")
@@ -185,6 +187,9 @@ def _add_run_args(p):
   p.add_argument("--pma-resample-every", type=int, default=None,
                  help="pma: draw a new cohort every so many rounds (default: every client "
                       "trains every round, --clients-per-round = --num-clients)")
+  p.add_argument("--fedmut-alpha", type=float, default=0.5,
+                 help="fedmut: mutation radius alpha (each client starts from the global model "
+                      "+/- alpha x its last change, per layer)")
   p.add_argument("--local-sam-rho", type=float, default=None,
                  help="wrap the local optimizer in SAM with this radius (FedSAM-style; "
                  "transforms.layerwise_sam)")

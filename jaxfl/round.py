@@ -146,7 +146,8 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
     local = local._replace(track_grad_sum=True)
   client_update = (algorithm.client_update or make_client_update)(model, local, max_client_size)
   memory = algorithm.memory
-  train_slot = _stages.make_train_slot(algorithm, client_update, memory is not None)
+  train_slot = _stages.make_train_slot(algorithm, client_update, memory is not None,
+                                       layout.cohort)
   map_clients = _stages.make_map_clients(train_slot, algorithm.aggregator, layout, mesh)
   server_tx = optax.with_extra_args_support(algorithm.server_optimizer)
   init = _make_init(algorithm, model, server_tx, num_clients, layout)

@@ -59,11 +59,15 @@ class SlotInfo(NamedTuple):
     client_id: i32[] the client's id in the population.
     slot: i32[] the slot's position in the (padded) cohort.
     key: the slot's PRNG key for the view (independent of its training key).
+    cohort_size: the round's cohort size :math:`C` (a static int; slots ``>= C`` are
+      padding), for views that assign something across the cohort (FedMut's balanced
+      signs); None where a caller does not say.
   """
 
   client_id: jax.Array
   slot: jax.Array
   key: jax.Array
+  cohort_size: int | None = None
 
 
 class ClientStart(NamedTuple):

@@ -803,6 +803,21 @@ def test_hessian_lr_plan_tunes_every_arm_then_picks_by_the_three_seed_mean():
   assert {a: H.best_lr(cfg, pieces, a) for a in H.ARMS} == {a: fin[a][1] for a in H.ARMS}
 
 
+def test_fedmut_smoke_piece_trains_evaluates_and_measures_sharpness(tmp_path):
+  """One smoke ``fedmut`` piece (8 clients, 4 per round, 4 rounds): it evaluates every 2
+  rounds and measures a finite, positive top Hessian eigenvalue of the final model."""
+  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import fedmut as F
+
+  cfg = F.config("fmnist_cnn14", smoke=True)
+  piece = F.run_piece(cfg, "fedmut", 0.02, 0, str(tmp_path / "p.json"))
+  assert [h["round"] for h in piece["history"] if "test_accuracy" in h] == [2, 4]
+  assert 0.0 <= piece["final_acc"] <= 1.0 and math.isfinite(piece["final_train_loss"])
+  assert piece["sharpness"] > 0 and os.path.exists(tmp_path / "p.json")
+
+
 def test_drive_pieces_runs_each_missing_piece_once_in_a_child_and_reports_after_each(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   from _common import drive_pieces

@@ -9,6 +9,8 @@ from jaxfl.algorithms._embracing import embracingfl as embracingfl
 from jaxfl.algorithms._embracing import layers_for_budget as layers_for_budget
 from jaxfl.algorithms._embracing import suffix_mask as suffix_mask
 from jaxfl.algorithms._embracing import suffix_training_bytes as suffix_training_bytes
+from jaxfl.algorithms._fedmut import fedmut as fedmut
+from jaxfl.algorithms._fedmut import fedmut_view as fedmut_view
 from jaxfl.algorithms._fedopt import ALGORITHMS as ALGORITHMS
 from jaxfl.algorithms._fedopt import fedadagrad as fedadagrad
 from jaxfl.algorithms._fedopt import fedadam as fedadam
@@ -39,6 +41,7 @@ from jaxfl.algorithms.layerwise import fedpaq as fedpaq
 from jaxfl.algorithms.layerwise import lbgm as lbgm
 from jaxfl.algorithms.layerwise import prunefl as prunefl
 
+LAYERWISE_ALGORITHMS["fedmut"] = fedmut  # a FedLUAR baseline, with the lab's local protocol
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
 ALGORITHMS["pma"] = pma
 
@@ -48,6 +51,7 @@ ALGORITHMS["pma"] = pma
 __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "depth_order", "draw_capacities",
            "embracing_counts", "embracing_model", "embracing_view", "embracingfl", "fedacg",
            "fedadagrad", "fedadam", "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar",
-           "fednova", "fedopt", "fedpaq", "fedprox", "fedyogi", "get_algorithm", "layers_for_budget",
-           "lbgm", "pma", "pma_local_average", "prism", "prism_client_update", "prism_counts", "prism_fedavg", "prism_model", "prism_view",
+           "fedmut", "fedmut_view", "fednova", "fedopt", "fedpaq", "fedprox", "fedyogi",
+           "get_algorithm", "layers_for_budget", "lbgm", "pma", "pma_local_average", "prism",
+           "prism_client_update", "prism_counts", "prism_fedavg", "prism_model", "prism_view",
            "prunefl", "scaffold", "submodel_fraction", "suffix_mask", "suffix_training_bytes"]

@@ -9,8 +9,9 @@
   :func:`qsgd_quantize`, :func:`random_dropout`, :func:`lbgm` (per-client state),
   :func:`scaffold_client_control`;
 * server transforms on the pseudo-gradient: :func:`fedluar`, :func:`fedluar_bypass`,
-  :func:`fedlama`, :func:`partial_averaging`, :func:`prunefl`, :func:`scaffold_server_control`, :func:`prism_server`
-  (+ any optax optimizer);
+  :func:`fedlama`, :func:`partial_averaging`, :func:`prunefl`, :func:`scaffold_server_control`,
+  :func:`prism_server` (+ any optax optimizer); after the server optimizer, on its step:
+  :func:`fedmut_direction`;
 * parameter masks for sparse fine-tuning: :func:`gem_mask` (masks are built by
   :mod:`jaxfl.masks`).
 
@@ -21,7 +22,8 @@ that go with one transform are importable from here but are not transforms and a
 ``__all__``: mL-BFGS's ``block_sharding``, ``resnet_block_labels``, ``top_level_block_labels``,
 ``damp_pair``, ``two_loop``; FedLAMA's ``fedlama_intervals``, ``layer_discrepancy``; FedLUAR's
 ``recycle_mask``; layer-wise SAM's ``layer_ids``; partial averaging's ``pma_group_mask``,
-``pma_group_sizes``; the Hessian-aware rate's ``hessian_top_eigenvalue``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
+``pma_group_sizes``; the Hessian-aware rate's ``hessian_top_eigenvalue``; FedMut's
+``balanced_signs``; PruneFL's ``keep_top_fraction`` (also in :mod:`jaxfl.masks`); PriSM's
 ``sample_components``, ``sampling_logits``, ``top_n_mask``; the one-tensor
 quantiser ``qsgd`` and ``content_key``. QSGD bit accounting is in :mod:`jaxfl.comm`.
 """
@@ -39,6 +41,9 @@ from jaxfl.transforms._fedluar import FedLUARState as FedLUARState
 from jaxfl.transforms._fedluar import fedluar as fedluar
 from jaxfl.transforms._fedluar import fedluar_bypass as fedluar_bypass
 from jaxfl.transforms._fedluar import recycle_mask as recycle_mask
+from jaxfl.transforms._fedmut import FedMutState as FedMutState
+from jaxfl.transforms._fedmut import balanced_signs as balanced_signs
+from jaxfl.transforms._fedmut import fedmut_direction as fedmut_direction
 from jaxfl.transforms._fedprox import ProximalState as ProximalState
 from jaxfl.transforms._fedprox import add_proximal_term as add_proximal_term
 from jaxfl.transforms._gem import GemMaskState as GemMaskState
@@ -83,11 +88,12 @@ from jaxfl.transforms._scaffold import scaffold_correction as scaffold_correctio
 from jaxfl.transforms._scaffold import scaffold_server_control as scaffold_server_control
 
 __all__ = [
-    "FedLAMAState", "FedLUARBypassState", "FedLUARState", "GemMaskState",
+    "FedLAMAState", "FedLUARBypassState", "FedLUARState", "FedMutState", "GemMaskState",
     "HessianAwareLRState", "LBGMState", "LayerwiseSAMState", "MLBFGSState",
     "PartialAveragingState", "PrismState", "ProximalState", "PruneFLState",
     "ScaffoldClientState", "ScaffoldState", "add_proximal_term", "fedlama", "fedluar",
-    "fedluar_bypass", "frobenius_decay", "gem_mask", "hessian_aware_lr", "layerwise_sam", "lbgm", "mask_gradients", "masked_uplink", "mlbfgs",
+    "fedluar_bypass", "fedmut_direction", "frobenius_decay", "gem_mask", "hessian_aware_lr",
+    "layerwise_sam", "lbgm", "mask_gradients", "masked_uplink", "mlbfgs",
     "partial_averaging", "plain_stochastic_lbfgs", "prism_server", "prunefl", "qsgd_quantize",
     "random_dropout", "scaffold_client_control", "scaffold_correction",
     "scaffold_server_control", "scale_by_mlbfgs", "scale_by_round_schedule",

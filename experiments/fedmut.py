@@ -1,0 +1,258 @@
+"""FedMut (stochastic mutation of the global model, ALGORITHMS.md §11) against FedAvg.
+
+Claim (Hu et al., AAAI 2024, abstract): dispatching to each client its own mutation of the
+global model, :math:`x + \\alpha v^i \\odot (x_t - x_{t-1})` with per-layer signs balanced over
+the cohort, instead of the same global model, lets the global model converge into a flatter
+area and generalise better than FedAvg under data heterogeneity.
+
+Protocol (both arms): N clients with a Dirichlet(``dirichlet``) label split (seed 0 for every
+run seed), C of them sampled uniformly per round, unweighted mean, client SGD with momentum 0.9
+(fresh each round, the FedLUAR reference code's protocol), ``tau`` local steps of ``batch``, a
+constant client LR, ``rounds`` rounds; test accuracy every ``eval_every`` rounds. Arms:
+
+  fedavg   server sgd(1.0): the clients' mean
+  fedmut   the same, with the mutated starts; alpha = ``alpha`` (0.5, the reference code's
+           value; not tuned, so both arms get the same 6-point LR grid)
+
+At the end, the top Hessian eigenvalue of the global model's training loss (on ``probe`` fixed
+training images, 20 power iterations: ``jaxfl.transforms.hessian_top_eigenvalue``) measures
+the flatness the paper's mechanism is about.
+
+Grid (the same rule for both arms, ``_common.SeedGrid``): ``lrs`` at seed 0, seeds 1-2 at
+each arm's 2 best seed-0 LRs (tail = mean test accuracy over the last 3 evaluations), each
+arm's LR = the finalist with the best 3-seed mean tail accuracy.
+
+Pieces (``experiments/results/fedmut/<preset>/<arm>_lr<lr>_s<seed>.json``), one per child
+process; the driver skips pieces already written, starts none after ``--max-minutes`` and
+rewrites ``experiments/results/fedmut_<preset>.{json,md,png}`` after each.
+
+  python experiments/fedmut.py --preset fmnist_cnn14 --max-minutes 60    # the CPU study
+  python experiments/fedmut.py --preset fmnist_cnn14 --report-only
+  python experiments/fedmut.py --preset cifar10_resnet20 --data-dir ~/tensorflow_datasets
+  python experiments/fedmut.py --preset fmnist_cnn14 --smoke --out-dir /tmp/fedmut
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+from _common import (
+  SeedGrid,
+  command_line,
+  federated_images,
+  md_table,
+  save_plot,
+  study_main,
+  timed,
+  write_json,
+  write_results,
+)
+
+PRESETS = {
+    # CPU scale: Fashion-MNIST mean-pooled to 14x14, the FedAvg CNN, 64 clients (Dirichlet
+    # 0.1), 16 per round, 10 local steps of 32, 100 rounds.
+    "fmnist_cnn14": dict(dataset="fashion_mnist", model="cnn", image=14, num_clients=64,
+                         dirichlet=0.1, cohort=16, tau=10, batch=32, rounds=100,
+                         eval_every=5, alpha=0.5, lrs=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
+                         probe=1024, num_test=None),
+    # Towards the paper's setting, for a GPU: CIFAR-10, 100 clients, 10 per round, Dirichlet
+    # 0.1, 5 local epochs of batch 50 (~50 steps), LR around the paper's 0.01. ResNet-20
+    # stands in for the paper's ResNet-18 / VGG-16.
+    "cifar10_resnet20": dict(dataset="tfds:cifar10", model="resnet20", image=32,
+                             num_clients=100, dirichlet=0.1, cohort=10, tau=50, batch=50,
+                             rounds=1000, eval_every=20, alpha=0.5,
+                             lrs=(0.0025, 0.005, 0.01, 0.02, 0.04, 0.08), probe=1024,
+                             num_test=None),
+}
+SMOKE = dict(num_clients=8, cohort=4, tau=2, batch=8, rounds=4, eval_every=2, lrs=(0.02,),
+             probe=64, num_test=256)
+ARMS = ("fedavg", "fedmut")
+SEEDS = (0, 1, 2)
+TOP = 2
+TAIL = 3
+COLORS = {"fedavg": "C0", "fedmut": "C3"}
+
+
+def config(preset: str, smoke: bool = False) -> dict:
+  cfg = dict(PRESETS[preset], preset=preset, smoke=smoke)
+  if smoke:
+    cfg.update(SMOKE)
+  return cfg
+
+
+def build_arm(cfg, arm, lr):
+  import jaxfl
+
+  common = dict(client_lr=lr, client_momentum=0.9, batch_size=cfg["batch"],
+                local_steps=cfg["tau"], name=arm)
+  if arm == "fedmut":
+    return jaxfl.algorithms.fedmut(cfg["alpha"], **common)
+  return jaxfl.algorithms.fedavg(weighting="uniform", **common)
+
+
+def run_piece(cfg, arm, lr, seed, out, data_dir=None):
+  """Trains one (arm, LR, seed) and writes its JSON at ``out``."""
+  import jax
+  import optax
+
+  import jaxfl
+  from jaxfl.data import device_data
+  from jaxfl.evaluation import make_evaluate
+  from jaxfl.round import build_round
+
+  data = federated_images(cfg["dataset"], cfg["num_clients"], cfg["dirichlet"], cfg["image"],
+                          cfg["num_test"], data_dir)
+  model = jaxfl.models.get_model(cfg["model"], data.example_shape, data.num_classes)
+  # The eigenvalue through the im2col convolution: the same function, and its second
+  # derivative is much faster on XLA:CPU (docs/hessian_lr.md).
+  probe_model = jaxfl.models.get_model(cfg["model"], data.example_shape, data.num_classes,
+                                       conv_impl="patches")
+  algo = build_arm(cfg, arm, lr)
+  rnd = build_round(algo, model, num_clients=data.num_clients,
+                    max_client_size=data.max_client_size, clients_per_round=cfg["cohort"])
+  dd = device_data(data)
+  evaluate = make_evaluate(model)
+  key = jax.random.key(seed)
+  state = rnd.init(jax.random.fold_in(key, 0))
+
+  def loop():
+    nonlocal state
+    hist = []
+    for r in range(cfg["rounds"]):
+      state, m = rnd.step(state, dd, jax.random.fold_in(key, r + 1))
+      row = {"round": r + 1, "train_loss": float(m["train_loss"])}
+      if (r + 1) % cfg["eval_every"] == 0:
+        row["test_accuracy"] = float(evaluate(state.params, state.model_state, data.x_test,
+                                              data.y_test)["accuracy"])
+      hist.append(row)
+    return hist
+
+  history, seconds = timed(loop)
+  probe_x, probe_y = data.x[:cfg["probe"]], data.y[:cfg["probe"]]
+
+  def probe_loss(p):
+    logits = probe_model.apply(p, state.model_state, probe_x, train=False)[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, probe_y).mean()
+
+  sharpness = float(jax.jit(lambda p: jaxfl.transforms.hessian_top_eigenvalue(
+      probe_loss, p, jax.random.key(99), num_iters=20)[0])(state.params))
+  evals = [h for h in history if "test_accuracy" in h]
+  piece = {"preset": cfg["preset"], "arm": arm, "lr": float(lr), "seed": int(seed),
+           "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+           "seconds": seconds, "final_acc": evals[-1]["test_accuracy"],
+           "tail_acc": float(np.mean([h["test_accuracy"] for h in evals[-TAIL:]])),
+           "final_train_loss": float(np.mean([h["train_loss"] for h in history[-5:]])),
+           "sharpness": sharpness, "history": history}
+  write_json(out, piece, indent=None)
+  print(f"{arm} lr {lr:g} seed {seed}: final {piece['final_acc']:.4f} sharpness "
+        f"{sharpness:.3g} ({seconds:.0f} s)", flush=True)
+  return piece
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def grid_rule(cfg) -> SeedGrid:
+  return SeedGrid(ARMS, lambda arm: cfg["lrs"], "tail_acc", SEEDS, TOP)
+
+
+def plan(cfg, pieces):
+  return grid_rule(cfg).plan(pieces)
+
+
+def piece_path(out_dir, cfg, arm, lr, seed):
+  return os.path.join(out_dir, "fedmut", cfg["preset"] + ("_smoke" if cfg["smoke"] else ""),
+                      f"{arm}_lr{lr:g}_s{seed}.json")
+
+
+def load_pieces(out_dir, cfg):
+  return grid_rule(cfg).load(lambda a, lr, s: piece_path(out_dir, cfg, a, lr, s))
+
+
+def summarise(cfg, pieces):
+  rule = grid_rule(cfg)
+  complete = rule.complete(pieces)
+  table = {}
+  for arm in ARMS:
+    lr = rule.best(pieces, arm, partial=True)
+    if lr is None:
+      continue
+    runs = [pieces[(arm, lr, s)] for s in SEEDS if (arm, lr, s) in pieces]
+    get = lambda k: np.array([r[k] for r in runs], float)
+    table[arm] = {"arm": arm, "lr": lr, "seeds": len(runs),
+                  "final_mean": float(get("final_acc").mean()),
+                  "final_std": float(get("final_acc").std()),
+                  "tail_mean": float(get("tail_acc").mean()),
+                  "sharpness_mean": float(get("sharpness").mean()),
+                  "sharpness_std": float(get("sharpness").std()),
+                  "train_loss_mean": float(get("final_train_loss").mean()),
+                  "seconds": float(get("seconds").mean())}
+  grid = [{"arm": a, "lr": lr, "seed": s, "tail_acc": p["tail_acc"], "final_acc": p["final_acc"],
+           "sharpness": p["sharpness"]} for (a, lr, s), p in sorted(pieces.items())]
+  paired = []  # same seed = same initial model, data split and cohorts in both arms
+  if complete:
+    paired = [pieces[("fedmut", table["fedmut"]["lr"], s)]["final_acc"]
+              - pieces[("fedavg", table["fedavg"]["lr"], s)]["final_acc"] for s in SEEDS]
+  return table, grid, complete, paired
+
+
+def report(cfg, pieces, out_dir, argv):
+  table, grid, complete, paired = summarise(cfg, pieces)
+  stem = "fedmut_" + cfg["preset"] + ("_smoke" if cfg["smoke"] else "")
+  lines = [f"# FedMut vs FedAvg ({cfg['preset']})", "",
+           f"{cfg['num_clients']} clients (Dirichlet {cfg['dirichlet']}), {cfg['cohort']} per "
+           f"round, {cfg['tau']} local steps of {cfg['batch']} (SGD momentum 0.9), "
+           f"{cfg['rounds']} rounds, unweighted mean; FedMut alpha = {cfg['alpha']}. LR per arm: "
+           f"seed 0 over {list(cfg['lrs'])}, seeds 1-2 at the {TOP} best, then the best 3-seed "
+           "mean tail accuracy. Final test accuracy and the final global model's top Hessian "
+           "eigenvalue (training loss, fixed probe batch) over seeds (mean ± std).", ""]
+  if not complete:
+    lines += ["**Provisional:** not every arm has its finalists at 3 seeds yet; each arm's "
+              "LR below is its best on the runs done so far.", ""]
+  lines.append(md_table(
+      ["arm", "LR", "seeds", "final test acc", "tail acc", "λmax (final model)",
+       "train loss (last 5 rounds)", "s/run"],
+      [[e["arm"], f"{e['lr']:g}", e["seeds"], f"{e['final_mean']:.4f} ± {e['final_std']:.4f}",
+        f"{e['tail_mean']:.4f}", f"{e['sharpness_mean']:.3g} ± {e['sharpness_std']:.2g}",
+        f"{e['train_loss_mean']:.3f}", f"{e['seconds']:.0f}"] for e in table.values()]))
+  if paired:
+    lines += ["", "Paired by seed, each arm at its LR (FedMut − FedAvg, final accuracy, "
+              "points): "
+              + ", ".join(f"{100 * d:+.2f}" for d in paired)]
+  lines += ["", "Every piece (tail = mean test accuracy of the last 3 evaluations):", "",
+            md_table(["arm", "LR", "seed", "tail acc", "final acc", "λmax"],
+                     [[g["arm"], f"{g['lr']:g}", g["seed"], f"{g['tail_acc']:.4f}",
+                       f"{g['final_acc']:.4f}", f"{g['sharpness']:.3g}"] for g in grid])]
+  md = "\n".join(lines) + "\n"
+
+  def draw(ax):
+    for arm, e in table.items():
+      hist = [pieces[(arm, e["lr"], s)]["history"] for s in SEEDS
+              if (arm, e["lr"], s) in pieces]
+      rows = [[h for h in hh if "test_accuracy" in h] for hh in hist]
+      x = np.array([h["round"] for h in rows[0]])
+      ys = np.array([[h["test_accuracy"] for h in r] for r in rows])
+      ax.plot(x, ys.mean(0), color=COLORS[arm], label=f"{arm} (lr {e['lr']:g}, "
+              f"{len(rows)} seeds)")
+      ax.fill_between(x, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=COLORS[arm],
+                      alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+
+  if table:
+    save_plot(os.path.join(out_dir, stem + ".png"), draw)
+  write_results(out_dir, stem, command=command_line(__file__, argv),
+                data={"config": cfg, "table": table, "grid": grid, "complete": complete,
+                      "paired": paired}, md=md)
+  return md
+
+
+def main(argv=None):
+  return study_main(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
