@@ -43,6 +43,7 @@ from _common import (
   command_line,
   federated_images,
   md_table,
+  read_json,
   save_plot,
   study_main,
   timed,
@@ -69,6 +70,9 @@ PRESETS = {
 SMOKE = dict(num_clients=8, cohort=4, tau=2, batch=8, rounds=4, eval_every=2, lrs=(0.02,),
              probe=64, num_test=256)
 ARMS = ("fedavg", "fedmut")
+# After the comparison: FedMut at its chosen LR with other radii, 3 seeds each (an ablation,
+# not used to pick anything).
+ABLATION_ALPHAS = (0.25, 1.0, 2.0)
 SEEDS = (0, 1, 2)
 TOP = 2
 TAIL = 3
@@ -89,7 +93,13 @@ def build_arm(cfg, arm, lr):
                 local_steps=cfg["tau"], name=arm)
   if arm == "fedmut":
     return jaxfl.algorithms.fedmut(cfg["alpha"], **common)
+  if arm.startswith("fedmut_a"):  # the ablation: "fedmut_a<alpha>"
+    return jaxfl.algorithms.fedmut(float(arm[len("fedmut_a"):]), **common)
   return jaxfl.algorithms.fedavg(weighting="uniform", **common)
+
+
+def ablation_arm(alpha: float) -> str:
+  return f"fedmut_a{alpha:g}"
 
 
 def run_piece(cfg, arm, lr, seed, out, data_dir=None):
@@ -159,7 +169,14 @@ def grid_rule(cfg) -> SeedGrid:
 
 
 def plan(cfg, pieces):
-  return grid_rule(cfg).plan(pieces)
+  """The comparison's grid (``SeedGrid``), then the radius ablation at FedMut's LR."""
+  rule = grid_rule(cfg)
+  todo = rule.plan(pieces)
+  if todo or not rule.complete(pieces):
+    return todo
+  lr = rule.best(pieces, "fedmut")
+  return [(ablation_arm(a), lr, s) for s in SEEDS for a in ABLATION_ALPHAS
+          if (ablation_arm(a), lr, s) not in pieces]
 
 
 def piece_path(out_dir, cfg, arm, lr, seed):
@@ -168,7 +185,12 @@ def piece_path(out_dir, cfg, arm, lr, seed):
 
 
 def load_pieces(out_dir, cfg):
-  return grid_rule(cfg).load(lambda a, lr, s: piece_path(out_dir, cfg, a, lr, s))
+  path = lambda a, lr, s: piece_path(out_dir, cfg, a, lr, s)
+  pieces = grid_rule(cfg).load(path)
+  pieces.update({(ablation_arm(a), lr, s): read_json(path(ablation_arm(a), lr, s))
+                 for a in ABLATION_ALPHAS for lr in cfg["lrs"] for s in SEEDS
+                 if os.path.exists(path(ablation_arm(a), lr, s))})
+  return pieces
 
 
 def summarise(cfg, pieces):
@@ -195,11 +217,23 @@ def summarise(cfg, pieces):
   if complete:
     paired = [pieces[("fedmut", table["fedmut"]["lr"], s)]["final_acc"]
               - pieces[("fedavg", table["fedavg"]["lr"], s)]["final_acc"] for s in SEEDS]
-  return table, grid, complete, paired
+  ablation = []
+  if complete:  # FedMut's radius at its chosen LR (alpha = cfg["alpha"] is the main arm)
+    lr = table["fedmut"]["lr"]
+    for alpha in sorted({*ABLATION_ALPHAS, cfg["alpha"]}):
+      arm = "fedmut" if alpha == cfg["alpha"] else ablation_arm(alpha)
+      runs = [pieces[(arm, lr, s)] for s in SEEDS if (arm, lr, s) in pieces]
+      if runs:
+        acc = np.array([r["final_acc"] for r in runs])
+        lam = np.array([r["sharpness"] for r in runs])
+        ablation.append({"alpha": alpha, "lr": lr, "seeds": len(runs),
+                         "final_mean": float(acc.mean()), "final_std": float(acc.std()),
+                         "sharpness_mean": float(lam.mean())})
+  return table, grid, complete, paired, ablation
 
 
 def report(cfg, pieces, out_dir, argv):
-  table, grid, complete, paired = summarise(cfg, pieces)
+  table, grid, complete, paired, ablation = summarise(cfg, pieces)
   stem = "fedmut_" + cfg["preset"] + ("_smoke" if cfg["smoke"] else "")
   lines = [f"# FedMut vs FedAvg ({cfg['preset']})", "",
            f"{cfg['num_clients']} clients (Dirichlet {cfg['dirichlet']}), {cfg['cohort']} per "
@@ -221,6 +255,13 @@ def report(cfg, pieces, out_dir, argv):
     lines += ["", "Paired by seed, each arm at its LR (FedMut − FedAvg, final accuracy, "
               "points): "
               + ", ".join(f"{100 * d:+.2f}" for d in paired)]
+  if ablation:
+    lines += ["", "Ablation (not used to pick anything): FedMut's radius α at its LR "
+              f"{table['fedmut']['lr']:g} (α = 0 would be FedAvg at that LR).", "",
+              md_table(["α", "seeds", "final test acc", "λmax (final model)"],
+                       [[f"{a['alpha']:g}", a["seeds"],
+                         f"{a['final_mean']:.4f} ± {a['final_std']:.4f}",
+                         f"{a['sharpness_mean']:.3g}"] for a in ablation])]
   lines += ["", "Every piece (tail = mean test accuracy of the last 3 evaluations):", "",
             md_table(["arm", "LR", "seed", "tail acc", "final acc", "λmax"],
                      [[g["arm"], f"{g['lr']:g}", g["seed"], f"{g['tail_acc']:.4f}",
@@ -246,7 +287,7 @@ def report(cfg, pieces, out_dir, argv):
     save_plot(os.path.join(out_dir, stem + ".png"), draw)
   write_results(out_dir, stem, command=command_line(__file__, argv),
                 data={"config": cfg, "table": table, "grid": grid, "complete": complete,
-                      "paired": paired}, md=md)
+                      "paired": paired, "ablation": ablation}, md=md)
   return md
 
 

@@ -818,6 +818,28 @@ def test_fedmut_smoke_piece_trains_evaluates_and_measures_sharpness(tmp_path):
   assert piece["sharpness"] > 0 and os.path.exists(tmp_path / "p.json")
 
 
+def test_fedmut_plan_tunes_both_arms_then_ablates_the_radius_at_fedmuts_lr():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import fedmut as F
+
+  cfg = dict(F.config("fmnist_cnn14"), lrs=(0.01, 0.02, 0.04))
+  pieces = {}
+  first = F.plan(cfg, pieces)
+  assert first[:2] == [("fedavg", 0.02, 0), ("fedmut", 0.02, 0)] and len(first) == 6
+  for arm, lr, _ in first:  # FedMut prefers the small LR, FedAvg the large one
+    pieces[(arm, lr, 0)] = {"tail_acc": (0.05 - lr) if arm == "fedmut" else lr}
+  seeds = F.plan(cfg, pieces)
+  assert sorted(seeds) == sorted([(a, lr, s) for a, lrs in (("fedavg", (0.04, 0.02)),
+                                                            ("fedmut", (0.01, 0.02)))
+                                  for lr in lrs for s in (1, 2)])
+  for arm, lr, s in seeds:
+    pieces[(arm, lr, s)] = dict(pieces[(arm, lr, 0)])
+  ablation = F.plan(cfg, pieces)
+  assert sorted(ablation) == sorted((F.ablation_arm(a), 0.01, s) for a in F.ABLATION_ALPHAS
+                                    for s in F.SEEDS)
+  assert F.build_arm(cfg, F.ablation_arm(2.0), 0.01).name == "fedmut_a2"
+
+
 def test_drive_pieces_runs_each_missing_piece_once_in_a_child_and_reports_after_each(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   from _common import drive_pieces
