@@ -88,6 +88,13 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[:5], b[:5], rtol=1e-5,
                                                              atol=1e-6),
                      res[0].state.memory, res[1].state.memory)
+    # FedMut's per-slot mutations: an odd cohort (5) padded to 6 slots over 2 devices, vmapped
+    fedmut = jaxfl.algorithms.fedmut(1.0, local_steps=3, client_lr=0.1, batch_size=3)
+    res = [jaxfl.simulate(fedmut, model, data, rounds=4, clients_per_round=5, seed=1,
+                          devices=jax.devices()[:n], progress=False, eval_every=4,
+                          clients_per_chunk=None) for n in (1, 2)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 res[0].state.params, res[1].state.params)
     # One compilation per run on 2 devices, client memory or not: the first round's input is
     # laid out as the round returns its state (memory along the clients, the rest replicated).
     from jaxfl.data import device_data
@@ -134,7 +141,8 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
 
 
 def test_layerwise_algorithms_sharded_equal_single_device():
-  """FedLAMA's stateful cohort and FedLUAR's recycling on 2 devices equal 1 device."""
+  """FedLAMA's stateful cohort, FedLUAR's recycling and FedMut's per-slot starts on 2 devices
+  equal 1 device."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   here = os.path.dirname(__file__)
