@@ -840,6 +840,17 @@ def test_fedmut_plan_tunes_both_arms_then_ablates_the_radius_at_fedmuts_lr():
   assert F.build_arm(cfg, F.ablation_arm(2.0), 0.01).name == "fedmut_a2"
 
 
+def test_study_main_report_only_writes_a_provisional_report_without_pieces(tmp_path, capsys):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import fedmut as F
+
+  assert F.main(["--smoke", "--report-only", "--out-dir", str(tmp_path)]) == 0
+  md = (tmp_path / "fedmut_fmnist_cnn14_smoke.md").read_text()
+  assert "Provisional" in md and "Provisional" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    F.main(["--preset", "no_such_preset"])
+
+
 def test_drive_pieces_runs_each_missing_piece_once_in_a_child_and_reports_after_each(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   from _common import drive_pieces
