@@ -383,8 +383,13 @@ def report(cfg, pieces, out_dir, argv):
                          "final λmax", "measuring (share, no compile)", "train s"], rows))
   if "large_hessian" in table:
     starts = ", ".join(f"{v:.1f}" for v in table["large_hessian"]["decay_start_epoch"])
+    hess = [p for (a, _, _), p in pieces.items()
+            if a == "large_hessian" and p["decay_start_step"] is not None]
+    forced = sum(p["decay_start_step"] >= int(0.6 * p["total_steps"]) for p in hess)
     lines += ["", f"large_hessian decay started at epoch(s) {starts} (plateau detected, or "
-              "60% of the steps at the latest)."]
+              "60% of the steps at the latest). Over all "
+              f"{len(hess)} large_hessian pieces, a λmax plateau started the decay in "
+              f"{len(hess) - forced} and the 60% cap in {forced}."]
   lines += ["", "Every piece (tail = mean validation accuracy of the last 3 evaluations):", "",
             md_table(["arm", "LR", "seed", "tail val acc", "final test acc", "diverged"],
                      [[g["arm"], f"{g['lr']:g}", g["seed"], f"{g['tail_val_acc']:.4f}",
