@@ -94,7 +94,7 @@ def build(cfg: dict, arm: str, seed: int, data):
                "weak_all": [ell["weak"]] * 3}[arm]
   trained = np.asarray(per_class, np.int32)[classes]
   algo = A.embracingfl(trained, order, name=arm, **common)
-  return algo, A.embracing_model(model), trained, order
+  return algo, model, trained, order
 
 
 def memory_fractions(cfg, data, order) -> dict:

@@ -184,13 +184,11 @@ def build(cfg: dict, arm: str, seed: int, data):
   prism = dict(gamma=cfg["gamma"], rep_keep=cfg["rep_keep"], name=arm, **common)
 
   def with_compute(algo, kappa):  # the same algorithm, the client's sub-model run smaller
-    if compute == "sliced":
-      return algo, A.prism_model(base, sliced=kappa)
-    if compute == "gathered":
-      return (algo._replace(client_update=functools.partial(A.prism_client_update,
-                                                            sliced=kappa)),
-              A.prism_model(base))
-    return algo, A.prism_model(base)
+    if compute == "masked":
+      return algo, base
+    update = functools.partial(A.prism_client_update, sliced=kappa,
+                               gather_state=compute == "gathered")
+    return algo._replace(client_update=update), base
 
   if arm == "prism_hetero":
     kappa = A.draw_capacities(data.num_clients, CAPACITIES, RATIOS, seed=seed)
@@ -274,7 +272,7 @@ def spectrum_summary(params, kappa: float) -> dict:
   import jaxfl
 
   F = jaxfl.models
-  dense = F.merge_params(params.get("params", params) if hasattr(params, "get") else params)
+  dense = F.merge_params(params)
   out = {}
   for path, kernel in jax.tree_util.tree_flatten_with_path(dense)[0]:
     if path[-1].key != "kernel" or not F.eligible_conv(np.shape(kernel)):

@@ -6,13 +6,13 @@ and reads XLA's ``memory_analysis()`` and ``cost_analysis()``, for:
 
   fedavg     the dense model (no factorisation), PriSM's client recipe (``prism_fedavg``)
   masked     PriSM as simulated by default: the full-size factorised model, out-of-sub-model
-             entries zero and frozen (``prism_model(model)``)
-  sliced     ``prism_model(model, sliced=kappa)``: each factorised layer runs on its gathered
-             n = ceil(kappa r) components in training (activations and FLOPs shrink; the trained
-             params, gradients and momentum stay full-size). Runs inside ``jaxfl.simulate``.
-  gathered   ``prism_client_update``: the sub-model's params, gradients and momentum are
-             gathered too and the delta is scattered back. Not pluggable into the round yet (no
-             hook for a method's own local update), so measured on the per-slot stage directly.
+             entries zero and frozen
+  sliced     ``prism_client_update(..., gather_state=False)``: each factorised layer runs on its
+             gathered n = ceil(kappa r) components in training (activations and FLOPs shrink;
+             the trained params, gradients and momentum stay full-size)
+  gathered   ``prism_client_update(...)``: the sub-model's params, gradients and momentum are
+             gathered too and the delta is scattered back
+  (both installed in the round through ``Algorithm.client_update``)
 
 at kappa in {0.2, 0.4, 0.6, 1.0} (at kappa = 1 every layer keeps n = r components, and sliced
 and gathered are the masked program, so they are not compiled again), for the experiment's CNN (16/32/32 and 32/64/64, Fashion-MNIST
@@ -22,8 +22,8 @@ kappa (only a constant in the view changes); it is compiled at every kappa for t
 once, at the first kappa, for ResNet-18 (``--all-masked`` compiles all).
 
 Peak = arguments + outputs + temporaries - aliased bytes (XLA's buffer assignment; nothing is
-donated here, so aliased = 0). Arguments are the server params (with PriSM's count leaves), the
-singular values and the client's own examples; outputs are the upload (delta) and metrics.
+donated here, so aliased = 0). Arguments are the server params, the singular values and the
+client's own examples; outputs are the upload (delta) and metrics.
 FLOPs: XLA's count for the compiled stage, which counts the local-step loop body once, i.e.
 about one local step (forward + backward + optimizer) plus the once-per-round view and upload.
 
@@ -73,15 +73,12 @@ def measure(algo, model, cfg, client_update=None) -> dict:
   from jaxfl import _stages
   from jaxfl.client import make_client_update
   from jaxfl.data._device import DeviceData
-  from jaxfl.transforms import PrismState
   from jaxfl.views import ServerSnapshot
   from jaxfl.xla_options import compiler_options
 
   n = cfg["examples"]
   params, ms = jax.eval_shape(model.init, jax.random.key(0))
   opt = jax.eval_shape(optax.with_extra_args_support(algo.server_optimizer).init, params)
-  if isinstance(opt, PrismState):
-    opt = PrismState(opt.sigma, ())  # the view reads sigma; the server's count copy is not sent
   snap = ServerSnapshot(params, ms, opt, jax.ShapeDtypeStruct((), jnp.int32))
   sds = jax.ShapeDtypeStruct
   data = DeviceData(sds((n,) + cfg["shape"], jnp.float32), sds((n,), jnp.int32),
@@ -158,12 +155,13 @@ def run_model(name: str, kappas, all_masked: bool) -> list[dict]:
     frac = A.submodel_fraction(fac_params, k, 0.4)["of_dense"]
     full_held = sum(int(np.size(x)) for x in jax.tree.leaves(fac_params)) / n_dense
     if all_masked or cfg["kind"] == "cnn" or i == 0:
-      add("masked", k, measure(algo, A.prism_model(base), cfg), frac, full_held)
+      add("masked", k, measure(algo, base, cfg), frac, full_held)
     if k >= 1.0:  # n = r in every layer: sliced and gathered run the masked program
       continue
-    add("sliced", k, measure(algo, A.prism_model(base, sliced=k), cfg), frac, full_held)
-    update = A.prism_client_update(A.prism_model(base), algo.local, cfg["examples"], k)
-    add("gathered", k, measure(algo, A.prism_model(base), cfg, update), frac,
+    sliced = A.prism_client_update(base, algo.local, cfg["examples"], k, gather_state=False)
+    add("sliced", k, measure(algo, base, cfg, sliced), frac, full_held)
+    update = A.prism_client_update(base, algo.local, cfg["examples"], k)
+    add("gathered", k, measure(algo, base, cfg, update), frac,
         held_entries(fac_params, k) / n_dense)
   return rows
 

@@ -215,6 +215,13 @@ class SlotOutputs(NamedTuple):
   grad_sum: Any
   local: Any
   uplink_state: Any
+  upload_mask: Any = None  # f32 masks, kept only for an aggregator that reads them
+
+
+def wants_client_masks(aggregator) -> bool:
+  """Whether the aggregator reads the clients' upload masks: a general aggregator may (it is
+  handed ``client_masks=``); a linear one only when it declares ``masked``."""
+  return not isinstance(aggregator, LinearAggregator) or aggregator.masked
 
 
 def _all_finite(tree):
@@ -240,6 +247,7 @@ def make_train_slot(algorithm, client_update, keep_uplink_state: bool,
   """
   uplink = (None if algorithm.uplink is None
             else optax.with_extra_args_support(algorithm.uplink))
+  keep_masks = wants_client_masks(algorithm.aggregator)
 
   def train_slot(server: ServerSnapshot, data, x: SlotInputs) -> SlotOutputs:
     params = server.params
@@ -278,8 +286,11 @@ def make_train_slot(algorithm, client_update, keep_uplink_state: bool,
     sent = algorithm.ledger.count(delta, jax.tree.map(lambda a: jnp.where(finite, a, 0.0),
                                                       abs_sums), start, ustate)
     sent = jax.tree.map(lambda s: s * x.real, sent)
+    mask = None
+    if keep_masks and start.upload_mask is not None:
+      mask = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), start.upload_mask)
     return SlotOutputs(out.metrics, out.model_state, delta, weight, finite, sent, out.grad_sum,
-                       local, ustate if keep_uplink_state else None)
+                       local, ustate if keep_uplink_state else None, mask)
 
   return train_slot
 
@@ -302,24 +313,30 @@ class Streamed(NamedTuple):
   model_state: Any  # sum_i w_i ms_i
   weight: jax.Array  # sum_i w_i
   sent: Any  # per-leaf elements
+  mask: Any  # sum_i c_i m_i of the upload masks (a masked aggregator), else None
 
 
 def _streamed_sums(aggregator, r: SlotOutputs) -> Streamed:
   c, scalars = aggregator.coefficients(r.weight, client_metrics(r))
+  mask = None if r.upload_mask is None else jtree.weighted_sum(r.upload_mask, c)
   return Streamed(jtree.weighted_sum(r.delta, c), {k: jnp.sum(v) for k, v in scalars.items()},
                   jtree.weighted_sum(r.model_state, r.weight), jnp.sum(r.weight),
-                  jax.tree.map(jnp.sum, r.sent))
+                  jax.tree.map(jnp.sum, r.sent), mask)
 
 
-def _zero_sums(aggregator, server: ServerSnapshot, n: int) -> Streamed:
-  """Zeros shaped like :class:`Streamed` (the scalars' names from the aggregator)."""
+def _zero_sums(aggregator, server: ServerSnapshot, n: int, chunk_shapes) -> Streamed:
+  """Zeros shaped like :class:`Streamed` (the scalars' names from the aggregator, the mask
+  sums' shapes from one chunk's outputs ``chunk_shapes``)."""
   f32 = jax.ShapeDtypeStruct([n], jnp.float32)
   _, scalars = jax.eval_shape(aggregator.coefficients, f32, {
       k: f32 for k in ("loss", "grad_norm", "examples", "steps")})
   zeros = lambda t: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), t)
   scalar = jnp.zeros([], jnp.float32)
+  mask = None
+  if chunk_shapes is not None and chunk_shapes.upload_mask is not None:
+    mask = jax.tree.map(lambda v: jnp.zeros(v.shape[1:], jnp.float32), chunk_shapes.upload_mask)
   return Streamed(zeros(server.params), {k: scalar for k in scalars}, zeros(server.model_state),
-                  scalar, jax.tree.map(lambda _: scalar, server.params))
+                  scalar, jax.tree.map(lambda _: scalar, server.params), mask)
 
 
 def make_map_clients(train_slot, aggregator, layout: Layout, mesh):
@@ -356,9 +373,14 @@ def make_map_clients(train_slot, aggregator, layout: Layout, mesh):
     def body(acc, x):
       r = run_chunk(server, data, x)
       acc = jax.tree.map(jnp.add, acc, _streamed_sums(aggregator, r))
-      return acc, r._replace(delta=None, model_state=None, grad_sum=None)
+      return acc, r._replace(delta=None, model_state=None, grad_sum=None, upload_mask=None)
 
-    acc0 = _zero_sums(aggregator, server, local_chunk)
+    # A masked aggregator sums the upload masks, whose shapes only the view knows: trace one
+    # chunk abstractly for them (no compute).
+    shapes = None
+    if wants_client_masks(aggregator):
+      shapes = jax.eval_shape(run_chunk, server, data, jax.tree.map(lambda a: a[0], chunked))
+    acc0 = _zero_sums(aggregator, server, local_chunk, shapes)
     if on_mesh:
       acc0 = jax.lax.pcast(acc0, jshard.AXIS, to="varying")
     sums, ys = jax.lax.scan(body, acc0, chunked)
@@ -404,10 +426,14 @@ def aggregate(aggregator, aggregator_state, params, res, key, stream: bool) -> A
     sums, outs = res
     inv = jtree.safe_reciprocal(sums.weight)
     ms = jax.tree.map(lambda s: s * inv.astype(s.dtype), sums.model_state)
-    return Aggregate(aggregator.finalize(sums.delta, sums.scalars), ms, aggregator_state, {},
-                     sums.sent)
+    extra = (sums.mask,) if aggregator.masked else ()
+    return Aggregate(aggregator.finalize(sums.delta, sums.scalars, *extra), ms, aggregator_state,
+                     {}, sums.sent)
+  # Upload masks go to the aggregator only where the view declared them (an aggregator
+  # written before the mask contract need not accept the keyword).
+  masks = {} if res.upload_mask is None else {"client_masks": res.upload_mask}
   out = aggregator.update(res.delta, aggregator_state, params, weights=res.weight, key=key,
-                          client_metrics=client_metrics(res))
+                          client_metrics=client_metrics(res), **masks)
   update, state, aux = out if len(out) == 3 else (*out, {})
   return Aggregate(update, jtree.weighted_mean(res.model_state, res.weight), state, dict(aux),
                    jax.tree.map(jnp.sum, res.sent))

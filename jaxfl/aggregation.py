@@ -1,4 +1,4 @@
-"""Aggregators: from the cohort's updates to one update, in two declared kinds.
+r"""Aggregators: from the cohort's updates to one update, in two declared kinds.
 
 A **general** aggregator is an ``optax.GradientTransformationExtraArgs`` (mirrors
 ``optax.experimental.aggregating``) whose ``update(client_updates, state, params, *, weights,
@@ -17,6 +17,15 @@ adds to its metrics as ``aggregator/<name>``.
 
 ``client_metrics`` is a dict of f32[C] per-client values: ``loss``, ``grad_norm``,
 ``examples``, ``steps``.
+
+**Upload masks.** Sub-model methods (PriSM, HeteroFL, FjORD, EmbracingFL) have each client
+train and upload part of the model, declared per client by the view
+(``jaxfl.views.ClientStart.upload_mask``). Where the view declares masks, the round hands a
+general aggregator the stacked masks as ``client_masks=`` (leaves ``f32[C, *m]``, each
+broadcastable to its update leaf after the client axis), and a linear aggregator declared
+``masked=True`` also receives :math:`\sum_i c_i m_i` in its streamed form
+(:class:`LinearAggregator`), so a per-entry mean over the clients that trained each entry
+(:func:`masked_mean`) streams and all-reduces like the plain mean.
 """
 
 from __future__ import annotations
@@ -46,34 +55,52 @@ class LinearAggregator(NamedTuple):
     coefficients: ``(weights, client_metrics) -> (c, scalars)``: f32[C] coefficients of the
       updates and a dict of f32[C] per-client scalars to be summed.
     finalize: ``(weighted_sum, scalar_sums) -> aggregate`` from ``sum_i c_i u_i`` and the
-      summed scalars.
+      summed scalars; with ``masked``, ``(weighted_sum, scalar_sums, mask_sum)``.
+    masked: whether the streamed form also sums ``c_i m_i`` over the clients' upload masks
+      (``jaxfl.views.ClientStart.upload_mask``): ``mask_sum`` is that tree (leaves shaped like
+      the masks, f32), or None where the view declares no masks (every client sent
+      everything).
   """
 
   init: Callable[[Any], Any]
   update: Callable[..., Any]
   coefficients: Callable[[jax.Array, dict], tuple[jax.Array, dict]]
-  finalize: Callable[[Any, dict], Any]
+  finalize: Callable[..., Any]
+  masked: bool = False
+
+
+def _mask_sum(client_masks, c):
+  """``sum_i c_i m_i`` of stacked upload masks (f32), or None without masks."""
+  if client_masks is None:
+    return None
+  return jtree.weighted_sum(jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), client_masks), c)
 
 
 def linear_aggregator(coefficients: Callable[[jax.Array, dict], tuple[jax.Array, dict]],
-                      finalize: Callable[[Any, dict], Any]) -> LinearAggregator:
+                      finalize: Callable[..., Any], masked: bool = False) -> LinearAggregator:
   """A :class:`LinearAggregator` whose stacked ``update`` is its streamed form in one chunk.
 
   Args:
     coefficients: ``(weights, client_metrics) -> (c f32[C], {name: f32[C]})``.
-    finalize: ``(sum_i c_i u_i, {name: sum_i s_i}) -> aggregate``.
+    finalize: ``(sum_i c_i u_i, {name: sum_i s_i}) -> aggregate``; with ``masked``, also
+      ``sum_i c_i m_i`` of the upload masks (or None) as a third argument.
+    masked: see :attr:`LinearAggregator.masked`.
 
   Returns:
     The aggregator (stateless).
   """
 
-  def update_fn(client_updates, state, params=None, *, weights, client_metrics=None, **extra):
+  def update_fn(client_updates, state, params=None, *, weights, client_metrics=None,
+                client_masks=None, **extra):
     del params, extra
     c, scalars = coefficients(weights, client_metrics)
     total = jtree.weighted_sum(client_updates, c)
-    return finalize(total, {k: jnp.sum(v) for k, v in scalars.items()}), state
+    sums = {k: jnp.sum(v) for k, v in scalars.items()}
+    if masked:
+      return finalize(total, sums, _mask_sum(client_masks, c)), state
+    return finalize(total, sums), state
 
-  return LinearAggregator(_empty_init, update_fn, coefficients, finalize)
+  return LinearAggregator(_empty_init, update_fn, coefficients, finalize, masked)
 
 
 def weighted_mean() -> LinearAggregator:
@@ -239,71 +266,38 @@ def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTr
   return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
 
-VALUES = "params"
-COUNTS = "counts"
-
-
-def counted(values: Any, counts: Any) -> dict:
-  """An upload (or params tree) that carries its own per-entry counts: ``{"params": values,
-  "counts": counts}``, the input :func:`masked_mean` reads.
-
-  ``counts`` mirrors ``values`` leaf by leaf, each count leaf broadcastable to its value leaf
-  (``()`` for a leaf every client trains whole, the mask's shape for a masked one).
-  """
-  return {VALUES: values, COUNTS: counts}
-
-
-def is_counted(tree: Any) -> bool:
-  """Whether ``tree`` is a :func:`counted` tree (a dict with exactly those two keys)."""
-  return hasattr(tree, "keys") and set(tree.keys()) == {VALUES, COUNTS}
-
-
 def masked_mean(diagnostics: Callable[[Any, jax.Array], dict] | None = None
                 ) -> LinearAggregator | optax.GradientTransformationExtraArgs:
   r"""Per-entry masked mean over the clients that trained each entry (linear).
 
   Sub-model methods (PriSM, HeteroFL, FjORD, EmbracingFL) train and upload a different part
-  of the model on every client. Client :math:`i` uploads its masked delta
-  :math:`m_i \odot \Delta_i` *and* its mask :math:`m_i`, as a :func:`counted` tree
-  ``{"params": m_i * delta_i, "counts": m_i}`` (count leaves may be any shape that
-  broadcasts to their value leaves). With weights :math:`w_i` (0 = not taking part),
+  of the model on every client: client :math:`i` declares its upload mask :math:`m_i`
+  (``jaxfl.views.ClientStart.upload_mask``, leaves broadcastable to the params) and uploads
+  :math:`m_i \odot \Delta_i`. With weights :math:`w_i` (0 = not taking part),
 
   .. math::
     c = \sum_i w_i m_i, \qquad
-    \bar\Delta = \begin{cases} \sum_i w_i m_i\Delta_i \,/\, c & c > 0 \\
+    ar\Delta = egin{cases} \sum_i w_i m_i\Delta_i \,/\, c & c > 0 \
                                0 & c = 0 \end{cases}
 
-  per entry, and the aggregate is ``{"params": mean, "counts": c}``. Both sums are weighted
-  sums of the uploads, so the aggregator is a :class:`LinearAggregator`: the round may
-  stream it chunk by chunk and all-reduce it over devices like :func:`weighted_mean`. With
-  ``weighting="uniform"`` the counts are the number of clients that trained each entry.
+  per entry (:math:`c` has the mask's shape and broadcasts to the entry's leaf). Both sums are
+  weighted sums over the cohort, so this is a ``masked`` :class:`LinearAggregator`: the
+  round may stream it chunk by chunk and all-reduce it over devices like
+  :func:`weighted_mean`. With ``weighting="uniform"`` :math:`c` counts the clients that
+  trained each entry. Without declared masks it is the weighted mean.
 
   **Fallback to the old server value.** Where no client trained an entry (:math:`c = 0`) the
   mean delta is 0, so a server step that maps a zero pseudo-gradient to no change (FedAvg's
-  ``sgd(1.0)``, :func:`jaxfl.transforms.prism_server`) keeps the old server value there. The
-  counts are passed on in the aggregate's ``"counts"`` entry, so a stateful server transform
-  (momentum) can hold those entries itself.
-
-  Why the masks travel inside the upload: the round hands an aggregator the stacked uploads,
-  the weights and four per-client scalars, not the per-client masks of
-  ``ClientStart.upload_mask``. A view that starts client :math:`i`'s count leaves at
-  ``server_counts - m_i`` and never trains them makes the engine's own upload
-  (``x_t - x^i``) equal to :math:`m_i` there, exactly (0/1 values); see
-  :func:`jaxfl.algorithms.prism`. A round contract that passed the upload masks to the
-  aggregator (``client_masks=``, and a masked sum in the streamed form) would make the count
-  leaves unnecessary.
-
-  A tree that is not :func:`counted` is aggregated as the plain weighted mean (every client
-  trained every entry).
+  ``sgd(1.0)``, :func:`jaxfl.transforms.prism_server`) keeps the old server value there.
 
   Args:
-    diagnostics: optional ``(counts, weights) -> {name: f32[]}`` of the summed counts tree
-      (PriSM's component coverage). The round reports aux scalars only from a stacked
-      (general) aggregator, so with ``diagnostics`` this returns the general form (not
-      streamable) that computes the same aggregate plus those scalars as aux.
+    diagnostics: optional ``(mask_sum, weights) -> {name: f32[]}`` of :math:`c` and the
+      f32[C] weights (PriSM's component coverage). The round reports aux scalars only from
+      a stacked (general) aggregator, so with ``diagnostics`` this returns the general form
+      (not streamable), which computes the same aggregate plus those scalars as aux.
 
   Returns:
-    A :class:`LinearAggregator`, or with ``diagnostics`` an
+    A :class:`LinearAggregator` (``masked=True``), or with ``diagnostics`` an
     ``optax.GradientTransformationExtraArgs`` returning ``(aggregate, state, aux)``.
 
   References:
@@ -318,29 +312,34 @@ def masked_mean(diagnostics: Callable[[Any, jax.Array], dict] | None = None
     del client_metrics
     return weights, {"weight": weights}
 
-  def finalize(total, sums):
-    if not is_counted(total):
+  def finalize(total, sums, mask_sum):
+    if mask_sum is None:
       inv = jtree.safe_reciprocal(sums["weight"])
       return jax.tree.map(lambda s: s * inv.astype(s.dtype), total)
 
     def mean(path, s, c):
       if c.ndim not in (0, s.ndim) or any(a not in (1, b) for a, b in zip(c.shape, s.shape)):
-        raise ValueError(f"masked_mean: the count leaf {jax.tree_util.keystr(path)} of shape "
-                         f"{c.shape} does not broadcast to its value leaf {s.shape}.")
-      c = c.astype(jnp.float32)
+        raise ValueError(f"masked_mean: the upload mask of {jax.tree_util.keystr(path)} "
+                         f"(shape {c.shape}) does not broadcast to its leaf {s.shape}.")
       inv = jnp.where(c > 0, 1.0 / jnp.where(c > 0, c, 1.0), 0.0)
       return (s.astype(jnp.float32) * inv).astype(s.dtype)
 
-    return counted(jax.tree_util.tree_map_with_path(mean, total[VALUES], total[COUNTS]),
-                   total[COUNTS])
+    try:
+      return jax.tree_util.tree_map_with_path(mean, total, mask_sum)
+    except ValueError as e:
+      if "masked_mean" in str(e):
+        raise
+      raise ValueError(f"masked_mean: the upload masks must have the structure of the "
+                       f"updates: {e}") from e
 
-  linear = linear_aggregator(coefficients, finalize)
+  linear = linear_aggregator(coefficients, finalize, masked=True)
   if diagnostics is None:
     return linear
 
-  def update_fn(client_updates, state, params=None, *, weights, **extra):
-    agg, state = linear.update(client_updates, state, params, weights=weights, **extra)
-    aux = diagnostics(agg[COUNTS], weights) if is_counted(agg) else {}
+  def update_fn(client_updates, state, params=None, *, weights, client_masks=None, **extra):
+    agg, state = linear.update(client_updates, state, params, weights=weights,
+                               client_masks=client_masks, **extra)
+    aux = {} if client_masks is None else diagnostics(_mask_sum(client_masks, weights), weights)
     return agg, state, aux
 
   return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
@@ -349,6 +348,5 @@ def masked_mean(diagnostics: Callable[[Any, jax.Array], dict] | None = None
 AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean,
                "dp_mean": dp_mean, "fednova": fednova, "masked_mean": masked_mean}
 
-__all__ = ["AGGREGATORS", "COUNTS", "LinearAggregator", "VALUES", "coordinate_median", "counted",
-           "dp_mean", "fednova", "is_counted", "linear_aggregator", "masked_mean", "trimmed_mean",
-           "weighted_mean"]
+__all__ = ["AGGREGATORS", "LinearAggregator", "coordinate_median", "dp_mean", "fednova",
+           "linear_aggregator", "masked_mean", "trimmed_mean", "weighted_mean"]

@@ -90,7 +90,9 @@ def _algorithm_names() -> list[str]:
 
 
 def _build_prism(args, model, kw):
-  """PriSM pairs its own model (count leaves, optionally sliced) with its algorithm."""
+  """PriSM needs a factorised model; with --sliced its clients train gathered sub-models."""
+  import functools
+
   import jax
 
   import jaxfl
@@ -103,7 +105,9 @@ def _build_prism(args, model, kw):
     kappa = jaxfl.algorithms.draw_capacities(args.num_clients, seed=args.seed)
   kw.pop("weighting")  # PriSM averages unweighted, as the reference does
   algo = jaxfl.algorithms.prism(kappa, sampling=args.prism_sampling, rounds=args.rounds, **kw)
-  model = jaxfl.algorithms.prism_model(model, sliced=kappa if args.sliced else None)
+  if args.sliced:
+    algo = algo._replace(client_update=functools.partial(
+        jaxfl.algorithms.prism_client_update, sliced=kappa))
   return model, algo
 
 
@@ -138,7 +142,7 @@ def _build_embracing(args, model, data, kw):
   draw = np.random.default_rng(args.seed).choice(len(classes), size=data.num_clients, p=ratios)
   kw.pop("weighting")  # unweighted, as the sub-model baselines
   algo = A.embracingfl(per_class[draw], order, rounds=args.rounds, **kw)
-  return A.embracing_model(model), algo
+  return model, algo
 
 
 def _add_run_args(p):
@@ -173,7 +177,7 @@ def _add_run_args(p):
   p.add_argument("--prism-sampling", default="power",
                  choices=["power", "softmax", "uniform", "top"])
   p.add_argument("--sliced", action="store_true",
-                 help="PriSM: clients compute at the sub-model's size (fewer FLOPs)")
+                 help="PriSM: clients train gathered sub-models (fewer FLOPs, less memory)")
   p.add_argument("--embracing-shares", type=float, nargs="+", default=[0.4, 0.7, 1.0],
                  help="EmbracingFL: per client class, the share of the model's modules it "
                       "trains from the output side (rounded up)")

@@ -55,9 +55,7 @@ class Ledger(NamedTuple):
     words_per_element: bytes per element in units of the parameter dtype: 1 for dense
       leaves, 2 for sparse uploads (index + value).
     model_size: ``params -> int``, the elements of one full model (the unit of
-      ``rel_uplink`` and of ``downlink_bytes``), or None for every leaf. Sub-model methods
-      whose params carry count leaves (:func:`jaxfl.aggregation.counted`) count the values
-      only.
+      ``rel_uplink`` and of ``downlink_bytes``), or None for every leaf.
     downlink: ``(params, round) -> f32[]`` elements each client of the round receives
       (``downlink_bytes`` = that x clients x itemsize), or None for one full model
       (``model_size``). A method whose clients keep most of their model between rounds

@@ -79,7 +79,9 @@ class ClientStart(NamedTuple):
     train_mask: params-shaped tree of 0/1 (or bool) arrays broadcastable to each leaf; every
       local optimizer update is multiplied by it, so masked entries never move.
     upload_mask: params-shaped tree of 0/1 (or bool) arrays broadcastable to each leaf; the
-      uploaded delta is multiplied by it and the ledger counts only what is sent.
+      uploaded delta is multiplied by it, the ledger counts only what is sent, and an
+      aggregator that reads masks gets the cohort's stacked (``client_masks=``) or summed
+      (a ``masked`` :class:`jaxfl.aggregation.LinearAggregator`) masks.
     uplink_state: the state the uplink transform starts from (default: ``uplink.init``
       every round); a view returns a memory row here to make the uplink stateful per client
       (LBGM's look-back update).

@@ -114,9 +114,20 @@ def test_aggregator_conformance(name):
              for s in (slice(0, 3), slice(3, 6))]
     total = jax.tree.map(jnp.add, parts[0][0], parts[1][0])
     sums = {k: parts[0][1][k] + parts[1][1][k] for k in scalars}
-    streamed = agg.finalize(total, sums)
+    streamed = agg.finalize(total, sums, *((None,) if agg.masked else ()))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), streamed,
                  jitted)
+    if agg.masked:  # with upload masks: the streamed mask sums give the stacked aggregate
+      rng = np.random.default_rng(1)
+      masks = {"w": (rng.random((6, 4, 1)) < 0.5).astype(np.float32),
+               "b": (rng.random((6,)) < 0.7).astype(np.float32)}
+      stacked = jax.jit(lambda u, m: agg.update(u, state, params, weights=w, key=key,
+                                                client_metrics=metrics, client_masks=m)[0])(
+                                                    u, masks)
+      mask_sum = jax.tree.map(lambda m: jnp.tensordot(c, m, axes=1), masks)
+      streamed = agg.finalize(total, sums, mask_sum)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   streamed, stacked)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

@@ -2,8 +2,6 @@
 
 from jaxfl.algorithms._base import Algorithm as Algorithm
 from jaxfl.algorithms._embracing import depth_order as depth_order
-from jaxfl.algorithms._embracing import embracing_counts as embracing_counts
-from jaxfl.algorithms._embracing import embracing_model as embracing_model
 from jaxfl.algorithms._embracing import embracing_view as embracing_view
 from jaxfl.algorithms._embracing import embracingfl as embracingfl
 from jaxfl.algorithms._embracing import layers_for_budget as layers_for_budget
@@ -25,9 +23,7 @@ from jaxfl.algorithms._pma import pma_local_average as pma_local_average
 from jaxfl.algorithms._prism import draw_capacities as draw_capacities
 from jaxfl.algorithms._prism import prism as prism
 from jaxfl.algorithms._prism import prism_client_update as prism_client_update
-from jaxfl.algorithms._prism import prism_counts as prism_counts
 from jaxfl.algorithms._prism import prism_fedavg as prism_fedavg
-from jaxfl.algorithms._prism import prism_model as prism_model
 from jaxfl.algorithms._prism import prism_view as prism_view
 from jaxfl.algorithms._prism import submodel_fraction as submodel_fraction
 from jaxfl.algorithms._scaffold_fednova import fednova as fednova
@@ -45,13 +41,12 @@ LAYERWISE_ALGORITHMS["fedmut"] = fedmut  # a FedLUAR baseline, with the lab's lo
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
 ALGORITHMS["pma"] = pma
 
-# PriSM and EmbracingFL are not in ALGORITHMS (get_algorithm's registry): they need their own
-# models (count leaves: prism_model, embracing_model); the CLI's `run --algorithm prism` pairs the two.
+# PriSM and EmbracingFL are not in ALGORITHMS (get_algorithm's registry): they need facts of the
+# model (PriSM: factorised layers; EmbracingFL: its depth order), which the CLI supplies.
 
 __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "depth_order", "draw_capacities",
-           "embracing_counts", "embracing_model", "embracing_view", "embracingfl", "fedacg",
-           "fedadagrad", "fedadam", "fedavg", "fedavgm", "feddropoutavg", "fedlama", "fedluar",
-           "fedmut", "fedmut_view", "fednova", "fedopt", "fedpaq", "fedprox", "fedyogi",
-           "get_algorithm", "layers_for_budget", "lbgm", "pma", "pma_local_average", "prism",
-           "prism_client_update", "prism_counts", "prism_fedavg", "prism_model", "prism_view",
+           "embracing_view", "embracingfl", "fedacg", "fedadagrad", "fedadam", "fedavg", "fedavgm",
+           "feddropoutavg", "fedlama", "fedluar", "fedmut", "fedmut_view", "fednova", "fedopt",
+           "fedpaq", "fedprox", "fedyogi", "get_algorithm", "layers_for_budget", "lbgm", "pma",
+           "pma_local_average", "prism", "prism_client_update", "prism_fedavg", "prism_view",
            "prunefl", "scaffold", "submodel_fraction", "suffix_mask", "suffix_training_bytes"]

@@ -19,12 +19,10 @@ How it maps onto jaxfl's contracts (no engine code knows it):
   params + the suffix's gradients and optimizer state + the activations the backward pass
   keeps), for every :math:`\ell`; a client's :math:`\ell_i` is the largest suffix that fits
   its budget.
-* **Model** (:func:`embracing_model`): the model with one zero count leaf per parameter
-  (:func:`jaxfl.aggregation.counted`).
 * **ClientView** (:func:`embracing_view`): per slot, a 0/1 scalar per parameter leaf (1 on
   the client's suffix) as ``train_mask`` / ``upload_mask`` and ``context["grad_mask"]``
-  (so clipping and momentum see the suffix's gradient only); the count leaves start at
-  ``counts - mask`` so the upload carries the mask.
+  (so clipping and momentum see the suffix's gradient only); the round hands the upload
+  masks to the aggregator.
 * **Aggregator**: :func:`jaxfl.aggregation.masked_mean` (each layer over the clients that
   trained it; a layer no client trained keeps its value).
 * **Ledger**: a client uploads its suffix only.
@@ -41,17 +39,17 @@ import numpy as np
 import optax
 from jax.extend.core import Literal
 
-from jaxfl import views
-from jaxfl.aggregation import COUNTS, VALUES, counted, is_counted, masked_mean
+from jaxfl import comm, views
+from jaxfl.aggregation import masked_mean
 from jaxfl.algorithms._base import Algorithm, preset
 from jaxfl.algorithms._fedopt import _lr
-from jaxfl.algorithms._prism import _client, _ledger
+from jaxfl.algorithms._prism import _client
 from jaxfl.client import softmax_cross_entropy
-from jaxfl.models import Model, with_counts
+from jaxfl.models import Model
 from jaxfl.tree import layer_names, module_ranks
 
-__all__ = ["depth_order", "embracing_counts", "embracing_model", "embracing_view", "embracingfl",
-           "layers_for_budget", "suffix_mask", "suffix_training_bytes"]
+__all__ = ["depth_order", "embracing_view", "embracingfl", "layers_for_budget", "suffix_mask",
+           "suffix_training_bytes"]
 
 
 # ----------------------------------------------------------------------------- depth order
@@ -113,8 +111,7 @@ def depth_order(model: Model, params: Any, model_state: Any = None) -> list[str]
 
   Args:
     model: a :class:`jaxfl.models.Model`.
-    params: its params (a :func:`jaxfl.aggregation.counted` tree is read through its values;
-      the count leaves are not layers).
+    params: its params.
     model_state: its non-trainable state (default: the model's own, from ``init``).
 
   Returns:
@@ -125,13 +122,10 @@ def depth_order(model: Model, params: Any, model_state: Any = None) -> list[str]
     ValueError: a parameter the forward pass never combines with the input (its depth is
       undefined).
   """
-  values = params[VALUES] if is_counted(params) else params
   if model_state is None:
     model_state = jax.eval_shape(model.init, jax.random.key(0))[1]
   paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [leaf for _, leaf in paths]
-  # which flattened leaves are layers (a counted tree's count leaves are not)
-  is_value = [values is params or path[0].key == VALUES for path, _ in paths]
   x = jax.ShapeDtypeStruct((2,) + tuple(model.input_shape), jnp.float32)
 
   def forward(leaf_list, x, state):
@@ -146,13 +140,9 @@ def depth_order(model: Model, params: Any, model_state: Any = None) -> list[str]
   first: dict = {}
   _first_uses(jaxpr, {v: {i} for i, v in enumerate(param_vars)}, {x_var}, (), first)
   names = jax.tree.leaves(layer_names(params, "module"))
-  if is_counted(params):
-    names = [n.split("]", 1)[1] if n.startswith(f"['{VALUES}']") else n for n in names]
   depth: dict[str, tuple] = {}
   unused = []
   for i, name in enumerate(names):
-    if not is_value[i]:
-      continue
     if i not in first:
       unused.append(name)
       continue
@@ -175,7 +165,7 @@ def suffix_mask(params: Any, order: Sequence[str], trained: int) -> Any:
   """A params-shaped tree of f32[] 0/1: 1 on the last ``trained`` modules of ``order``.
 
   Args:
-    params: a parameter tree (not :func:`jaxfl.aggregation.counted`).
+    params: a parameter tree.
     order: :func:`depth_order`'s module names, input side first.
     trained: how many output-side modules are trained (0..len(order)).
   """
@@ -202,7 +192,7 @@ def suffix_training_bytes(model: Model, params: Any, order: Sequence[str],
   for this batch size, not a device measurement.
 
   Args:
-    model: the model (not wrapped by :func:`embracing_model`).
+    model: the model.
     params: its params.
     order: :func:`depth_order`'s module names.
     optimizer: the client optimizer (its state counts for the suffix).
@@ -214,8 +204,6 @@ def suffix_training_bytes(model: Model, params: Any, order: Sequence[str],
     f64[L]: bytes for :math:`\ell = 1..L` (index :math:`\ell - 1`; the last is full
     training).
   """
-  if is_counted(params):
-    raise ValueError("`params` must be the plain model's params, not a counted tree.")
   if model_state is None:
     model_state = model.init(jax.random.key(0))[1]
   ranks = module_ranks(params, order)
@@ -294,17 +282,6 @@ def layers_for_budget(suffix_bytes: Sequence[float] | np.ndarray,
 # ----------------------------------------------------------------------------- model and view
 
 
-def embracing_counts(params: Any) -> Any:
-  """One zero f32[] count leaf per parameter leaf (a layer is trained whole or not)."""
-  return jax.tree.map(lambda p: jnp.zeros((), jnp.float32), params)
-
-
-def embracing_model(model: Model) -> Model:
-  """``model`` with EmbracingFL's count leaves (:func:`embracing_counts`); params become
-  ``{"params": ..., "counts": ...}`` (:func:`jaxfl.models.with_counts`)."""
-  return with_counts(model, embracing_counts)
-
-
 def _trained_table(trained, num_modules: int):
   t = np.asarray(trained)
   if t.ndim > 1 or t.size == 0 or not np.issubdtype(t.dtype, np.integer):
@@ -323,49 +300,21 @@ def embracing_view(trained: int | Sequence[int] | np.ndarray, order: Sequence[st
 
   ``trained`` is :math:`\ell` for every client or one per client (i32[N], static: one
   compilation; e.g. from :func:`layers_for_budget`). A client with :math:`\ell_i = 0`
-  uploads nothing (its count leaves are zero, so it does not enter the mean). The client
-  starts from the global params (the frozen prefix runs forward as it is on the server).
+  uploads nothing (its masks are zero, so it does not enter the mean). The client starts
+  from the global params (the frozen prefix runs forward as it is on the server).
 
   Returns:
-    A :class:`jaxfl.views.ClientView` for params built by :func:`embracing_model`.
+    A :class:`jaxfl.views.ClientView`.
   """
   table = _trained_table(trained, len(order))
 
   def apply(server, slot, row):
     del row
-    values, counts = server.params[VALUES], server.params[COUNTS]
-    bad = [jax.tree_util.keystr(p) for p, c in jax.tree_util.tree_flatten_with_path(counts)[0]
-           if np.shape(c) != ()]
-    if bad or jax.tree.structure(counts) != jax.tree.structure(values):
-      raise ValueError("EmbracingFL's count leaves must be one f32[] per parameter: build the "
-                       f"model with jaxfl.algorithms.embracing_model(model) (got {bad}).")
     n = table if table.ndim == 0 else jnp.asarray(table)[slot.client_id]
-    mask = _suffix_mask(values, order, n)
-    start = counted(values, jax.tree.map(jnp.subtract, counts, mask))
-    train = counted(mask, optax.tree.zeros_like(counts))
-    upload = counted(mask, optax.tree.ones_like(counts))
-    return views.ClientStart(params=start, train_mask=train, upload_mask=upload,
-                             context={"grad_mask": train})
+    mask = _suffix_mask(server.params, order, n)
+    return views.ClientStart(train_mask=mask, upload_mask=mask, context={"grad_mask": mask})
 
   return views.ClientView(apply)
-
-
-def _values_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``inner`` on the values of a counted tree; the count leaves are sent back to 0."""
-
-  def init_fn(params):
-    return inner.init(params[VALUES] if is_counted(params) else params)
-
-  def update_fn(updates, state, params=None):
-    if not is_counted(updates):
-      return inner.update(updates, state, params)
-    step, state = inner.update(updates[VALUES], state,
-                               None if params is None else params[VALUES])
-    reset = (optax.tree.zeros_like(updates[COUNTS]) if params is None
-             else jax.tree.map(jnp.negative, params[COUNTS]))
-    return counted(step, reset), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------- preset
@@ -394,8 +343,7 @@ def embracingfl(trained: int | Sequence[int] | np.ndarray, order: Sequence[str],
   before clipping, weight decay and momentum (a weak client holds no gradient for its
   frozen prefix). Strong clients (:math:`\ell_i = L`) are FedAvg clients.
 
-  Use it with :func:`embracing_model` (``embracing_model(model)``) and ``order =
-  depth_order(model, params)``; ``trained`` from :func:`layers_for_budget` turns memory
+  Use it with ``order = depth_order(model, params)``; ``trained`` from :func:`layers_for_budget` turns memory
   budgets into suffix lengths.
 
   Args:
@@ -406,7 +354,7 @@ def embracingfl(trained: int | Sequence[int] | np.ndarray, order: Sequence[str],
       :func:`jaxfl.algorithms.prism_fedavg` (SGD with momentum, clip, weight decay, cosine LR
       per round when ``rounds`` is given), so EmbracingFL and the sub-model baselines differ
       only in what a client trains.
-    server_optimizer: the server step on the masked mean's values (default
+    server_optimizer: the server step on the masked mean (default
       ``optax.sgd(server_lr)``, FedAvg's).
     server_lr: the default server step size.
     weighting: ``"uniform"`` or ``"examples"`` (the paper's choice is not known; the
@@ -433,5 +381,5 @@ def embracingfl(trained: int | Sequence[int] | np.ndarray, order: Sequence[str],
   server = optax.sgd(_lr("server_lr", server_lr)) if server_optimizer is None else server_optimizer
   if not isinstance(server, optax.GradientTransformation):
     raise TypeError("`server_optimizer` must be an optax.GradientTransformation or None.")
-  return Algorithm(name, local, _values_only(server), masked_mean(), None, weighting,
-                   ledger=_ledger(), view=embracing_view(table, tuple(order)))
+  return Algorithm(name, local, server, masked_mean(), None, weighting,
+                   ledger=comm.upload_mask_ledger(), view=embracing_view(table, tuple(order)))

@@ -8,17 +8,18 @@ How PriSM maps onto jaxfl's contracts (no engine code knows it):
 
 * **Model**: eligible layers are SVD factors (:class:`jaxfl.models.FactorisedConv`, built by
   :func:`jaxfl.models.prism_cnn` / :func:`jaxfl.models.prism_resnet18` or converted with
-  :func:`jaxfl.models.factorise_params`), BatchNorm in batch-statistics mode; wrapped by
-  :func:`prism_model` so its params are ``{"params": ..., "counts": ...}``
-  (:func:`jaxfl.aggregation.counted`).
+  :func:`jaxfl.models.factorise_params`), BatchNorm in batch-statistics mode; the params are
+  the plain model's.
 * **ClientView** (:func:`prism_view`): per slot and factorised layer, draws
   :math:`n_i = \lceil\kappa_i r\rceil` components from the server's singular values
   (``slot.key``), keeps the first ``rep_keep`` of ``U``'s output columns, and returns the
-  sub-model (masked entries zeroed) as ``ClientStart.params``, the mask as ``train_mask`` and
-  ``upload_mask``, and count leaves started at ``-mask`` so the upload carries the mask.
+  sub-model (masked entries zeroed) as ``ClientStart.params`` and the mask as ``train_mask``
+  and ``upload_mask`` (the round hands the upload masks to the aggregator).
 * **Client optimizer**: sub-model gradients (:func:`jaxfl.transforms.mask_gradients`),
   Frobenius decay on the factors, gradient clipping, weight decay elsewhere, SGD with
   momentum, cosine learning rate per round.
+* **Client update** (optional, :func:`prism_client_update`): trains the gathered smaller
+  layers (activations, gradients and optimizer state scale with the sub-model).
 * **Aggregator**: :func:`jaxfl.aggregation.masked_mean` (per-entry counts, fallback to the
   old value), plus the component-coverage histogram as aux metrics.
 * **Server**: :func:`jaxfl.transforms.prism_server` (apply, re-SVD, keep :math:`\sigma`).
@@ -37,11 +38,11 @@ import numpy as np
 import optax
 
 from jaxfl import comm, views
-from jaxfl.aggregation import COUNTS, VALUES, counted, masked_mean, weighted_mean
+from jaxfl.aggregation import masked_mean, weighted_mean
 from jaxfl.algorithms._base import Algorithm, preset
 from jaxfl.algorithms._fedopt import _lr
 from jaxfl.client import LocalTraining, make_client_update
-from jaxfl.models import Model, with_counts
+from jaxfl.models import Model
 from jaxfl.models._factorised import (
   factor_layers,
   gather_components,
@@ -59,74 +60,14 @@ from jaxfl.transforms._prism import (
   top_n_mask,
 )
 from jaxfl.transforms._round_schedule import scale_by_round_schedule
-from jaxfl.tree import num_params
 
-__all__ = ["draw_capacities", "prism", "prism_client_update", "prism_counts", "prism_fedavg",
-           "prism_model", "prism_view", "submodel_fraction"]
+__all__ = ["draw_capacities", "prism", "prism_client_update", "prism_fedavg", "prism_view",
+           "submodel_fraction"]
 
 REP_SELECT = ("first", "random")
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def prism_counts(params: Any) -> Any:
-  """Zero count leaves shaped like PriSM's masks: ``V`` -> ``(1, ..., 1, r)`` (per
-  component), ``U`` -> ``(r, C_out)``, a factorised layer's ``bias`` -> ``(C_out,)``, every
-  other leaf -> ``()`` (trained whole by every client)."""
-  counts = jax.tree.map(lambda p: jnp.zeros((), jnp.float32), params)
-  for path in factor_layers(params):
-    layer = get_path(params, path)
-    v, u = layer["V"], layer["U"]
-    node = dict(get_path(counts, path))
-    node["V"] = jnp.zeros((1,) * (v.ndim - 1) + (v.shape[-1],), jnp.float32)
-    node["U"] = jnp.zeros(u.shape, jnp.float32)
-    if "bias" in layer:
-      node["bias"] = jnp.zeros(layer["bias"].shape, jnp.float32)
-    counts = set_path(counts, path, node)
-  return counts
-
-
-def prism_model(model: Model, sliced: float | Sequence[float] | np.ndarray | None = None
-                ) -> Model:
-  r"""``model`` (with factorised layers) with PriSM's count leaves (:func:`prism_counts`).
-
-  Args:
-    model: a model with factorised layers (:func:`jaxfl.models.prism_cnn`, ...).
-    sliced: None: a client computes its sub-model as the masked full-size model (every
-      factorised layer runs all :math:`r` components, the ones outside the sub-model are
-      zero). Else the keep ratios the clients train at (the ``kappa`` given to :func:`prism`:
-      a float or the per-client array): in training, every factorised layer gathers the
-      client's components into ``V`` ``f[..., n]`` / ``U`` ``f[n, C_out]`` with the static
-      :math:`n = \max_\kappa \lceil\kappa r\rceil` over the distinct ``kappa`` values (a
-      client below the largest level pads with zero-weight components) and runs that smaller
-      layer, so its activations and FLOPs scale with :math:`n` (a layer with :math:`n = r`,
-      e.g. at :math:`\kappa = 1`, runs full-size). Same values and gradients as
-      the masked model, up to float summation order (the gradient reaches the full-size
-      factors through the gather). The trained params, gradients and optimizer state stay
-      full-size: :func:`prism_client_update` also gathers those. Evaluation runs the full
-      model.
-
-  Returns:
-    The :class:`Model`; its params are ``{"params": ..., "counts": ...}``.
-
-  The sliced model reads each client's components from the count leaves, which PriSM's view
-  starts at ``-mask`` (:func:`prism_view`); a client whose mask holds more than :math:`n`
-  components of a layer, or none (e.g. the model trained without PriSM's view), gets NaN
-  params in training, so its loss is NaN and the round quarantines it.
-  """
-  base = with_counts(model, prism_counts)
-  if sliced is None:
-    return base
-  levels = _levels(sliced)
-
-  def apply(params, model_state, x, *, train: bool, rng=None):
-    values = params[VALUES]
-    if train:
-      values = _gather_submodel(values, _submodel_index(values, params[COUNTS], levels))
-    return model.apply(values, model_state, x, train=train, rng=rng)
-
-  return base._replace(apply=apply)
 
 
 def draw_capacities(num_clients: int, capacities: Sequence[float] = (0.2, 0.4, 0.6),
@@ -155,7 +96,7 @@ def submodel_fraction(params: Any, kappa: float, rep_keep: float = 0.4,
   """Parameters a client at ``kappa`` trains, as fractions (host-side, static shapes).
 
   Args:
-    params: the factorised model's params (or a :func:`jaxfl.aggregation.counted` tree).
+    params: the factorised model's params.
     kappa, rep_keep, rep_keep_dense: as in :func:`prism`.
 
   Returns:
@@ -163,8 +104,6 @@ def submodel_fraction(params: Any, kappa: float, rep_keep: float = 0.4,
     parameters over the factorised model's, over the dense model's (each factorised layer
     counted as its ``K x C_out`` kernel), and over the factorised layers' dense kernels only.
   """
-  if hasattr(params, "keys") and set(params.keys()) == {VALUES, COUNTS}:
-    params = params[VALUES]
   total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   sub = dense = total
   fac_sub = fac_dense = 0
@@ -199,9 +138,9 @@ def _levels(sliced) -> np.ndarray:
   return lv
 
 
-def _submodel_index(values, counts, levels) -> dict:
+def _submodel_index(values, mask, levels) -> dict:
   """``{path: (index i32[n], weight f32[n])}`` per factorised layer: the client's components
-  (read from its count leaves, ``-mask``) in ascending order, padded to the static ``n`` with
+  (read from its train mask) in ascending order, padded to the static ``n`` with
   components outside its mask at weight 0; NaN weights when the mask does not fit. A layer
   whose ``n`` is its rank ``r`` (kappa = 1) is left out: it runs full-size, as masked."""
   out = {}
@@ -210,7 +149,7 @@ def _submodel_index(values, counts, levels) -> dict:
     n = max(keep_count(float(k), r) for k in levels)
     if n >= r:
       continue
-    comp = (get_path(counts, path)["V"].reshape(-1) < -0.5).astype(jnp.float32)
+    comp = (jnp.asarray(get_path(mask, path)["V"]).reshape(-1) > 0.5).astype(jnp.float32)
     index = jnp.argsort(-comp, stable=True)[:n]
     total = jnp.sum(comp)
     weight = jnp.where((total > n) | (total < 1), jnp.nan, comp[index])
@@ -253,58 +192,71 @@ def _scatter_submodel(full, small, index):
 
 
 def prism_client_update(model: Model, local: LocalTraining, max_client_size: int,
-                        sliced: float | Sequence[float] | np.ndarray):
-  """One client's local update on its gathered sub-model (params, gradients, optimizer state).
+                        sliced: float | Sequence[float] | np.ndarray, *,
+                        gather_state: bool = True):
+  r"""One client's local update on its gathered sub-model.
 
   A drop-in for ``jaxfl.client.make_client_update(model, local, max_client_size)``, with the
-  same signature and result up to float summation order. It reads the client's components
-  from the count leaves of ``params`` (PriSM's view starts them at ``-mask``), gathers every
-  factorised layer to ``V`` ``f[..., n]`` / ``U`` ``f[n, C_out]`` (``n`` as in
-  :func:`prism_model` with ``sliced``), and the count leaves, ``update_mask`` and
-  ``context["grad_mask"]`` the same way, trains that smaller tree with ``local`` (so the
-  gradients and the momentum are sub-model sized too), and scatters the delta back into
-  full-size positions (0 outside the sub-model and on the count leaves), so the upload, the
-  ledger and the masked mean are unchanged. The gathered ``U`` rows keep all ``C_out``
-  columns (those beyond ``rep_keep`` are zero and frozen by the mask).
+  same signature and result up to float summation order; install it through the algorithm's
+  ``client_update`` contract: ``prism(kappa)._replace(client_update=functools.partial(
+  prism_client_update, sliced=kappa))``. It reads the client's components from its train
+  mask (``update_mask``, handed out by :func:`prism_view`) and gathers every factorised layer
+  to ``V`` ``f[..., n]`` / ``U`` ``f[n, C_out]`` with the static :math:`n = \max_\kappa
+  \lceil\kappa r\rceil` over the distinct ``sliced`` values (a client below the largest level
+  pads with zero-weight components; a layer with :math:`n = r` runs full-size), so the
+  forward and backward passes run the smaller layers and their activations and FLOPs scale
+  with :math:`n`.
 
-  Install it in the round through the algorithm's ``client_update`` contract:
-  ``prism(kappa)._replace(client_update=functools.partial(prism_client_update,
-  sliced=kappa))`` with ``prism_model(model)``; the rounds then end where the masked ones do
-  (``tests/algorithms/prism_sliced_test.py``).
+  * ``gather_state=True``: the params, ``update_mask`` and ``context["grad_mask"]`` are
+    gathered before local training, so the gradients and the optimizer state (momentum) are
+    sub-model sized too, and the delta is scattered back into full-size positions (0
+    outside the sub-model), so the upload, the ledger and the masked mean are unchanged.
+  * ``gather_state=False``: only the forward pass gathers (the model's ``apply`` in
+    training); params, gradients and optimizer state stay full-size (the gradient reaches
+    the full-size factors through the gather). Evaluation runs the full model either way.
+
+  The gathered ``U`` rows keep all ``C_out`` columns (those beyond ``rep_keep`` are zero and
+  frozen by the mask). A client whose mask holds more than :math:`n` components of a layer,
+  or none, gets NaN params in training, so its loss is NaN and the round quarantines it.
 
   Args:
-    model: ``prism_model(m)`` (its apply on the gathered params runs the smaller layers; a
-      model built with ``sliced`` works too).
+    model: the factorised model (:func:`jaxfl.models.prism_cnn`, ...).
     local: the algorithm's :class:`jaxfl.client.LocalTraining` (``prism(...).local``).
     max_client_size: as for ``make_client_update``.
-    sliced: the clients' keep ratios (as for :func:`prism_model`).
+    sliced: the clients' keep ratios (the ``kappa`` given to :func:`prism`: a float or the
+      per-client array).
+    gather_state: whether gradients and optimizer state are gathered too (above).
 
   Returns:
     ``client_update(params, model_state, x, y, indices, size, key, update_mask=None,
-    context=None) -> ClientOutput`` for :func:`prism_model` params; a client whose mask does
-    not fit gets a NaN loss (quarantined), as with :func:`prism_model`.
+    context=None) -> ClientOutput``; ``update_mask`` is required.
   """
   levels = _levels(sliced)
   inner = make_client_update(model, local, max_client_size)
 
-  def gather_tree(tree, index):  # a counted tree: values gathered, count-shaped leaves too
-    return counted(_gather_submodel(tree[VALUES], index), _gather_masks(tree[COUNTS], index))
+  def forward_only(params, model_state, x, y, indices, size, key, update_mask, context, index):
+    def apply(p, ms, xb, *, train: bool, rng=None):
+      return model.apply(_gather_submodel(p, index) if train else p, ms, xb, train=train,
+                         rng=rng)
 
-  def gather_mask(mask, index):
-    return counted(_gather_masks(mask[VALUES], index), _gather_masks(mask[COUNTS], index))
+    update = make_client_update(model._replace(apply=apply), local, max_client_size)
+    return update(params, model_state, x, y, indices, size, key, update_mask, context)
 
   def client_update(params, model_state, x, y, indices, size, key, update_mask=None,
                     context=None):
-    values, counts = params[VALUES], params[COUNTS]
-    index = _submodel_index(values, counts, levels)
-    small = gather_tree(params, index)
-    mask = None if update_mask is None else gather_mask(update_mask, index)
+    if update_mask is None:
+      raise ValueError("prism_client_update needs the client's train mask (`update_mask`), "
+                       "which PriSM's view hands out (jaxfl.algorithms.prism).")
+    index = _submodel_index(params, update_mask, levels)
+    if not gather_state:
+      return forward_only(params, model_state, x, y, indices, size, key, update_mask,
+                          context, index)
+    small = _gather_submodel(params, index)
+    mask = _gather_masks(update_mask, index)
     if context is not None and context.get("grad_mask") is not None:
-      context = {**context, "grad_mask": gather_mask(context["grad_mask"], index)}
+      context = {**context, "grad_mask": _gather_masks(context["grad_mask"], index)}
     out = inner(small, model_state, x, y, indices, size, key, mask, context)
-    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-    scatter = lambda t: counted(_scatter_submodel(zeros(values), t[VALUES], index),
-                                zeros(counts))
+    scatter = lambda t: _scatter_submodel(jax.tree.map(jnp.zeros_like, params), t, index)
     return out._replace(delta=scatter(out.delta),
                         grad_sum=None if out.grad_sum is None else scatter(out.grad_sum))
 
@@ -326,7 +278,7 @@ def prism_view(kappa: float | np.ndarray, sampling: str = "power", gamma: float 
                submodel_clip: bool = True,
                sigma_of: Callable[[Any], Sequence[jax.Array]] = lambda s: s.sigma
                ) -> views.ClientView:
-  """PriSM's downlink: each client's principal sub-model, masks and count carriers.
+  """PriSM's downlink: each client's principal sub-model and its masks.
 
   Per slot and factorised layer :math:`l` (rank :math:`r`, :math:`C_{out}` outputs), with
   :math:`\\sigma` read from the server state by ``sigma_of`` and the key
@@ -342,22 +294,21 @@ def prism_view(kappa: float | np.ndarray, sampling: str = "power", gamma: float 
   * masks: ``V`` by component, ``U`` by component x row, the layer's ``bias`` by row;
     every other leaf is trained whole.
 
-  The client starts from the server params with masked entries zeroed, trains and uploads
-  the masked entries only, and its count leaves start at ``counts - mask`` (never trained),
-  so its upload's count leaves equal its mask (:func:`jaxfl.aggregation.masked_mean`).
-  With ``submodel_clip`` the mask is also passed as ``context["grad_mask"]`` for
-  :func:`jaxfl.transforms.mask_gradients`.
+  The client starts from the server params with masked entries zeroed and trains and uploads
+  the masked entries only; the mask is its ``train_mask`` and ``upload_mask`` (which the
+  round hands to :func:`jaxfl.aggregation.masked_mean`). With ``submodel_clip`` the mask is
+  also passed as ``context["grad_mask"]`` for :func:`jaxfl.transforms.mask_gradients`.
 
   Returns:
-    A :class:`jaxfl.views.ClientView` for params built by :func:`prism_model`.
+    A :class:`jaxfl.views.ClientView` for a factorised model's params.
   """
   kappa_np = np.asarray(kappa, np.float32)
 
   def apply(server, slot, row):
     del row
-    values, counts = server.params[VALUES], server.params[COUNTS]
+    values = server.params
     sigma = sigma_of(server.opt_state)
-    mask = jax.tree.map(lambda c: jnp.ones(c.shape, jnp.float32), counts)
+    mask = jax.tree.map(lambda _: jnp.ones((), jnp.float32), values)  # other leaves: whole
     for l, path in enumerate(factor_layers(values)):
       layer = get_path(values, path)
       v, u = layer["V"], layer["U"]
@@ -378,37 +329,14 @@ def prism_view(kappa: float | np.ndarray, sampling: str = "power", gamma: float 
       if "bias" in layer:
         node["bias"] = rows
       mask = set_path(mask, path, node)
-    bad = [jax.tree_util.keystr(p) for (p, c), m in zip(
-        jax.tree_util.tree_flatten_with_path(counts)[0], jax.tree.leaves(mask))
-        if c.shape != m.shape]
-    if bad:
-      raise ValueError(f"PriSM's count leaves {bad} do not have the masks' shapes: build the "
-                       "model with jaxfl.algorithms.prism_model(model).")
-    start = counted(jax.tree.map(lambda p, m: p * m.astype(p.dtype), values, mask),
-                    jax.tree.map(jnp.subtract, counts, mask))
-    zeros = jax.tree.map(lambda c: jnp.zeros((), jnp.float32), counts)
-    ones = jax.tree.map(lambda c: jnp.ones((), jnp.float32), counts)
-    train, upload = counted(mask, zeros), counted(mask, ones)
-    context = {"grad_mask": train} if submodel_clip else None
-    return views.ClientStart(params=start, train_mask=train, upload_mask=upload, context=context)
+    start = jax.tree.map(lambda p, m: p * m.astype(p.dtype), values, mask)
+    context = {"grad_mask": mask} if submodel_clip else None
+    return views.ClientStart(params=start, train_mask=mask, upload_mask=mask, context=context)
 
   return views.ClientView(apply)
 
 
-def _ledger() -> comm.Ledger:
-  """A client uploads the entries of its sub-model; the count leaves are bookkeeping (the
-  server knows the masks it sent), cost nothing and are not part of the model's size."""
-
-  def count(delta, abs_sums, start, uplink_state):
-    del uplink_state
-    sent = comm.uplink_elements(delta[VALUES], False, start.upload_mask[VALUES],
-                                abs_sums[VALUES])
-    return counted(sent, jax.tree.map(lambda _: jnp.zeros((), jnp.float32), delta[COUNTS]))
-
-  return comm.Ledger(count, 1.0, lambda params: num_params(params[VALUES]))
-
-
-def _coverage(counts, weights) -> dict:
+def _coverage(counts, weights) -> dict:  # counts: masked_mean's sum_i w_i m_i
   """Aux metrics of the aggregate's counts: the share of components trained by >= 1 client
   and, for k = 0..S, by exactly k clients (uniform weighting: integer counts)."""
   comps = [get_path(counts, p)["V"].reshape(-1) for p in factor_layers(counts)]
@@ -425,14 +353,11 @@ def _coverage(counts, weights) -> dict:
 
 
 def _plain_leaves(params):
-  """True for leaves under normal weight decay: not a factor layer's, not a count leaf."""
-  values = params[VALUES] if hasattr(params, "keys") and VALUES in params else params
-  flags = jax.tree.map(lambda _: True, values)
-  for path in factor_layers(values):
-    flags = set_path(flags, path, jax.tree.map(lambda _: False, get_path(values, path)))
-  if values is params:
-    return flags
-  return counted(flags, jax.tree.map(lambda _: False, params[COUNTS]))
+  """True for leaves under normal weight decay: not a factor layer's."""
+  flags = jax.tree.map(lambda _: True, params)
+  for path in factor_layers(params):
+    flags = set_path(flags, path, jax.tree.map(lambda _: False, get_path(params, path)))
+  return flags
 
 
 def _client(client_lr, client_momentum, weight_decay, clip_norm, rounds, final_lr, batch_size,
@@ -489,9 +414,10 @@ def prism(kappa: float | Sequence[float] | np.ndarray = 0.2, *, sampling: str = 
   :mod:`jaxfl.algorithms._prism` for the contract mapping and ``docs/prism.md`` for the
   reference's quirks.
 
-  Use it with a model from :func:`prism_model` (e.g.
-  ``prism_model(jaxfl.models.prism_cnn(...))``); ``prism_model(..., sliced=kappa)`` runs each
-  client's factorised layers at the sub-model's size (same results, fewer FLOPs).
+  Use it with a factorised model (e.g. ``jaxfl.models.prism_cnn(...)``);
+  ``algo._replace(client_update=functools.partial(prism_client_update, sliced=kappa))``
+  trains each client's factorised layers at the sub-model's size (same results up to float
+  summation order, fewer FLOPs and less memory).
 
   Args:
     kappa: keep ratio :math:`\kappa` in (0, 1], or one per client (f32[N], e.g. from
@@ -547,7 +473,7 @@ def prism(kappa: float | Sequence[float] | np.ndarray = 0.2, *, sampling: str = 
                     float(rep_keep_dense), submodel_clip)
   aggregator = masked_mean(_coverage if diagnostics else None)
   return Algorithm(name, local, prism_server(_lr("server_lr", server_lr)), aggregator, None,
-                   "uniform", ledger=_ledger(), view=view)
+                   "uniform", ledger=comm.upload_mask_ledger(), view=view)
 
 
 @preset

@@ -8,7 +8,6 @@ from jaxfl.models._bert import load_bert as load_bert
 from jaxfl.models._bert import mean_pool as mean_pool
 from jaxfl.models._bert import split_inputs as split_inputs
 from jaxfl.models._bert import tokenize as tokenize
-from jaxfl.models._counted import with_counts as with_counts
 from jaxfl.models._factorised import BatchStatNorm as BatchStatNorm
 from jaxfl.models._factorised import FactorisedConv as FactorisedConv
 from jaxfl.models._factorised import FactorisedDense as FactorisedDense
@@ -59,5 +58,4 @@ __all__ = ["CNN", "CONV_IMPLS", "MLP", "MODELS", "BatchStatNorm", "BertClassifie
            "get_model", "load_bert", "load_bert_config", "load_bert_params", "load_tokenizer",
            "max_pool", "mean_pool", "merge_factors", "merge_params", "minilm_checkpoint_dir", "mlp",
            "prism_cnn", "prism_resnet18", "refactorise", "resnet20", "scatter_components",
-           "small_cnn", "split_inputs", "tokenize",
-           "with_counts"]
+           "small_cnn", "split_inputs", "tokenize"]

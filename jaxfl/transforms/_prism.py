@@ -16,13 +16,12 @@ trains only those entries, the server averages every entry over the clients that
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxfl.aggregation import COUNTS, VALUES, counted, is_counted
 from jaxfl.models._factorised import (
   component_norms,
   factor_layers,
@@ -102,9 +101,7 @@ def frobenius_decay(strength: float = 2e-4) -> optax.GradientTransformation:
   A B B^\top`, :math:`\nabla_B \mathrel{+}= \lambda A^\top A B` for :math:`\bar W = AB`, in
   PyTorch's transposed layout), which replaces weight decay on the factors. Other leaves pass
   unchanged (chain ``optax.add_decayed_weights`` with a mask for them). Applied to the
-  client's sub-model params (masked entries are zero), as the reference does. On a
-  :func:`jaxfl.aggregation.counted` tree only the values' factors are decayed (the count
-  leaves, shaped like ``V`` and ``U``, pass unchanged).
+  client's sub-model params (masked entries are zero), as the reference does.
 
   Args:
     strength: :math:`\lambda` (the reference uses the run's weight decay).
@@ -126,9 +123,6 @@ def frobenius_decay(strength: float = 2e-4) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("frobenius_decay needs `params`.")
-    if is_counted(params):  # the count leaves are shaped like factor layers: not factors
-      values, _ = update_fn(updates[VALUES], state, params[VALUES])
-      return counted(values, updates[COUNTS]), state
     for path in factor_layers(params):
       layer, g = get_path(params, path), get_path(updates, path)
       v, u = layer["V"], layer["U"]
@@ -193,12 +187,9 @@ class PrismState(NamedTuple):
     sigma: one f32[r] per factorised layer (in :func:`jaxfl.models.factor_layers` order),
       the singular values :math:`\\sigma` of the current factors, descending; the next
       round's component distribution.
-    counts: the last aggregate's count tree (:func:`jaxfl.aggregation.masked_mean`; how many
-      clients trained each entry), zeros before the first round; ``()`` for plain params.
   """
 
   sigma: tuple
-  counts: Any
 
 
 def prism_server(server_lr: float = 1.0) -> optax.GradientTransformationExtraArgs:
@@ -216,8 +207,7 @@ def prism_server(server_lr: float = 1.0) -> optax.GradientTransformationExtraArg
   (:func:`jaxfl.models.refactorise`). The product :math:`V U` of every layer is unchanged by
   the re-SVD; the components are re-ordered by singular value, so the next round samples
   from fresh :math:`\sigma` (kept in :class:`PrismState`). Non-factorised leaves get the
-  plain step :math:`-\eta\bar\Delta`. On a :func:`jaxfl.aggregation.counted` tree the count
-  leaves stay at zero and the aggregate's counts are kept in the state.
+  plain step :math:`-\eta\bar\Delta`.
 
   Args:
     server_lr: :math:`\eta` (1 = the reference's replacement of each trained entry by the
@@ -233,22 +223,17 @@ def prism_server(server_lr: float = 1.0) -> optax.GradientTransformationExtraArg
     ALGORITHMS.md §7.2; ``update_orth_channel`` in the reference).
   """
 
-  def split(tree):
-    return (tree[VALUES], tree[COUNTS]) if is_counted(tree) else (tree, None)
-
   def init_fn(params):
-    values, counts = split(params)
-    sigma = tuple(component_norms(get_path(values, p)["V"], get_path(values, p)["U"])
-                  for p in factor_layers(values))
-    return PrismState(sigma, () if counts is None else optax.tree.zeros_like(counts))
+    sigma = tuple(component_norms(get_path(params, p)["V"], get_path(params, p)["U"])
+                  for p in factor_layers(params))
+    return PrismState(sigma)
 
   def update_fn(updates, state, params=None, **extra):
     del extra
     if params is None:
       raise ValueError("prism_server needs `params`.")
-    delta, agg_counts = split(updates)
-    values, counts = split(params)
-    step = jax.tree.map(lambda d: (-server_lr * d).astype(d.dtype), delta)
+    values = params
+    step = jax.tree.map(lambda d: (-server_lr * d).astype(d.dtype), updates)
     sigmas = []
     for path in factor_layers(values):
       old = get_path(values, path)
@@ -259,9 +244,6 @@ def prism_server(server_lr: float = 1.0) -> optax.GradientTransformationExtraArg
       layer = dict(get_path(step, path))
       layer["V"], layer["U"] = v2 - old["V"], u2 - old["U"]
       step = set_path(step, path, layer)
-    if counts is None:
-      return step, PrismState(tuple(sigmas), ())
-    out = counted(step, jax.tree.map(jnp.negative, counts))  # server counts stay 0
-    return out, PrismState(tuple(sigmas), agg_counts)
+    return step, PrismState(tuple(sigmas))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -17,7 +17,6 @@ from prism_test import _data  # 6 ragged clients of 8x8 images, 3 classes
 import jaxfl
 from jaxfl.client import make_client_update
 from jaxfl.data import device_data
-from jaxfl.views import ServerSnapshot, SlotInfo
 
 A = jaxfl.algorithms
 f64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
@@ -61,8 +60,6 @@ def test_depth_order_follows_the_forward_pass_not_the_names():
   assert A.depth_order(m, params) == ["['z_in']", "['m_mid']", "['a_out']"]
   cnn = _cnn()
   assert A.depth_order(cnn, cnn.init(jax.random.key(0))[0]) == CNN_ORDER
-  em = A.embracing_model(cnn)  # the count leaves are not layers
-  assert A.depth_order(em, em.init(jax.random.key(0))[0]) == CNN_ORDER
   j = jaxfl.models.from_linen(_Jitted(), (2, 3))
   assert A.depth_order(j, j.init(jax.random.key(0))[0]) == ["['w_second']", "['w_first']"]
 
@@ -133,7 +130,7 @@ def test_round_equals_a_loop_over_clients_with_numpy_aggregation():
   """Two rounds of the compiled round against: every client's local update run alone with
   its hand-built suffix mask, the masked mean and the server step in NumPy float64."""
   data = _data(seed=1)
-  model = A.embracing_model(_cnn())
+  model = _cnn()
   trained = np.array([1, 3, 7, 0, 5, 2], np.int32)
   schedule = np.array([[4, 0, 2], [1, 5, 3]])
   algo = A.embracingfl(trained, CNN_ORDER, client_lr=0.1, rounds=3, batch_size=4,
@@ -147,7 +144,7 @@ def test_round_equals_a_loop_over_clients_with_numpy_aggregation():
   for r in range(2):
     key = jax.random.key(100 + r)
     k_clients = jax.random.split(key, 5)[2]
-    g = f64(state.params["params"])
+    g = f64(state.params)
     num = jax.tree.map(np.zeros_like, g)
     cnt = jax.tree.map(lambda _: 0.0, g)
     sent = 0.0
@@ -155,15 +152,11 @@ def test_round_equals_a_loop_over_clients_with_numpy_aggregation():
       sk = jax.random.fold_in(k_clients, slot)
       on = set(CNN_ORDER[len(CNN_ORDER) - trained[cid]:])
       m = jax.tree_util.tree_map_with_path(
-          lambda p, _: np.float32(jax.tree_util.keystr(p[:1]) in on), state.params["params"])
-      zeros = jax.tree.map(lambda _: np.float32(0), m)
-      mask = jaxfl.aggregation.counted(m, zeros)
-      start = jaxfl.aggregation.counted(state.params["params"], jax.tree.map(
-          lambda c, mm: c - mm, state.params["counts"], m))
-      out = update(start, state.model_state, dd.x, dd.y, dd.client_indices[cid],
-                   dd.client_sizes[cid], jax.random.split(sk)[0], mask,
-                   {"round": state.round, "grad_mask": mask})
-      local = f64(jax.tree.map(jnp.subtract, start["params"], out.delta["params"]))
+          lambda p, _: np.float32(jax.tree_util.keystr(p[:1]) in on), state.params)
+      out = update(state.params, state.model_state, dd.x, dd.y, dd.client_indices[cid],
+                   dd.client_sizes[cid], jax.random.split(sk)[0], m,
+                   {"round": state.round, "grad_mask": m})
+      local = f64(jax.tree.map(jnp.subtract, state.params, out.delta))
       # the frozen prefix never moves
       jax.tree.map(lambda mm, a, b: np.testing.assert_array_equal(a, b) if mm == 0 else None,
                    m, local, g)
@@ -174,8 +167,7 @@ def test_round_equals_a_loop_over_clients_with_numpy_aggregation():
     ref = jax.tree.map(lambda gg, a, c: gg - (a / c if c > 0 else 0.0), g, num, cnt)
     state, metrics = rnd.step(state, dd, key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
-                 f64(state.params["params"]), ref)
-    jax.tree.map(lambda c: np.testing.assert_array_equal(c, 0.0), state.params["counts"])
+                 f64(state.params), ref)
     assert float(metrics["uplink_elements"]) == pytest.approx(sent)
 
 
@@ -185,12 +177,12 @@ def test_all_strong_clients_are_fedavg_with_the_same_recipe():
   data = _data(seed=2)
   kw = dict(client_lr=0.1, rounds=3, batch_size=4, local_steps=3)
   emb = jaxfl.simulate(A.embracingfl(len(CNN_ORDER), CNN_ORDER, **kw),
-                       A.embracing_model(_cnn()), data, rounds=3, clients_per_round=3, seed=4,
+                       _cnn(), data, rounds=3, clients_per_round=3, seed=4,
                        progress=False, eval_every=3)
   avg = jaxfl.simulate(A.prism_fedavg(**kw), _cnn(), data, rounds=3, clients_per_round=3,
                        seed=4, progress=False, eval_every=3)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               emb.state.params["params"], avg.state.params)
+               emb.state.params, avg.state.params)
   assert emb.history[-1]["rel_uplink"] == pytest.approx(1.0)
 
 
@@ -207,7 +199,7 @@ class _Compiles(logging.Handler):
 def test_one_compilation_exact_resume_and_the_suffix_uplink(tmp_path):
   trained = np.array([1, 3, 7, 0, 5, 2], np.int32)
   algo = A.embracingfl(trained, CNN_ORDER, rounds=4, batch_size=4, local_steps=2)
-  run = lambda rounds, **kw: jaxfl.simulate(algo, A.embracing_model(_cnn()), _data(),
+  run = lambda rounds, **kw: jaxfl.simulate(algo, _cnn(), _data(),
                                             rounds=rounds, clients_per_round=3, seed=3,
                                             progress=False, eval_every=rounds, **kw)
   h = _Compiles()
@@ -240,12 +232,6 @@ def test_bad_arguments_are_refused_before_any_compile():
     A.embracingfl(2, CNN_ORDER, client_lr=0.0)
   algo = A.embracingfl(3, CNN_ORDER)
   assert algo.config["preset"] == "embracingfl" and algo.config["trained"] == 3
-  # the view on a model without EmbracingFL's count leaves says how to build it
-  params, state = _cnn().init(jax.random.key(0))
-  wrong = jaxfl.aggregation.counted(params, jax.tree.map(lambda p: jnp.zeros(p.shape), params))
-  snap = ServerSnapshot(wrong, state, None, jnp.int32(0))
-  with pytest.raises(ValueError, match="embracing_model"):
-    algo.view.apply(snap, SlotInfo(jnp.int32(0), jnp.int32(0), jax.random.key(0)), None)
 
 
 TWO_DEVICES = textwrap.dedent("""
@@ -258,7 +244,7 @@ TWO_DEVICES = textwrap.dedent("""
     A = jaxfl.algorithms
     algo = A.embracingfl(np.array([1, 3, 7, 0, 5, 2], np.int32), CNN_ORDER, rounds=3,
                          batch_size=4, local_steps=2)
-    res = [jaxfl.simulate(algo, A.embracing_model(_cnn()), _data(), rounds=3,
+    res = [jaxfl.simulate(algo, _cnn(), _data(), rounds=3,
                           clients_per_round=3, seed=3, progress=False, eval_every=3,
                           devices=jax.devices()[:n], clients_per_chunk=c)
            for n, c in ((1, "auto"), (2, None))]
@@ -273,7 +259,7 @@ TWO_DEVICES = textwrap.dedent("""
 
 def test_two_devices_equal_one():
   """Padded cohort (3 -> 4 slots), the vmapped cohort over 2 devices (PriSM's test runs the
-  same counted masked mean one client per device per step)."""
+  same masked mean one client per device per step)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   here = os.path.dirname(__file__)

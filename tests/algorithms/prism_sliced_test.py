@@ -1,5 +1,7 @@
 """PriSM's sliced (gathered) sub-model computation against the masked full-size one."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,17 +67,16 @@ def _local_updates(kappa, dtype, rep_select, submodel_clip, seed):
   base = _base()
   algo = A.prism(kappa, sampling="uniform", rep_select=rep_select, submodel_clip=submodel_clip,
                  rounds=5, weight_decay=1e-2, batch_size=4, local_steps=3, client_lr=0.1)
-  masked, sliced = A.prism_model(base), A.prism_model(base, sliced=kappa)
-  params, ms = jax.jit(masked.init)(jax.random.key(seed))
+  params, ms = jax.jit(base.init)(jax.random.key(seed))
   params = jax.tree.map(lambda a: a.astype(dtype), params)
   opt = jax.jit(optax.with_extra_args_support(algo.server_optimizer).init)(params)
   snap = ServerSnapshot(params, ms, opt, jnp.zeros([], jnp.int32))
   dd = device_data(data)
   x = dd.x.astype(dtype)
   n = data.max_client_size
-  updates = {"masked": make_client_update(masked, algo.local, n),
-             "sliced": make_client_update(sliced, algo.local, n),
-             "gathered": A.prism_client_update(masked, algo.local, n, kappa)}
+  updates = {"masked": make_client_update(base, algo.local, n),
+             "sliced": A.prism_client_update(base, algo.local, n, kappa, gather_state=False),
+             "gathered": A.prism_client_update(base, algo.local, n, kappa)}
   # unoptimised XLA: these tests compare programs, and compile time dominates them
   updates = {k: jax.jit(f, compiler_options=FAST_COMPILE) for k, f in updates.items()}
   outs = []
@@ -92,7 +93,7 @@ def _local_updates(kappa, dtype, rep_select, submodel_clip, seed):
 def test_sliced_local_update_equals_the_masked_one():
   """float32, heterogeneous capacities (clients below the largest level pad with zero-weight
   components), random output rows, the reference's clip: the delta (every leaf), loss and
-  gradient norm of the sliced model and of the gathered-state update equal the masked
+  gradient norm of the sliced forward pass and of the gathered-state update equal the masked
   full-size update; out-of-mask entries stay exactly 0 in the delta."""
   kappa = np.array([0.2, 0.6, 0.3])
   for st, out in _local_updates(kappa, jnp.float32, "random", False, seed=1):
@@ -123,43 +124,45 @@ def test_sliced_local_update_equals_the_masked_one_in_float64(x64):
 
 
 def test_a_mask_larger_than_the_sliced_size_is_quarantined():
-  """A sliced model built for a smaller kappa than the view's gives NaN (the round then
-  quarantines the client); evaluation still runs the full model."""
+  """A sliced update built for a smaller kappa than the view's gives NaN (the round then
+  quarantines the client); without the view's train mask it refuses to trace."""
   data = _data(3)
   base = _base()
   algo = A.prism(0.6, rounds=2, batch_size=4, local_steps=2)
-  model = A.prism_model(base, sliced=0.2)
-  params, ms = jax.jit(model.init)(jax.random.key(0))
+  params, ms = jax.jit(base.init)(jax.random.key(0))
   snap = ServerSnapshot(params, ms, jax.jit(algo.server_optimizer.init)(params),
                         jnp.zeros([], jnp.int32))
   st = jax.jit(algo.view.apply)(snap, SlotInfo(jnp.int32(0), jnp.int32(0), jax.random.key(0)),
                                 None)
   dd = device_data(data)
-  out = jax.jit(make_client_update(model, algo.local, data.max_client_size),
-                compiler_options=FAST_COMPILE)(
-      st.params, ms, dd.x, dd.y, dd.client_indices[0], dd.client_sizes[0], jax.random.key(1),
-      st.train_mask, {"round": snap.round, **st.context})
+  update = functools.partial(A.prism_client_update, base, algo.local, data.max_client_size, 0.2)
+  args = (st.params, ms, dd.x, dd.y, dd.client_indices[0], dd.client_sizes[0],
+          jax.random.key(1))
+  out = jax.jit(update(), compiler_options=FAST_COMPILE)(
+      *args, st.train_mask, {"round": snap.round, **st.context})
   assert np.isnan(float(out.metrics["loss"]))
-  evaluate = lambda m: jax.jit(lambda p, x: m.apply(p, ms, x, train=False)[0])(params, dd.x[:5])
-  np.testing.assert_array_equal(evaluate(model), evaluate(A.prism_model(base)))
+  for gather_state in (True, False):
+    with pytest.raises(ValueError, match="update_mask"):
+      jax.eval_shape(update(gather_state=gather_state), *args)
 
 
-def test_rounds_with_the_sliced_model_equal_masked_rounds():
-  """The compiled round with prism_model(sliced=kappa) (heterogeneous capacities) ends where
-  the masked model's does."""
+def test_rounds_with_the_sliced_forward_pass_equal_masked_rounds():
+  """The compiled round with the sliced forward pass (``gather_state=False``, heterogeneous
+  capacities) ends where the masked model's does."""
   data = _data(4, num_clients=6)
   kappa = A.draw_capacities(6, seed=0)
   algo = A.prism(kappa, rounds=2, batch_size=4, local_steps=2)
+  sliced = algo._replace(client_update=functools.partial(A.prism_client_update, sliced=kappa,
+                                                         gather_state=False))
   dd = device_data(data)
   out = []
-  for sliced in (None, kappa):
-    rnd = jaxfl.build_round(algo, A.prism_model(_base(), sliced=sliced), num_clients=6,
-                            max_client_size=data.max_client_size, clients_per_round=3,
-                            donate=False)
+  for a in (algo, sliced):
+    rnd = jaxfl.build_round(a, _base(), num_clients=6, max_client_size=data.max_client_size,
+                            clients_per_round=3, donate=False)
     state = rnd.init(jax.random.key(0))
     for r in range(2):
       state, metrics = rnd.step(state, dd, jax.random.key(10 + r))
-    out.append((jaxfl.models.merge_params(state.params["params"]), metrics))
+    out.append((jaxfl.models.merge_params(state.params), metrics))
   (a, ma), (b, mb) = out
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
   assert float(ma["aggregator/coverage"]) == float(mb["aggregator/coverage"])
@@ -169,8 +172,6 @@ def test_rounds_with_the_sliced_model_equal_masked_rounds():
 def test_the_gathered_client_update_plugs_into_the_round_through_algorithm_client_update():
   """``Algorithm.client_update`` installs PriSM's gathered sub-model update in the compiled
   round (one compilation); the rounds end where the masked ones do."""
-  import functools
-
   data = _data(5, num_clients=6)
   kappa = 0.4
   algo = A.prism(kappa, rounds=2, batch_size=4, local_steps=2)
@@ -178,17 +179,16 @@ def test_the_gathered_client_update_plugs_into_the_round_through_algorithm_clien
   dd = device_data(data)
   out = []
   for a in (algo, gathered):
-    rnd = jaxfl.build_round(a, A.prism_model(_base()), num_clients=6,
-                            max_client_size=data.max_client_size, clients_per_round=3,
-                            donate=False)
+    rnd = jaxfl.build_round(a, _base(), num_clients=6, max_client_size=data.max_client_size,
+                            clients_per_round=3, donate=False)
     state = rnd.init(jax.random.key(0))
     for r in range(2):
       state, metrics = rnd.step(state, dd, jax.random.key(20 + r))
     assert rnd.step._cache_size() == 1
-    out.append((jaxfl.models.merge_params(state.params["params"]), metrics))
+    out.append((jaxfl.models.merge_params(state.params), metrics))
   (a, ma), (b, mb) = out
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
   np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=1e-5)
   with pytest.raises(TypeError, match="`client_update`"):
-    jaxfl.build_round(algo._replace(client_update="gathered"), A.prism_model(_base()),
+    jaxfl.build_round(algo._replace(client_update="gathered"), _base(),
                       num_clients=6, max_client_size=data.max_client_size, clients_per_round=3)

@@ -14,7 +14,6 @@ import optax
 import pytest
 
 import jaxfl
-from jaxfl.aggregation import counted, masked_mean
 from jaxfl.client import make_client_update
 from jaxfl.data import device_data
 from jaxfl.models import factor_layers, merge_factors
@@ -37,56 +36,7 @@ def _data(num_clients=6, seed=0, hw=8):
 
 
 def _model():
-  return jaxfl.algorithms.prism_model(jaxfl.models.prism_cnn((8, 8, 1), 3, features=(4, 8, 8)))
-
-
-# ----------------------------------------------------------------------------- aggregator
-
-
-def test_masked_mean_matches_a_numpy_loop_with_random_masks():
-  """sum_i w_i m_i d_i / sum_i w_i m_i per entry, 0 where nobody trained it; stacked (jit)
-  and streamed (two chunks) forms agree; a zero-weight client is inert."""
-  rng = np.random.default_rng(0)
-  c = 5
-  masks = {"a": (rng.random((c, 4, 3)) < 0.4).astype(np.float32),
-           "b": (rng.random((c, 1, 3)) < 0.5).astype(np.float32),  # broadcast count leaf
-           "d": np.ones((c,), np.float32)}  # a leaf every client trains whole
-  masks["a"][:, 0, 0] = 0.0  # nobody trains this entry
-  vals = {"a": rng.normal(size=(c, 4, 3)), "b": rng.normal(size=(c, 2, 3)),
-          "d": rng.normal(size=(c, 2))}
-  shapes = {"a": (4, 3), "b": (2, 3), "d": (2,)}
-  w = np.array([1.0, 0.0, 1.0, 1.0, 1.0], np.float32)
-
-  def full(k):  # client i's mask broadcast to the value leaf
-    m = masks[k]
-    return np.broadcast_to(m.reshape((c,) + (1,) * (len(shapes[k]) - m.ndim + 1) + m.shape[1:]),
-                           (c,) + shapes[k])
-
-  up = counted({k: (vals[k] * full(k)).astype(np.float32) for k in vals}, masks)
-  agg = masked_mean()
-  params = jax.tree.map(lambda a: a[0], up)
-  out, _ = jax.jit(lambda u, w: agg.update(u, agg.init(params), params, weights=w))(up, w)
-  for k in vals:
-    m = full(k)
-    num, cnt = np.zeros(shapes[k]), np.zeros(shapes[k])
-    for i in range(c):
-      num += w[i] * m[i] * vals[k][i]
-      cnt += w[i] * m[i]
-    ref = np.where(cnt > 0, num / np.where(cnt > 0, cnt, 1), 0.0)
-    np.testing.assert_allclose(out["params"][k], ref, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(out["params"]["a"][0, 0], 0.0)  # fallback: zero delta
-  np.testing.assert_allclose(out["counts"]["a"], np.tensordot(w, masks["a"], 1))
-  # streamed: sums over two chunks, then finalize
-  coeff, scal = agg.coefficients(jnp.asarray(w), None)
-  parts = [(jax.tree.map(lambda a, s=s: jnp.tensordot(coeff[s], a[s], 1), up),
-            {k: jnp.sum(v[s]) for k, v in scal.items()}) for s in (slice(0, 2), slice(2, 5))]
-  streamed = agg.finalize(jax.tree.map(jnp.add, parts[0][0], parts[1][0]),
-                          {k: parts[0][1][k] + parts[1][1][k] for k in scal})
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), streamed,
-               out)
-  # a plain (not counted) tree: the weighted mean
-  plain, _ = agg.update(vals["a"].astype(np.float32), None, None, weights=w)
-  np.testing.assert_allclose(plain, np.tensordot(w, vals["a"], 1) / w.sum(), rtol=1e-5)
+  return jaxfl.models.prism_cnn((8, 8, 1), 3, features=(4, 8, 8))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -153,7 +103,8 @@ def _snapshot(algo, model, seed=0):
 
 def test_view_hands_out_the_principal_sub_model():
   """Per client kappa_i (a static table): ceil(kappa_i r) components per layer, the first
-  ceil(0.4 C_out) output columns of U, masked entries zeroed, count leaves at -mask."""
+  ceil(0.4 C_out) output columns of U, masked entries zeroed; the mask is the train and the
+  upload mask (the masked mean reads it) and the clipping's gradient mask."""
   kappa = np.array([0.2, 0.4, 0.6, 1.0, 0.5, 0.3], np.float32)
   algo = jaxfl.algorithms.prism(kappa, sampling="uniform")
   model = _model()
@@ -161,36 +112,20 @@ def test_view_hands_out_the_principal_sub_model():
   apply = jax.jit(algo.view.apply)
   for cid in range(6):
     st = apply(snap, SlotInfo(jnp.int32(cid), jnp.int32(0), jax.random.key(cid)), None)
-    values, counts = snap.params["params"], snap.params["counts"]
+    values = snap.params
     for path in factor_layers(values):
       name = path[0]
       r, c_out = values[name]["U"].shape
-      comp = np.asarray(st.train_mask["params"][name]["V"]).reshape(-1)
+      comp = np.asarray(st.train_mask[name]["V"]).reshape(-1)
       assert comp.sum() == np.ceil(kappa[cid] * r - 1e-9)
       rows = np.arange(c_out) < np.ceil(0.4 * c_out)
-      np.testing.assert_array_equal(st.train_mask["params"][name]["U"], np.outer(comp, rows))
-      np.testing.assert_array_equal(st.params["params"][name]["U"],
+      np.testing.assert_array_equal(st.train_mask[name]["U"], np.outer(comp, rows))
+      np.testing.assert_array_equal(st.params[name]["U"],
                                     np.asarray(values[name]["U"]) * np.outer(comp, rows))
-      np.testing.assert_array_equal(st.params["counts"][name]["V"],
-                                    np.asarray(counts[name]["V"]) - comp.reshape(1, 1, 1, -1))
-    np.testing.assert_array_equal(st.params["params"]["fc"]["kernel"], values["fc"]["kernel"])
-    assert all(float(m) == 0.0 for m in jax.tree.leaves(st.train_mask["counts"]))
-    assert all(float(m) == 1.0 for m in jax.tree.leaves(st.upload_mask["counts"]))
-    assert st.context["grad_mask"] is not None
-
-
-def test_count_leaves_must_be_prisms():
-  algo = jaxfl.algorithms.prism(0.5)
-  base = jaxfl.models.prism_cnn((8, 8, 1), 3, features=(4, 8, 8))
-  full = jaxfl.models.with_counts(base, lambda p: jax.tree.map(jnp.zeros_like, p))
-  snap = _snapshot(algo, full)
-  with pytest.raises(ValueError, match="prism_model"):
-    algo.view.apply(snap, SlotInfo(jnp.int32(0), jnp.int32(0), jax.random.key(0)), None)
-  with pytest.raises(ValueError, match="structure"):
-    jaxfl.models.with_counts(base, lambda p: {"x": jnp.zeros(())}).init(jax.random.key(0))
-  with pytest.raises(ValueError, match="broadcast"):
-    masked_mean().finalize(counted({"a": jnp.ones((3, 4))}, {"a": jnp.ones((2, 4))}),
-                           {"weight": jnp.ones(())})
+    np.testing.assert_array_equal(st.params["fc"]["kernel"], values["fc"]["kernel"])
+    assert float(st.train_mask["fc"]["kernel"]) == 1.0  # trained whole
+    for m in (st.upload_mask, st.context["grad_mask"]):
+      jax.tree.map(np.testing.assert_array_equal, m, st.train_mask)
 
 
 @pytest.mark.parametrize("rep_select,submodel_clip", [("first", True), ("random", False)])
@@ -217,7 +152,7 @@ def test_out_of_mask_entries_never_move_in_local_training(rep_select, submodel_c
       moved.append(np.any(np.asarray(p1)[~off] != np.asarray(p0)[~off]))
     assert sum(moved) >= 8  # the sub-model did train
     if rep_select == "random":
-      rows = np.asarray(st.train_mask["params"]["conv2"]["U"]).max(axis=0)
+      rows = np.asarray(st.train_mask["conv2"]["U"]).max(axis=0)
       assert rows.sum() == np.ceil(0.4 * 8)
 
 
@@ -237,46 +172,27 @@ def test_frobenius_decay_is_the_gradient_of_half_the_squared_frobenius_norm():
   np.testing.assert_array_equal(out["w"], grads["w"])
 
 
-def test_frobenius_decay_leaves_count_leaves_alone():
-  """The count leaves of a counted tree are shaped like factor layers (V (1,..,1,r), U (r,
-  C_out)) but are not factors: their gradients pass unchanged (else they would enter the
-  clipping norm)."""
-  model = _model()
-  params, _ = model.init(jax.random.key(0))
-  params = counted(params["params"], jax.tree.map(lambda c: c - 1.0, params["counts"]))
-  grads = jax.tree.map(jnp.zeros_like, params)
-  out, _ = frobenius_decay(0.1).update(grads, optax.EmptyState(), params)
-  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(out["counts"]))
-  plain, _ = frobenius_decay(0.1).update(grads["params"], optax.EmptyState(), params["params"])
-  jax.tree.map(np.testing.assert_array_equal, out["params"], plain)
-  assert float(jnp.max(jnp.abs(out["params"]["conv2"]["U"]))) > 0
-
-
 def test_server_re_svd_keeps_the_product_and_stores_sigma():
   model = _model()
   params, _ = model.init(jax.random.key(0))
   tx = prism_server()
   state = tx.init(params)
   rng = np.random.default_rng(0)
-  delta = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape), p.dtype),
-                       params["params"])
-  counts = jax.tree.map(lambda c: jnp.full(c.shape, 2.0), params["counts"])
-  upd, new_state = jax.jit(tx.update)(counted(delta, counts), state, params)
+  delta = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape), p.dtype), params)
+  upd, new_state = jax.jit(tx.update)(delta, state, params)
   new = optax.apply_updates(params, upd)
-  for path in factor_layers(params["params"]):
+  for path in factor_layers(params):
     name = path[0]
-    want = merge_factors(params["params"][name]["V"] - delta[name]["V"],
-                         params["params"][name]["U"] - delta[name]["U"])
-    got = merge_factors(new["params"][name]["V"], new["params"][name]["U"])
+    want = merge_factors(params[name]["V"] - delta[name]["V"],
+                         params[name]["U"] - delta[name]["U"])
+    got = merge_factors(new[name]["V"], new[name]["U"])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     w = np.asarray(want, np.float64).reshape(-1, want.shape[-1])
-    sig = new_state.sigma[factor_layers(params["params"]).index(path)]
+    sig = new_state.sigma[factor_layers(params).index(path)]
     np.testing.assert_allclose(sig, np.linalg.svd(w, compute_uv=False)[:sig.shape[0]],
                                rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(new["params"]["fc"]["kernel"],
-                             params["params"]["fc"]["kernel"] - delta["fc"]["kernel"], rtol=1e-6)
-  assert all(float(jnp.max(jnp.abs(c))) == 0 for c in jax.tree.leaves(new["counts"]))
-  jax.tree.map(np.testing.assert_array_equal, new_state.counts, counts)
+  np.testing.assert_allclose(new["fc"]["kernel"], params["fc"]["kernel"] - delta["fc"]["kernel"],
+                             rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the round
@@ -301,7 +217,7 @@ def test_round_equals_a_loop_over_clients_with_numpy_aggregation():
     key = jax.random.key(100 + r)
     k_clients = jax.random.split(key, 5)[2]
     snap = ServerSnapshot(state.params, state.model_state, state.opt_state, state.round)
-    g = f64(state.params["params"])
+    g = f64(state.params)
     num = jax.tree.map(np.zeros_like, g)
     cnt = jax.tree.map(np.zeros_like, g)
     for slot, cid in enumerate(schedule[r]):
@@ -311,15 +227,15 @@ def test_round_equals_a_loop_over_clients_with_numpy_aggregation():
       out = update(st.params, state.model_state, dd.x, dd.y, dd.client_indices[cid],
                    dd.client_sizes[cid], jax.random.split(sk)[0], st.train_mask,
                    {"round": state.round, **st.context})
-      local = f64(jax.tree.map(jnp.subtract, st.params["params"], out.delta["params"]))
+      local = f64(jax.tree.map(jnp.subtract, st.params, out.delta))
       m = jax.tree.map(lambda mm, p: np.broadcast_to(np.asarray(mm, np.float64), p.shape),
-                       st.train_mask["params"], g)
+                       st.train_mask, g)
       num = jax.tree.map(lambda a, mm, gg, ll: a + mm * (gg - ll), num, m, g, local)
       cnt = jax.tree.map(lambda a, mm: a + mm, cnt, m)
     mean = jax.tree.map(lambda a, c: np.where(c > 0, a / np.where(c > 0, c, 1), 0), num, cnt)
     ref = jax.tree.map(np.subtract, g, mean)
     state, metrics = rnd.step(state, dd, key)
-    got = state.params["params"]
+    got = state.params
     layers = factor_layers(ref)
     for i, path in enumerate(layers):
       name = path[0]
@@ -330,16 +246,13 @@ def test_round_equals_a_loop_over_clients_with_numpy_aggregation():
       np.testing.assert_allclose(state.opt_state.sigma[i],
                                  np.linalg.svd(w, compute_uv=False)[:w.shape[1]], rtol=1e-4,
                                  atol=1e-5)
-      comp_counts = cnt[name]["V"][0, 0, 0]
-      np.testing.assert_allclose(np.asarray(state.opt_state.counts[name]["V"]).reshape(-1),
-                                 comp_counts)
     for name in ("conv1", "bn1", "bn2", "bn3", "fc"):
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
                    f64(got[name]), ref[name])
     comps = np.concatenate([cnt[p[0]]["V"][0, 0, 0] for p in layers])
     assert float(metrics["aggregator/coverage"]) == pytest.approx(np.mean(comps > 0))
     assert float(metrics["aggregator/component_count_1"]) == pytest.approx(np.mean(comps == 1))
-    # uplink: the sub-model's entries (count leaves are free)
+    # uplink: the sub-model's entries
     sub = sum(float(np.sum(c)) for c in jax.tree.leaves(cnt))
     assert float(metrics["uplink_elements"]) == pytest.approx(sub)
 
@@ -396,7 +309,7 @@ def test_presets_refuse_bad_arguments():
 def test_submodel_fraction_counts_the_kept_entries():
   params, _ = _model().init(jax.random.key(0))
   frac = jaxfl.algorithms.submodel_fraction(params, 0.25, rep_keep=0.5)
-  v = params["params"]
+  v = params
   total = sum(np.size(x) for x in jax.tree.leaves(v))
   # conv2: V 36x8, U 8x8 -> n = 2, rows = 4: 36*2 + 2*4; conv3: V 72x8 -> 72*2 + 2*4
   sub = total - (36 * 8 + 64) - (72 * 8 + 64) + (36 * 2 + 8) + (72 * 2 + 8)
@@ -413,7 +326,7 @@ TWO_DEVICES = textwrap.dedent("""
     assert jax.device_count() == 2, jax.devices()
     algo = jaxfl.algorithms.prism(jaxfl.algorithms.draw_capacities(6, seed=0), rounds=3,
                                   batch_size=4, local_steps=2)
-    merged = lambda p: jaxfl.models.merge_params(p["params"])
+    merged = jaxfl.models.merge_params
     res = [jaxfl.simulate(algo, _model(), _data(), rounds=3, clients_per_round=3, seed=3,
                           progress=False, eval_every=3, devices=jax.devices()[:n],
                           clients_per_chunk=c)
@@ -430,7 +343,7 @@ TWO_DEVICES = textwrap.dedent("""
 
 def test_two_devices_equal_one():
   """Padded cohort (3 -> 4 slots), one client per device per step (EmbracingFL's test runs the
-  same counted masked mean with the vmapped cohort)."""
+  same masked mean with the vmapped cohort)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   here = os.path.dirname(__file__)
