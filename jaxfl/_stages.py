@@ -427,8 +427,10 @@ def aggregate(aggregator, aggregator_state, params, res, key, stream: bool) -> A
     inv = jtree.safe_reciprocal(sums.weight)
     ms = jax.tree.map(lambda s: s * inv.astype(s.dtype), sums.model_state)
     extra = (sums.mask,) if aggregator.masked else ()
+    aux = ({} if aggregator.aux is None
+           else aggregator.aux(sums.scalars, sums.mask, outs.weight.shape[0]))
     return Aggregate(aggregator.finalize(sums.delta, sums.scalars, *extra), ms, aggregator_state,
-                     {}, sums.sent)
+                     dict(aux), sums.sent)
   # Upload masks go to the aggregator only where the view declared them (an aggregator
   # written before the mask contract need not accept the keyword).
   masks = {} if res.upload_mask is None else {"client_masks": res.upload_mask}

@@ -13,7 +13,8 @@ accumulate the sums chunk by chunk (streaming: memory grows with the chunk, not 
 and, on a mesh, all-reduce partial sums. The kind is declared by the type, never detected.
 
 ``update`` may return ``(aggregate, state, aux)``: ``aux`` is a dict of scalars that the round
-adds to its metrics as ``aggregator/<name>``.
+adds to its metrics as ``aggregator/<name>``; a linear aggregator declares its ``aux`` from the
+sums, so it is reported streamed too.
 
 ``client_metrics`` is a dict of f32[C] per-client values: ``loss``, ``grad_norm``,
 ``examples``, ``steps``.
@@ -60,6 +61,10 @@ class LinearAggregator(NamedTuple):
       (``jaxfl.views.ClientStart.upload_mask``): ``mask_sum`` is that tree (leaves shaped like
       the masks, f32), or None where the view declares no masks (every client sent
       everything).
+    aux: None, or ``(scalar_sums, mask_sum, num_slots) -> {name: f32[]}``: auxiliary
+      scalars computed from the sums (``mask_sum`` None unless ``masked``; ``num_slots`` the
+      static number of cohort slots, padding included), reported by the round as
+      ``aggregator/<name>`` in the stacked and the streamed form alike.
   """
 
   init: Callable[[Any], Any]
@@ -67,6 +72,7 @@ class LinearAggregator(NamedTuple):
   coefficients: Callable[[jax.Array, dict], tuple[jax.Array, dict]]
   finalize: Callable[..., Any]
   masked: bool = False
+  aux: Callable[[dict, Any, int], dict] | None = None
 
 
 def _mask_sum(client_masks, c):
@@ -77,7 +83,8 @@ def _mask_sum(client_masks, c):
 
 
 def linear_aggregator(coefficients: Callable[[jax.Array, dict], tuple[jax.Array, dict]],
-                      finalize: Callable[..., Any], masked: bool = False) -> LinearAggregator:
+                      finalize: Callable[..., Any], masked: bool = False,
+                      aux: Callable[[dict, Any, int], dict] | None = None) -> LinearAggregator:
   """A :class:`LinearAggregator` whose stacked ``update`` is its streamed form in one chunk.
 
   Args:
@@ -85,6 +92,8 @@ def linear_aggregator(coefficients: Callable[[jax.Array, dict], tuple[jax.Array,
     finalize: ``(sum_i c_i u_i, {name: sum_i s_i}) -> aggregate``; with ``masked``, also
       ``sum_i c_i m_i`` of the upload masks (or None) as a third argument.
     masked: see :attr:`LinearAggregator.masked`.
+    aux: see :attr:`LinearAggregator.aux` (the stacked ``update`` then returns
+      ``(aggregate, state, aux)``).
 
   Returns:
     The aggregator (stateless).
@@ -96,11 +105,13 @@ def linear_aggregator(coefficients: Callable[[jax.Array, dict], tuple[jax.Array,
     c, scalars = coefficients(weights, client_metrics)
     total = jtree.weighted_sum(client_updates, c)
     sums = {k: jnp.sum(v) for k, v in scalars.items()}
-    if masked:
-      return finalize(total, sums, _mask_sum(client_masks, c)), state
-    return finalize(total, sums), state
+    mask_sum = _mask_sum(client_masks, c) if masked else None
+    agg = finalize(total, sums, mask_sum) if masked else finalize(total, sums)
+    if aux is None:
+      return agg, state
+    return agg, state, aux(sums, mask_sum, weights.shape[0])
 
-  return LinearAggregator(_empty_init, update_fn, coefficients, finalize, masked)
+  return LinearAggregator(_empty_init, update_fn, coefficients, finalize, masked, aux)
 
 
 def weighted_mean() -> LinearAggregator:
@@ -266,8 +277,7 @@ def dp_mean(clip_norm: float, noise_multiplier: float = 0.0) -> optax.GradientTr
   return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
 
 
-def masked_mean(diagnostics: Callable[[Any, jax.Array], dict] | None = None
-                ) -> LinearAggregator | optax.GradientTransformationExtraArgs:
+def masked_mean(diagnostics: Callable[[Any, int], dict] | None = None) -> LinearAggregator:
   r"""Per-entry masked mean over the clients that trained each entry (linear).
 
   Sub-model methods (PriSM, HeteroFL, FjORD, EmbracingFL) train and upload a different part
@@ -291,14 +301,13 @@ def masked_mean(diagnostics: Callable[[Any, jax.Array], dict] | None = None
   ``sgd(1.0)``, :func:`jaxfl.transforms.prism_server`) keeps the old server value there.
 
   Args:
-    diagnostics: optional ``(mask_sum, weights) -> {name: f32[]}`` of :math:`c` and the
-      f32[C] weights (PriSM's component coverage). The round reports aux scalars only from
-      a stacked (general) aggregator, so with ``diagnostics`` this returns the general form
-      (not streamable), which computes the same aggregate plus those scalars as aux.
+    diagnostics: optional ``(mask_sum, num_slots) -> {name: f32[]}`` of :math:`c` and the
+      static number of cohort slots (PriSM's component coverage), reported as the
+      aggregator's aux (:attr:`LinearAggregator.aux`: streamed too); not called where the
+      view declares no masks.
 
   Returns:
-    A :class:`LinearAggregator` (``masked=True``), or with ``diagnostics`` an
-    ``optax.GradientTransformationExtraArgs`` returning ``(aggregate, state, aux)``.
+    A :class:`LinearAggregator` with ``masked=True``.
 
   References:
     Niu, Prakash, Kundu, Lee and Avestimehr, `Overcoming Resource Constraints in Federated
@@ -332,17 +341,10 @@ def masked_mean(diagnostics: Callable[[Any, jax.Array], dict] | None = None
       raise ValueError(f"masked_mean: the upload masks must have the structure of the "
                        f"updates: {e}") from e
 
-  linear = linear_aggregator(coefficients, finalize, masked=True)
-  if diagnostics is None:
-    return linear
-
-  def update_fn(client_updates, state, params=None, *, weights, client_masks=None, **extra):
-    agg, state = linear.update(client_updates, state, params, weights=weights,
-                               client_masks=client_masks, **extra)
-    aux = {} if client_masks is None else diagnostics(_mask_sum(client_masks, weights), weights)
-    return agg, state, aux
-
-  return optax.GradientTransformationExtraArgs(_empty_init, update_fn)
+  aux = None
+  if diagnostics is not None:
+    aux = lambda sums, mask_sum, n: {} if mask_sum is None else diagnostics(mask_sum, n)
+  return linear_aggregator(coefficients, finalize, masked=True, aux=aux)
 
 
 AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean,

@@ -147,20 +147,27 @@ def test_masked_mean_matches_a_float64_loop_with_random_masks(seed):
   np.testing.assert_allclose(plain["a"], np.tensordot(w, up["a"], 1) / w.sum(), rtol=1e-5)
 
 
-def test_masked_mean_diagnostics_see_the_per_entry_counts():
+def test_masked_mean_diagnostics_see_the_per_entry_counts_stacked_and_streamed():
   up, masks, w, ref = _masked_case(0)
   seen = {}
 
-  def diagnostics(counts, weights):
-    seen["counts"], seen["weights"] = counts, weights
+  def diagnostics(counts, num_slots):
+    seen["counts"], seen["slots"] = counts, num_slots
     return {"covered": jnp.mean(counts["a"] > 0)}
 
   agg = aggregation.masked_mean(diagnostics)
   params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), up)
   out, _, aux = agg.update(up, agg.init(params), params, weights=w, client_masks=masks)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out, ref)
-  np.testing.assert_allclose(seen["counts"]["a"], np.tensordot(w, masks["a"], 1))
-  assert float(aux["covered"]) == pytest.approx(np.mean(np.tensordot(w, masks["a"], 1) > 0))
+  counts = np.tensordot(w, masks["a"], 1)
+  np.testing.assert_allclose(seen["counts"]["a"], counts)
+  assert seen["slots"] == 5
+  assert float(aux["covered"]) == pytest.approx(np.mean(counts > 0))
+  # the streamed form: the same scalars from the summed masks
+  mask_sum = jax.tree.map(lambda m: jnp.tensordot(jnp.asarray(w), m, 1), masks)
+  streamed = agg.aux({"weight": jnp.sum(w)}, mask_sum, 5)
+  assert float(streamed["covered"]) == pytest.approx(np.mean(counts > 0))
+  assert agg.aux({"weight": jnp.sum(w)}, None, 5) == {}  # no declared masks: nothing
 
 
 def test_masked_mean_refuses_masks_that_do_not_fit():
@@ -177,7 +184,8 @@ def test_masked_mean_refuses_masks_that_do_not_fit():
 def test_the_round_hands_declared_upload_masks_to_the_aggregator():
   """A view declaring upload masks: a general aggregator receives them stacked as
   ``client_masks``; a masked linear aggregator streams sum_i c_i m_i (chunks of 2 over 6
-  clients) to the same aggregate as its stacked form; a view without masks hands none."""
+  clients) to the same aggregate and the same aux scalars as its stacked form; a view without
+  masks hands none."""
   data = jaxfl.data.synthetic(num_clients=6, dim=4, num_classes=3, mean_size=10, seed=0)
   model = jaxfl.models.mlp((4,), 3, hidden=(5,))
 
@@ -196,18 +204,24 @@ def test_the_round_hands_declared_upload_masks_to_the_aggregator():
                                             client_masks=client_masks)
 
   base = jaxfl.algorithms.fedavg(client_lr=0.1, local_steps=2, batch_size=4)
-  masked = base._replace(aggregator=aggregation.masked_mean(),
+  diagnostics = lambda counts, n: {"trained": sum(jnp.sum(c) for c in jax.tree.leaves(counts)),
+                                   "slots": jnp.float32(n)}
+  masked = base._replace(aggregator=aggregation.masked_mean(diagnostics),
                          view=jaxfl.views.ClientView(view))
-  runs = {}
+  runs, hist = {}, {}
   for name, algo, kw in [
       ("general", masked._replace(aggregator=optax_general(general)), {}),
       ("stacked", masked, dict(stream_aggregate=False)),
       ("streamed", masked, dict(clients_per_chunk=2, stream_aggregate=True))]:
-    runs[name] = jaxfl.simulate(algo, model, data, rounds=2, clients_per_round=6, seed=1,
-                                progress=False, **kw).state.params
+    res = jaxfl.simulate(algo, model, data, rounds=2, clients_per_round=6, seed=1,
+                         progress=False, **kw)
+    runs[name], hist[name] = res.state.params, res.history
   jax.tree.map(np.testing.assert_array_equal, runs["general"], runs["stacked"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                runs["stacked"], runs["streamed"])
+  for h_stacked, h_streamed in zip(hist["stacked"], hist["streamed"]):
+    assert h_stacked["aggregator/slots"] == h_streamed["aggregator/slots"] == 6
+    assert h_stacked["aggregator/trained"] == h_streamed["aggregator/trained"] > 0
   masks = seen[0]
   hidden = [m for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]
             if "Dense_0" in jax.tree_util.keystr(p)]

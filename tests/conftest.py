@@ -16,7 +16,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # notebooks). They go first, so that with `pytest -n auto` the run ends on short tests and no
 # worker idles while another finishes a long one. The order is otherwise the collection order.
 _LONG = ("golden_test.py", "two_devices", "sharded", "two_processes", "notebooks_test.py",
-         "compilation_and_exact_resume", "sliced_model_equal_masked_rounds",
+         "compilation_and_exact_resume", "sliced_forward_pass_equal_masked_rounds",
          "mlbfgs_benchmark_smoke")
 
 

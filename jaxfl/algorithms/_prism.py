@@ -336,15 +336,16 @@ def prism_view(kappa: float | np.ndarray, sampling: str = "power", gamma: float 
   return views.ClientView(apply)
 
 
-def _coverage(counts, weights) -> dict:  # counts: masked_mean's sum_i w_i m_i
+def _coverage(counts, num_slots: int) -> dict:  # counts: masked_mean's sum_i w_i m_i
   """Aux metrics of the aggregate's counts: the share of components trained by >= 1 client
-  and, for k = 0..S, by exactly k clients (uniform weighting: integer counts)."""
+  and, for k = 0..S (the cohort's slots), by exactly k clients (uniform weighting: integer
+  counts)."""
   comps = [get_path(counts, p)["V"].reshape(-1) for p in factor_layers(counts)]
   if not comps:
     return {}
   c = jnp.round(jnp.concatenate(comps))
   out = {"coverage": jnp.mean(c > 0), "component_count_mean": jnp.mean(c)}
-  for k in range(weights.shape[0] + 1):
+  for k in range(num_slots + 1):
     out[f"component_count_{k}"] = jnp.mean(c == k)
   return out
 
@@ -443,8 +444,8 @@ def prism(kappa: float | Sequence[float] | np.ndarray = 0.2, *, sampling: str = 
       (:func:`jaxfl.transforms.mask_gradients`); False reproduces the reference, whose clip
       norm also counts the gradients of ``U`` rows beyond ``rep_keep`` that never move.
     diagnostics: report the component-coverage histogram per round
-      (``aggregator/coverage``, ``aggregator/component_count_k``); keeps the stacked client
-      updates (no streaming).
+      (``aggregator/coverage``, ``aggregator/component_count_k``), from the aggregate's
+      per-entry counts (streamed rounds too).
     name: label.
 
   Returns:
