@@ -231,6 +231,27 @@ def _all_finite(tree):
   return out
 
 
+def make_slot_view(algorithm, cohort_size: int | None = None):
+  """The view stage for one unbatched slot: ``slot_view(server, x) -> ClientStart``.
+
+  Its key is folded from the slot's key apart from the keys of training and the uplink, so
+  tracing it alone (for the upload masks' shapes) sees what the client stage sees.
+  """
+  def slot_view(server: ServerSnapshot, x: SlotInputs):
+    info = SlotInfo(x.id, x.slot, jax.random.fold_in(x.key, 2), cohort_size)
+    return algorithm.view.apply(server, info, x.row)
+
+  return slot_view
+
+
+def upload_mask_shapes(slot_view, server: ServerSnapshot, x: SlotInputs):
+  """The f32 upload masks' shapes for one slot (``None`` if the view declares none), from an
+  abstract trace of the view alone: no client update is traced."""
+  as_f32 = lambda t: None if t is None else jax.tree.map(
+      lambda m: jnp.asarray(m, jnp.float32), t)
+  return jax.eval_shape(lambda s, a: as_f32(slot_view(s, a).upload_mask), server, x)
+
+
 def make_train_slot(algorithm, client_update, keep_uplink_state: bool,
                     cohort_size: int | None = None):
   """The per-slot client stage: view -> local update -> uplink -> quarantine -> ledger.
@@ -248,12 +269,12 @@ def make_train_slot(algorithm, client_update, keep_uplink_state: bool,
   uplink = (None if algorithm.uplink is None
             else optax.with_extra_args_support(algorithm.uplink))
   keep_masks = wants_client_masks(algorithm.aggregator)
+  slot_view = make_slot_view(algorithm, cohort_size)
 
   def train_slot(server: ServerSnapshot, data, x: SlotInputs) -> SlotOutputs:
     params = server.params
     train_key, uplink_key = jax.random.split(x.key)
-    start = algorithm.view.apply(
-        server, SlotInfo(x.id, x.slot, jax.random.fold_in(x.key, 2), cohort_size), x.row)
+    start = slot_view(server, x)
     p0 = params if start.params is None else start.params
     # Every client optimizer may read the round index (per-round LR schedules).
     context = {"round": server.round, **(start.context or {})}
@@ -324,25 +345,33 @@ def _streamed_sums(aggregator, r: SlotOutputs) -> Streamed:
                   jax.tree.map(jnp.sum, r.sent), mask)
 
 
-def _zero_sums(aggregator, server: ServerSnapshot, n: int, chunk_shapes) -> Streamed:
+def _zero_sums(aggregator, server: ServerSnapshot, n: int, mask_shapes) -> Streamed:
   """Zeros shaped like :class:`Streamed` (the scalars' names from the aggregator, the mask
-  sums' shapes from one chunk's outputs ``chunk_shapes``)."""
+  sums' shapes from one slot's upload masks ``mask_shapes``)."""
   f32 = jax.ShapeDtypeStruct([n], jnp.float32)
   _, scalars = jax.eval_shape(aggregator.coefficients, f32, {
       k: f32 for k in ("loss", "grad_norm", "examples", "steps")})
   zeros = lambda t: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), t)
   scalar = jnp.zeros([], jnp.float32)
   mask = None
-  if chunk_shapes is not None and chunk_shapes.upload_mask is not None:
-    mask = jax.tree.map(lambda v: jnp.zeros(v.shape[1:], jnp.float32), chunk_shapes.upload_mask)
+  if mask_shapes is not None:
+    mask = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), mask_shapes)
   return Streamed(zeros(server.params), {k: scalar for k in scalars}, zeros(server.model_state),
                   scalar, jax.tree.map(lambda _: scalar, server.params), mask)
 
 
-def make_map_clients(train_slot, aggregator, layout: Layout, mesh):
+def make_map_clients(train_slot, aggregator, layout: Layout, mesh, slot_view=None):
   """Maps the per-slot stage over the cohort: ``shard_map`` over devices, ``lax.scan`` over a
   device's chunks, ``vmap`` inside a chunk of several slots (a chunk of one runs unbatched:
   native convs and a real branch over a ragged client's skipped steps).
+
+  Args:
+    train_slot: from :func:`make_train_slot`.
+    aggregator: the algorithm's aggregator (its streamed sums, when ``layout.stream``).
+    layout: from :func:`resolve_layout`.
+    mesh: the client mesh.
+    slot_view: from :func:`make_slot_view`; a masked aggregator that streams needs it (the
+      mask sums' shapes come from the view alone).
 
   Returns:
     ``map_clients(server, data, xs) -> SlotOutputs`` (stacked over slots), or with
@@ -375,11 +404,14 @@ def make_map_clients(train_slot, aggregator, layout: Layout, mesh):
       acc = jax.tree.map(jnp.add, acc, _streamed_sums(aggregator, r))
       return acc, r._replace(delta=None, model_state=None, grad_sum=None, upload_mask=None)
 
-    # A masked aggregator sums the upload masks, whose shapes only the view knows: trace one
-    # chunk abstractly for them (no compute).
+    # A masked aggregator sums the upload masks, whose shapes only the view knows: trace the
+    # view alone for them (no compute, and not the client update a second time).
     shapes = None
     if wants_client_masks(aggregator):
-      shapes = jax.eval_shape(run_chunk, server, data, jax.tree.map(lambda a: a[0], chunked))
+      if slot_view is None:
+        raise ValueError("make_map_clients: a masked aggregator that streams needs slot_view "
+                         "(from make_slot_view) for the upload masks' shapes")
+      shapes = upload_mask_shapes(slot_view, server, jax.tree.map(lambda a: a[0], xs))
     acc0 = _zero_sums(aggregator, server, local_chunk, shapes)
     if on_mesh:
       acc0 = jax.lax.pcast(acc0, jshard.AXIS, to="varying")

@@ -148,7 +148,8 @@ def build_round(algorithm: Algorithm, model: Model, *, num_clients: int, max_cli
   memory = algorithm.memory
   train_slot = _stages.make_train_slot(algorithm, client_update, memory is not None,
                                        layout.cohort)
-  map_clients = _stages.make_map_clients(train_slot, algorithm.aggregator, layout, mesh)
+  map_clients = _stages.make_map_clients(train_slot, algorithm.aggregator, layout, mesh,
+                                         _stages.make_slot_view(algorithm, layout.cohort))
   server_tx = optax.with_extra_args_support(algorithm.server_optimizer)
   init = _make_init(algorithm, model, server_tx, num_clients, layout)
 
