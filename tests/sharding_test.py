@@ -63,7 +63,7 @@ def test_sharded_equals_single_device():
   assert "SHARDED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-LAYERWISE_SCRIPT = textwrap.dedent("""
+LAYERWISE_PREAMBLE = textwrap.dedent("""
     import jax, numpy as np, sys
     sys.path.insert(0, sys.argv[1])
     from conftest import tiny_data
@@ -74,6 +74,9 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
     algos = [jaxfl.algorithms.fedlama(2, local_steps=3, warmup_rounds=0, client_lr=0.1,
                                       batch_size=3),
              jaxfl.algorithms.fedluar(2, local_steps=3, client_lr=0.1, batch_size=3)]
+""")
+
+LAYERWISE_SCRIPT = LAYERWISE_PREAMBLE + textwrap.dedent("""
     # per-slot memory through lax.map (one client per device at a time), recycling vmapped
     for algo, chunk in zip(algos, (1, None)):
       res = [jaxfl.simulate(algo, model, data, rounds=6, clients_per_round=5, seed=1,
@@ -95,6 +98,11 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
                           clients_per_chunk=None) for n in (1, 2)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  res[0].state.params, res[1].state.params)
+    print("LAYERWISE_SHARDED_OK")
+""")
+
+# Its own process: the xdist workers balance two halves better than one 3-minute script.
+COMPILES_SCRIPT = LAYERWISE_PREAMBLE + textwrap.dedent("""
     # One compilation per run on 2 devices, client memory or not: the first round's input is
     # laid out as the round returns its state (memory along the clients, the rest replicated).
     from jaxfl.data import device_data
@@ -138,19 +146,29 @@ LAYERWISE_SCRIPT = textwrap.dedent("""
                  runs[0.05].state.params, ref.state.params)
     assert not np.allclose(jax.tree.leaves(runs[0.2].state.params)[0],
                            jax.tree.leaves(ref.state.params)[0])
-    print("LAYERWISE_SHARDED_OK")
+    print("TWO_DEVICE_COMPILES_OK")
 """)
+
+
+def _run_two_devices(script, marker):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  here = os.path.dirname(__file__)
+  proc = subprocess.run([sys.executable, "-c", script, here], env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert marker in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_layerwise_algorithms_sharded_equal_single_device():
   """FedLAMA's stateful cohort, FedLUAR's recycling and FedMut's per-slot starts on 2 devices
   equal 1 device."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  here = os.path.dirname(__file__)
-  proc = subprocess.run([sys.executable, "-c", LAYERWISE_SCRIPT, here], env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert "LAYERWISE_SHARDED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+  _run_two_devices(LAYERWISE_SCRIPT, "LAYERWISE_SHARDED_OK")
+
+
+def test_one_compilation_per_run_and_traced_hyperparams_on_two_devices():
+  """Client memory or not, a 2-device run compiles once; a traced client rate reaches every
+  device and a new value compiles nothing."""
+  _run_two_devices(COMPILES_SCRIPT, "TWO_DEVICE_COMPILES_OK")
 
 
 CPU_DEVICES_SCRIPT = textwrap.dedent("""

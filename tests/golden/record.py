@@ -106,13 +106,13 @@ def presets():
 
 
 # The presets whose 2-device round takes a path of its own: client-axis layouts (stream,
-# stacked, vmap, chunks, dropout), per-client and per-slot memory, upload masks and
-# train masks, keyed uplink transforms, the sparse ledger, general (gathering) aggregators.
-# The other presets change only the server chain or the loss, which run the same on any mesh;
-# `record.py --devices 2` checks them all, the test suite these.
-TWO_DEVICE_PATHS = ("fedavg", "fedavg_nostream", "fedavg_vmap", "fedavg_chunk2", "fedavg_dropout",
-                    "lbgm", "fedlama", "fedluar", "prunefl", "fedpaq", "feddropoutavg", "median",
-                    "dp_mean")
+# chunks, dropout), per-client memory, upload masks and train masks, keyed uplink transforms,
+# the sparse ledger, general (gathering) aggregators. The other presets change only the server
+# chain or the loss, which run the same on any mesh; the stacked and fully vmapped layouts and
+# FedLAMA's / FedLUAR's 2-device rounds are checked against 1 device by tests/sharding_test.py
+# (which the 1-device goldens pin). `record.py --devices 2` checks them all, the test suite these.
+TWO_DEVICE_PATHS = ("fedavg", "fedavg_chunk2", "fedavg_dropout", "lbgm", "prunefl", "fedpaq",
+                    "feddropoutavg", "median", "dp_mean")
 
 
 def run(name, devices):
