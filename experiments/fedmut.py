@@ -223,6 +223,18 @@ def summarise(cfg, pieces):
   if complete:
     paired = [pieces[("fedmut", table["fedmut"]["lr"], s)]["tail_acc"]
               - pieces[("fedavg", table["fedavg"]["lr"], s)]["tail_acc"] for s in SEEDS]
+  same_lr = []  # both arms at one LR, paired by seed: the flatness comparison LR does not confound
+  for lr in cfg["lrs"]:
+    both = [s for s in SEEDS if ("fedavg", lr, s) in pieces and ("fedmut", lr, s) in pieces]
+    if len(both) == len(SEEDS):
+      a = [pieces[("fedavg", lr, s)] for s in both]
+      m = [pieces[("fedmut", lr, s)] for s in both]
+      same_lr.append({"lr": lr, "seeds": len(both),
+                      "fedavg_tail": float(np.mean([r["tail_acc"] for r in a])),
+                      "fedmut_tail": float(np.mean([r["tail_acc"] for r in m])),
+                      "tail_diff": [y["tail_acc"] - x["tail_acc"] for x, y in zip(a, m)],
+                      "sharpness_ratio": [y["sharpness"] / x["sharpness"]
+                                          for x, y in zip(a, m)]})
   ablation = []
   if complete:  # FedMut's radius at its chosen LR (alpha = cfg["alpha"] is the main arm)
     lr = table["fedmut"]["lr"]
@@ -235,11 +247,40 @@ def summarise(cfg, pieces):
         ablation.append({"alpha": alpha, "lr": lr, "seeds": len(runs),
                          "tail_mean": float(acc.mean()), "tail_std": float(acc.std()),
                          "sharpness_mean": float(lam.mean())})
-  return table, grid, complete, paired, ablation
+  return table, grid, complete, paired, ablation, same_lr
+
+
+def verdict(table, paired, same_lr, grid) -> list[str]:
+  """What the numbers say about the paper's two claims (better accuracy; a flatter model)."""
+  d = 100 * (table["fedmut"]["tail_mean"] - table["fedavg"]["tail_mean"])
+  spread = 100 * max(table["fedmut"]["tail_std"], table["fedavg"]["tail_std"])
+  wins = sum(x > 0 for x in paired)
+  shown = abs(d) >= spread and wins == len(paired)
+  lines = [f"**Accuracy:** FedMut − FedAvg = {d:+.2f} points (3-seed means, each arm at its own "
+           f"LR; the larger seed std is {spread:.2f} points), FedMut ahead on {wins} of "
+           f"{len(paired)} seeds: "
+           + ("FedMut is ahead on every seed by more than the seed spread." if shown else
+              "this setting does not show the paper's accuracy gain.")]
+  if same_lr:
+    ratios = [r for e in same_lr for r in e["sharpness_ratio"]]
+    flatter = sum(r < 1 for r in ratios)
+    geo = float(np.exp(np.mean(np.log(ratios))))
+    # the client LR's own effect, over the seed-0 runs that trained (not the diverged ones)
+    lam = [g["sharpness"] for g in grid if g["arm"] == "fedavg" and g["seed"] == 0
+           and g["tail_acc"] > 0.5] or [1.0]
+    lines.append(
+        f"**Flatness:** at the same LR, paired by seed, FedMut's final λmax is lower in "
+        f"{flatter} of {len(ratios)} pairs (FedMut/FedAvg {min(ratios):.2f}-{max(ratios):.2f}, "
+        f"geometric mean {geo:.2f}), while the client LR alone moves FedAvg's λmax "
+        f"{max(lam) / min(lam):.0f}× across the seed-0 grid: "
+        + ("the mutation flattens in the paper's direction, by little next to the LR."
+           if flatter > len(ratios) / 2 and geo < 1 else
+           "this setting does not show the paper's flatter minimum."))
+  return lines
 
 
 def report(cfg, pieces, out_dir, argv):
-  table, grid, complete, paired, ablation = summarise(cfg, pieces)
+  table, grid, complete, paired, ablation, same_lr = summarise(cfg, pieces)
   stem = "fedmut_" + cfg["preset"] + ("_smoke" if cfg["smoke"] else "")
   lines = [f"# FedMut vs FedAvg ({cfg['preset']})", "",
            f"{cfg['num_clients']} clients (Dirichlet {cfg['dirichlet']}), {cfg['cohort']} per "
@@ -264,6 +305,16 @@ def report(cfg, pieces, out_dir, argv):
     lines += ["", "Paired by seed, each arm at its LR (FedMut − FedAvg, tail accuracy, "
               "points): "
               + ", ".join(f"{100 * d:+.2f}" for d in paired)]
+  if same_lr:
+    lines += ["", "Both arms at the same LR (3 seeds each; paired by seed):", "",
+              md_table(["LR", "FedAvg tail", "FedMut tail", "FedMut − FedAvg (points)",
+                        "λmax FedMut / FedAvg"],
+                       [[f"{e['lr']:g}", f"{e['fedavg_tail']:.4f}", f"{e['fedmut_tail']:.4f}",
+                         ", ".join(f"{100 * x:+.2f}" for x in e["tail_diff"]),
+                         ", ".join(f"{x:.2f}" for x in e["sharpness_ratio"])]
+                        for e in same_lr])]
+  if complete:
+    lines += [""] + [ln for v in verdict(table, paired, same_lr, grid) for ln in (v, "")][:-1]
   if ablation:
     lines += ["", "Ablation (not used to pick anything): FedMut's radius α at its LR "
               f"{table['fedmut']['lr']:g} (α = 0 would be FedAvg at that LR).", "",
@@ -296,7 +347,7 @@ def report(cfg, pieces, out_dir, argv):
     save_plot(os.path.join(out_dir, stem + ".png"), draw)
   write_results(out_dir, stem, command=command_line(__file__, argv),
                 data={"config": cfg, "table": table, "grid": grid, "complete": complete,
-                      "paired": paired, "ablation": ablation}, md=md)
+                      "paired": paired, "same_lr": same_lr, "ablation": ablation}, md=md)
   return md
 
 
