@@ -238,8 +238,8 @@ def summarise(cfg, pieces):
   ablation = []
   if complete:  # FedMut's radius at its chosen LR (alpha = cfg["alpha"] is the main arm)
     lr = table["fedmut"]["lr"]
-    for alpha in sorted({*ABLATION_ALPHAS, cfg["alpha"]}):
-      arm = "fedmut" if alpha == cfg["alpha"] else ablation_arm(alpha)
+    for alpha in sorted({0.0, *ABLATION_ALPHAS, cfg["alpha"]}):  # alpha 0 is FedAvg
+      arm = {0.0: "fedavg", cfg["alpha"]: "fedmut"}.get(alpha, ablation_arm(alpha))
       runs = [pieces[(arm, lr, s)] for s in SEEDS if (arm, lr, s) in pieces]
       if runs:
         acc = np.array([r["tail_acc"] for r in runs])
@@ -317,7 +317,7 @@ def report(cfg, pieces, out_dir, argv):
     lines += [""] + [ln for v in verdict(table, paired, same_lr, grid) for ln in (v, "")][:-1]
   if ablation:
     lines += ["", "Ablation (not used to pick anything): FedMut's radius α at its LR "
-              f"{table['fedmut']['lr']:g} (α = 0 would be FedAvg at that LR).", "",
+              f"{table['fedmut']['lr']:g} (α = 0 is FedAvg at that LR).", "",
               md_table(["α", "seeds", "tail test acc", "λmax (final model)"],
                        [[f"{a['alpha']:g}", a["seeds"],
                          f"{a['tail_mean']:.4f} ± {a['tail_std']:.4f}",
@@ -328,7 +328,8 @@ def report(cfg, pieces, out_dir, argv):
                        f"{g['final_acc']:.4f}", f"{g['sharpness']:.3g}"] for g in grid])]
   md = "\n".join(lines) + "\n"
 
-  def draw(ax):
+  def draw(axes):
+    ax, lam_ax = axes
     for arm, e in table.items():
       hist = [pieces[(arm, e["lr"], s)]["history"] for s in SEEDS
               if (arm, e["lr"], s) in pieces]
@@ -342,9 +343,21 @@ def report(cfg, pieces, out_dir, argv):
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.legend()
+    # Flatness against the client LR (every seed; the diverged runs left out): the LR's effect
+    # next to the mutation's.
+    for arm in ARMS:
+      pts = sorted((g["lr"], g["sharpness"]) for g in grid
+                   if g["arm"] == arm and g["tail_acc"] > 0.5)
+      if pts:
+        lam_ax.scatter(*zip(*pts), color=COLORS[arm], s=14, label=arm, alpha=0.8)
+    lam_ax.set_xscale("log")
+    lam_ax.set_yscale("log")
+    lam_ax.set_xlabel("client LR")
+    lam_ax.set_ylabel("λmax of the final model")
+    lam_ax.legend()
 
   if table:
-    save_plot(os.path.join(out_dir, stem + ".png"), draw)
+    save_plot(os.path.join(out_dir, stem + ".png"), draw, ncols=2, figsize=(11, 4))
   write_results(out_dir, stem, command=command_line(__file__, argv),
                 data={"config": cfg, "table": table, "grid": grid, "complete": complete,
                       "paired": paired, "same_lr": same_lr, "ablation": ablation}, md=md)
