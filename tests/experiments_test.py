@@ -25,15 +25,14 @@ def _run(args, tmp_path):
 
 @pytest.mark.slow
 def test_cifar10_resnet20_configuration_smoke_on_random_images(tmp_path):
-  """The papers' CIFAR-10 / ResNet-20 preset on random images of the same shapes, for the two
-  layer-wise methods (each is FedAvg's round plus its transform; BatchNorm averaging in a round
-  is checked in round_test)."""
-  _run(["--config", "cifar10_resnet20", "--smoke", "--methods", "fedlama,fedluar"], tmp_path)
+  """The papers' CIFAR-10 / ResNet-20 preset on random images of the same shapes, with FedLUAR
+  (one method: the preset's plumbing is the same for each, and a ResNet-20 round takes minutes
+  to compile here; FedLAMA and FedLUAR on a BatchNorm model are in round_test)."""
+  _run(["--config", "cifar10_resnet20", "--smoke", "--methods", "fedluar"], tmp_path)
   rows = json.load(open(tmp_path / "layerwise_comm_cifar10_resnet20_smoke.json"))
-  assert [r["method"] for r in rows] == ["fedlama", "fedluar"]
-  for r in rows:
-    assert REQUIRED <= set(r) and 0.0 <= r["final_acc"] <= 1.0
-  assert rows[0]["rel_uplink_cost"] <= 1.0 and rows[1]["rel_uplink_cost"] < 1.0
+  assert [r["method"] for r in rows] == ["fedluar"]
+  assert REQUIRED <= set(rows[0]) and 0.0 <= rows[0]["final_acc"] <= 1.0
+  assert rows[0]["rel_uplink_cost"] < 1.0
 
 
 @pytest.mark.slow
@@ -869,6 +868,24 @@ def test_fedmut_summary_pairs_both_arms_at_one_lr_and_states_what_the_numbers_sh
   acc, flat = F.verdict(*_pick(F.summarise(cfg, pieces(0.0, 1.1))))
   assert "does not show the paper's accuracy gain" in acc
   assert "lower in 0 of 6" in flat and "does not show the paper's flatter minimum" in flat
+
+
+def test_fedmut_drift_coherence_is_the_mean_updates_length_over_the_mean_length():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import fedmut_drift as D
+
+  rng = np.random.default_rng(0)
+  u = [[rng.normal(size=(3, 4)), rng.normal(size=5)] for _ in range(4)]
+  whole, per_leaf = D.coherence(u)
+  flat = [np.concatenate([a.ravel(), b.ravel()]) for a, b in u]
+  mean = sum(flat) / 4
+  want = np.sqrt(sum(m * m for m in mean)) / (sum(np.sqrt(np.sum(f * f)) for f in flat) / 4)
+  assert whole == pytest.approx(want, rel=1e-12) and 0 < whole < 1
+  assert len(per_leaf) == 2
+  same, _ = D.coherence([u[0]] * 3)  # clients that agree: 1
+  opposite, leaves = D.coherence([u[0], [-a for a in u[0]]])  # that cancel: 0
+  assert same == pytest.approx(1.0) and opposite == pytest.approx(0.0, abs=1e-12)
+  assert leaves == pytest.approx([0.0, 0.0], abs=1e-12)
 
 
 def _pick(summary):

@@ -179,6 +179,24 @@ def test_chunked_equals_unchunked_with_batchnorm():
   assert not np.allclose(outs[0].model_state["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
 
 
+def test_layerwise_methods_run_a_batchnorm_model():
+  """FedLAMA (per-layer intervals over client memory) and FedLUAR (recycled layers) on a model
+  with BatchNorm statistics: the statistics are trained and averaged back, nothing goes
+  non-finite (the CIFAR-10 / ResNet-20 smoke in experiments_test runs FedLUAR at full size)."""
+  data = tiny_data(num_clients=9, dim=4, seed=5)
+  model = jaxfl.models.from_linen(_TinyBN(), (4,))
+  for algo in (jaxfl.algorithms.fedlama(2, local_steps=2, warmup_rounds=0, client_lr=0.05,
+                                        batch_size=3),
+               jaxfl.algorithms.fedluar(1, local_steps=2, client_lr=0.05, batch_size=3)):
+    rnd = _round(algo, model, data, cohort=5)
+    st = rnd.init(jax.random.key(0))
+    for r in range(3):
+      st, m = rnd.step(st, device_data(data), jax.random.key(r))
+      assert float(m["participants"]) == 5, algo.name
+    assert jaxfl.tree.all_finite((st.params, st.model_state)), algo.name
+    assert not np.allclose(st.model_state["batch_stats"]["BatchNorm_0"]["mean"], 0.0), algo.name
+
+
 def test_nonfinite_client_is_quarantined(model):
   data = tiny_data(num_clients=4, sizes=[3, 3, 3, 3])
   bad = data.x.copy()
