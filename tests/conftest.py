@@ -17,7 +17,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # worker idles while another finishes a long one. The order is otherwise the collection order.
 _LONG = ("golden_test.py", "two_devices", "sharded", "two_processes", "notebooks_test.py",
          "compilation_and_exact_resume", "sliced_forward_pass_equal_masked_rounds",
-         "mlbfgs_benchmark_smoke")
+         "mlbfgs_benchmark_smoke", "mlbfgs_direction_diagnostic", "sigkill",
+         "cifar10_resnet20_configuration")
 
 
 def pytest_collection_modifyitems(config, items):
