@@ -180,8 +180,18 @@ def plan(cfg, pieces):
   if todo or not rule.complete(pieces):
     return todo
   lr = rule.best(pieces, "fedmut")
+  # A radius whose seed-0 run collapsed to chance is reported so; its other seeds are not run
+  # (rule added at stop 41, after alpha 2 and 4 collapsed at seed 0; the ablation picks nothing).
+  dead = {a for a in ABLATION_ALPHAS
+          if collapsed(pieces.get((ablation_arm(a), lr, SEEDS[0])))}
   return [(ablation_arm(a), lr, s) for s in SEEDS for a in ABLATION_ALPHAS
-          if (ablation_arm(a), lr, s) not in pieces]
+          if (ablation_arm(a), lr, s) not in pieces and not (a in dead and s != SEEDS[0])]
+
+
+def collapsed(piece) -> bool:
+  """A run that ended at chance test accuracy (10 classes) or with a non-finite loss."""
+  return piece is not None and (piece["tail_acc"] <= 0.11
+                                or not np.isfinite(piece.get("final_train_loss", 0.0)))
 
 
 def piece_path(out_dir, cfg, arm, lr, seed):
@@ -246,7 +256,8 @@ def summarise(cfg, pieces):
         lam = np.array([r["sharpness"] for r in runs])
         ablation.append({"alpha": alpha, "lr": lr, "seeds": len(runs),
                          "tail_mean": float(acc.mean()), "tail_std": float(acc.std()),
-                         "sharpness_mean": float(lam.mean())})
+                         "sharpness_mean": float(lam.mean()),
+                         "collapsed": sum(collapsed(r) for r in runs)})
   return table, grid, complete, paired, ablation, same_lr
 
 
@@ -318,10 +329,13 @@ def report(cfg, pieces, out_dir, argv):
   if ablation:
     lines += ["", "Ablation (not used to pick anything): FedMut's radius α at its LR "
               f"{table['fedmut']['lr']:g} (α = 0 is FedAvg at that LR).", "",
-              md_table(["α", "seeds", "tail test acc", "λmax (final model)"],
+              md_table(["α", "seeds", "tail test acc", "λmax (final model)",
+                        "collapsed to chance"],
                        [[f"{a['alpha']:g}", a["seeds"],
                          f"{a['tail_mean']:.4f} ± {a['tail_std']:.4f}",
-                         f"{a['sharpness_mean']:.3g}"] for a in ablation])]
+                         "-" if a["collapsed"] else f"{a['sharpness_mean']:.3g}",
+                         a["collapsed"]] for a in ablation]),
+              "", "A radius whose seed-0 run collapsed is not run at other seeds."]
   lines += ["", "Every piece (tail = mean test accuracy of the last 3 evaluations):", "",
             md_table(["arm", "LR", "seed", "tail acc", "final acc", "λmax"],
                      [[g["arm"], f"{g['lr']:g}", g["seed"], f"{g['tail_acc']:.4f}",

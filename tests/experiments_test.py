@@ -836,6 +836,15 @@ def test_fedmut_plan_tunes_both_arms_then_ablates_the_radius_at_fedmuts_lr():
   ablation = F.plan(cfg, pieces)
   assert sorted(ablation) == sorted((F.ablation_arm(a), 0.01, s) for a in F.ABLATION_ALPHAS
                                     for s in F.SEEDS)
+  # a radius that collapses to chance at seed 0 is not run at the other seeds
+  big = F.ablation_arm(F.ABLATION_ALPHAS[-1])
+  pieces[(big, 0.01, 0)] = {"tail_acc": 0.1, "final_train_loss": float("nan")}
+  pieces[(F.ablation_arm(F.ABLATION_ALPHAS[0]), 0.01, 0)] = {"tail_acc": 0.8,
+                                                             "final_train_loss": 0.3}
+  rest = F.plan(cfg, pieces)
+  assert not [p for p in rest if p[0] == big]
+  assert sorted(p for p in rest if p[0] == F.ablation_arm(F.ABLATION_ALPHAS[0])) == [
+      (F.ablation_arm(F.ABLATION_ALPHAS[0]), 0.01, s) for s in (1, 2)]
   assert F.build_arm(cfg, F.ablation_arm(2.0), 0.01).name == "fedmut_a2"
 
 
