@@ -16,8 +16,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # notebooks). They go first, so that with `pytest -n auto` the run ends on short tests and no
 # worker idles while another finishes a long one. The order is otherwise the collection order.
 # (worksteal hands the first worker this whole head; dealing it round-robin to both workers
-# instead was measured 2:45 slower on 2 cores, stop 41: two multi-threaded XLA subprocesses at
-# once oversubscribe the cores.)
+# instead ran the fast suite in 24:15 against 21:30, one run each on 2 cores, stop 41 -- likely
+# two multi-threaded XLA subprocesses at once oversubscribing the cores.)
 _LONG = ("golden_test.py", "two_devices", "sharded", "two_processes", "notebooks_test.py",
          "compilation_and_exact_resume", "sliced_forward_pass_equal_masked_rounds",
          "mlbfgs_benchmark_smoke")
