@@ -15,9 +15,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # Tests that run for a minute or more (multi-device subprocesses, every golden preset, the
 # notebooks). They go first, so that with `pytest -n auto` the run ends on short tests and no
 # worker idles while another finishes a long one. The order is otherwise the collection order.
-# (worksteal hands the first worker this whole head; dealing it round-robin to both workers
-# instead ran the fast suite in 24:15 against 21:30, one run each on 2 cores, stop 41 -- likely
-# two multi-threaded XLA subprocesses at once oversubscribing the cores.)
+# (worksteal hands the first worker this whole head. Dealing it round-robin to both workers
+# was tried at stop 41: 24:15 for the fast suite, and this order 21:30 then 24:24 on the same
+# machine, so neither is shown faster.)
 _LONG = ("golden_test.py", "two_devices", "sharded", "two_processes", "notebooks_test.py",
          "compilation_and_exact_resume", "sliced_forward_pass_equal_masked_rounds",
          "mlbfgs_benchmark_smoke")
