@@ -2,13 +2,26 @@
 
 import os
 
+import numpy as np
+import pytest
+
 # The CLI turns on a persistent compilation cache in ~/.cache by default; tests (in-process
 # and their subprocesses) leave the user's cache alone unless a test asks for one.
 os.environ.setdefault("JAXFL_COMPILE_CACHE", "off")
 
+# XLA flags for every program the suite compiles, in this process and in its subprocesses
+# (`xla_env`). Compiling dominates this suite, and XLA:CPU's LLVM optimisation is ~30% of it.
+# Level 0 keeps each program's HLO, so its operations and their order; results move only by
+# rounding (~2e-7 relative after the golden runs' 4 rounds), and every equality the tests
+# assert is between two programs compiled the same way. The golden
+# test (tests/golden/record.py) sets its own XLA_FLAGS, so it pins bits at XLA's default level,
+# as users compile. JAXFL_TEST_XLA_FLAGS="" runs the whole suite at the default level.
+TEST_XLA_FLAGS = os.environ.get("JAXFL_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+_flags = os.environ.get("XLA_FLAGS", "")
+if TEST_XLA_FLAGS not in _flags:  # idempotent: xdist workers inherit the controller's env
+  os.environ["XLA_FLAGS"] = f"{_flags} {TEST_XLA_FLAGS}".strip()
+
 import jax  # noqa: E402
-import numpy as np
-import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -26,6 +39,16 @@ _LONG = ("golden_test.py", "two_devices", "sharded", "two_processes", "notebooks
 def pytest_collection_modifyitems(config, items):
   del config
   items.sort(key=lambda item: not any(k in item.nodeid for k in _LONG))  # stable
+
+
+def xla_env(devices: int | None = None, **extra) -> dict:
+  """The environment for a test subprocess on CPU: this suite's XLA flags (above), with
+  ``devices`` host devices when given, plus ``extra`` variables."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if devices is not None:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, JAX_PLATFORMS="cpu", **extra, XLA_FLAGS=" ".join(flags))
 
 
 def tiny_data(num_clients=6, dim=5, num_classes=3, sizes=None, seed=0):

@@ -16,6 +16,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import xla_env
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -51,9 +52,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _env(**kw):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAXFL_")}
-  return dict(env, JAX_PLATFORMS="cpu", **kw)
+def _env(devices=None):
+  env = xla_env(devices)
+  return {k: v for k, v in env.items() if not k.startswith("JAXFL_")}
 
 
 def _load(out, tag):
@@ -77,7 +78,7 @@ def test_two_processes_equal_one_process(tmp_path):
   assert "[0] fedavgm" in multi.stderr and "[1] fedavgm" not in multi.stderr, log
   single = subprocess.run(
       [sys.executable, str(script), here, str(tmp_path)],
-      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), capture_output=True,
+      env=_env(devices=2), capture_output=True,
       text=True, timeout=300)
   assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_data
+from conftest import tiny_data, xla_env
 
 import jaxfl
 from jaxfl import sampling
@@ -191,8 +191,7 @@ SHARDED = textwrap.dedent("""
 
 
 def test_samplers_on_two_devices_and_chunked_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(2)
   proc = subprocess.run([sys.executable, "-c", SHARDED, os.path.dirname(__file__)], env=env,
                         capture_output=True, text=True, timeout=900)
   assert "SAMPLERS_SHARDED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import xla_env
+
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np, sys
     sys.path.insert(0, sys.argv[1])
@@ -55,8 +57,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(4)
   here = os.path.dirname(__file__)
   proc = subprocess.run([sys.executable, "-c", SCRIPT, here], env=env, capture_output=True,
                         text=True, timeout=900)
@@ -151,8 +152,7 @@ COMPILES_SCRIPT = LAYERWISE_PREAMBLE + textwrap.dedent("""
 
 
 def _run_two_devices(script, marker):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(2)
   here = os.path.dirname(__file__)
   proc = subprocess.run([sys.executable, "-c", script, here], env=env, capture_output=True,
                         text=True, timeout=900)
@@ -190,8 +190,7 @@ CPU_DEVICES_SCRIPT = textwrap.dedent("""
 
 
 def test_set_cpu_devices_before_jax_starts_and_clear_error_after():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = xla_env()  # no device count: the script chooses it
   proc = subprocess.run([sys.executable, "-c", CPU_DEVICES_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=300)
   assert "CPU_DEVICES_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -233,8 +232,7 @@ PSUM_PACKED_SCRIPT = textwrap.dedent("""
 
 
 def test_psum_packed_equals_psum_with_one_all_reduce_operand_per_dtype():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(2)
   proc = subprocess.run([sys.executable, "-c", PSUM_PACKED_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=300)
   assert "PSUM_PACKED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import xla_env
 from prism_test import _data  # 6 ragged clients of 8x8 images, 3 classes
 
 import jaxfl
@@ -237,7 +238,7 @@ def test_bad_arguments_are_refused_before_any_compile():
 TWO_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    sys.path.insert(0, sys.argv[1])
+    sys.path[:0] = [sys.argv[1], sys.argv[1] + '/..']  # the module and its conftest
     from embracing_test import CNN_ORDER, _cnn, _data
     import jaxfl
     assert jax.device_count() == 2, jax.devices()
@@ -260,8 +261,7 @@ TWO_DEVICES = textwrap.dedent("""
 def test_two_devices_equal_one():
   """Padded cohort (3 -> 4 slots), the vmapped cohort over 2 devices (PriSM's test runs the
   same masked mean one client per device per step)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(2)
   here = os.path.dirname(__file__)
   proc = subprocess.run([sys.executable, "-c", TWO_DEVICES, here], env=env, capture_output=True,
                         text=True, timeout=900)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import xla_env
 
 import jaxfl
 from jaxfl.client import make_client_update
@@ -320,7 +321,7 @@ def test_submodel_fraction_counts_the_kept_entries():
 TWO_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    sys.path.insert(0, sys.argv[1])
+    sys.path[:0] = [sys.argv[1], sys.argv[1] + '/..']  # the module and its conftest
     from prism_test import _data, _model
     import jaxfl
     assert jax.device_count() == 2, jax.devices()
@@ -344,8 +345,7 @@ TWO_DEVICES = textwrap.dedent("""
 def test_two_devices_equal_one():
   """Padded cohort (3 -> 4 slots), one client per device per step (EmbracingFL's test runs the
   same masked mean with the vmapped cohort)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(2)
   here = os.path.dirname(__file__)
   proc = subprocess.run([sys.executable, "-c", TWO_DEVICES, here], env=env, capture_output=True,
                         text=True, timeout=900)

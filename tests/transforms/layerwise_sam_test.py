@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_data, tiny_model
+from conftest import tiny_data, tiny_model, xla_env
 
 import jaxfl
 from jaxfl.client import LocalTraining, make_client_update, softmax_cross_entropy
@@ -301,8 +301,7 @@ TWO_DEVICES = textwrap.dedent("""
 
 def test_in_a_round_on_two_devices_equals_one():
   """The client axis over a 2-device mesh (padded cohort 3 -> 4, chunked and vmapped)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(2)
   tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", TWO_DEVICES, tests_dir], env=env,
                         capture_output=True, text=True, timeout=900)

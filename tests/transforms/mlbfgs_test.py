@@ -7,7 +7,6 @@ recursion, and a NumPy float64 port of the authors' list-based update rule (ALGO
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import xla_env
 
 from jaxfl import transforms as M
 
@@ -566,8 +566,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_blocks_equal_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(4)
   proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_data
+from conftest import tiny_data, xla_env
 
 import jaxfl
 from jaxfl.client import make_client_update
@@ -274,8 +274,7 @@ TWO_DEVICES = textwrap.dedent("""
 
 def test_on_two_devices_equals_one():
   """A cohort of 5 padded to 6 over a 2-device mesh: padded slots never count."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env(2)
   tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", TWO_DEVICES, tests_dir], env=env,
                         capture_output=True, text=True, timeout=900)
