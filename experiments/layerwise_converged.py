@@ -24,6 +24,9 @@ Arms (``tau'`` = the preset's ``tau``; delta = ``num_recycle``; QSGD s = 16):
                    to FedAvg: where the accuracy/uplink trade-off of recycling sits)
   fedluar_3q       FedLUAR(3 delta // 4): the delta sweep's third point, between the two
                    (on ResNet-20 delta = 9, the point near 0.5 relative uplink)
+  fedluar_5of6     FedLUAR(5 delta // 6), and
+  fedluar_11of12   FedLUAR(11 delta // 12): the sweep between 3 delta / 4 and delta (on
+                   ResNet-20 delta = 10 and 11, where the uplink crosses 0.5)
   fedluar_drop     Table 5 ablation: drop the same layers' update instead of recycling it
   fedluar_uniform  Table 4 ablation: uniform layer choice instead of p ~ 1/score
   fedpaq           FedPAQ: clients upload QSGD(16) deltas
@@ -170,7 +173,8 @@ SMOKE = dict(num_clients=16, cohort=4, tau=1, steps=4, batch=8, evals=2, num_tes
 # arm -> averaging interval in units of tau'; the order is the piece order within a phase
 ARMS = {"fedavg_tau": 1, "fedavg_2tau": 2, "fedluar": 1, "fedlama_phi2": 1, "fedlama_phi4": 1,
         "fedavg_4tau": 4, "fedluar_half": 1, "fedluar_3q": 1, "fedluar_drop": 1,
-        "fedluar_uniform": 1, "fedpaq": 1, "fedluar+fedpaq": 1}
+        "fedluar_uniform": 1, "fedpaq": 1, "fedluar+fedpaq": 1, "fedluar_5of6": 1,
+        "fedluar_11of12": 1}
 QSGD_ARMS = ("fedpaq", "fedluar+fedpaq")
 BASE = "fedavg_tau"
 MARGIN = 0.01  # "within 1 point", "below by a clear margin"
@@ -216,7 +220,8 @@ def interval_of(cfg: dict, arm: str) -> int:
 
 
 # FedLUAR arms of the delta sweep: arm -> fraction (numerator, denominator) of the preset's delta
-DELTA_SWEEP = {"fedluar_half": (1, 2), "fedluar_3q": (3, 4)}
+DELTA_SWEEP = {"fedluar_half": (1, 2), "fedluar_3q": (3, 4), "fedluar_5of6": (5, 6),
+               "fedluar_11of12": (11, 12)}
 
 
 def recycle_of(cfg: dict, arm: str) -> int:
@@ -686,10 +691,10 @@ def claims(rows) -> list[dict]:
         lambda r, b: r["final_acc_mean"] > b["final_acc_mean"])
   add("FedAvg(2 tau') below FedAvg(tau') by >= 1 point (a regime where averaging less hurts)",
       ["fedavg_2tau", BASE], lambda r, b: r["final_acc_mean"] <= b["final_acc_mean"] - MARGIN)
-  add("FedLUAR(delta/2) within 1 point of FedAvg(tau') at <= 0.5 relative uplink",
-      ["fedluar_half", BASE], lambda r, b: near(r, b) and r["rel_uplink"] <= 0.5)
-  add("FedLUAR(3 delta/4) within 1 point of FedAvg(tau') at <= 0.5 relative uplink",
-      ["fedluar_3q", BASE], lambda r, b: near(r, b) and r["rel_uplink"] <= 0.5)
+  for arm, (num, den) in DELTA_SWEEP.items():
+    frac = "delta/2" if num == 1 else f"{num} delta/{den}"
+    add(f"FedLUAR({frac}) within 1 point of FedAvg(tau') at <= 0.5 relative uplink",
+        [arm, BASE], lambda r, b: near(r, b) and r["rel_uplink"] <= 0.5)
   add("recycling beats dropping the same layers (FedLUAR Table 5)",
       ["fedluar", "fedluar_drop"], lambda r, b: r["final_acc_mean"] > b["final_acc_mean"])
   add("p ~ 1/score beats uniform layer choice (FedLUAR Table 4)",
@@ -730,8 +735,8 @@ def _report_md(cfg: dict, res: dict, stale, total_pieces: int) -> str:
       f"SGD momentum 0.9 + decayed weights {cfg['weight_decay']}, batch {cfg['batch']}, "
       f"{cfg['steps']} local steps per client for every arm (FedAvg(tau') = "
       f"{cfg['steps'] // cfg['tau']} rounds of tau'={cfg['tau']}), client LR x0.1 at 50% and 75% "
-      f"of each arm's rounds, FedLUAR delta={cfg['num_recycle']} (fedluar_half: "
-      f"{recycle_of(cfg, 'fedluar_half')}, fedluar_3q: {recycle_of(cfg, 'fedluar_3q')}), "
+      f"of each arm's rounds, FedLUAR delta={cfg['num_recycle']} ("
+      + ", ".join(f"{a}: {recycle_of(cfg, a)}" for a in DELTA_SWEEP) + "), "
       f"QSGD s={cfg['levels']}.", "",
       md_table(cols, cells), "",
       md_table(["claim (means over seeds)", "holds", "seeds", "difference ± SE (points)"],

@@ -320,6 +320,26 @@ def test_layerwise_converged_fedluar_3q_sits_between_delta_and_half():
   assert not verdict(row(0.80, 0.51))
 
 
+def test_layerwise_converged_delta_sweep_fills_the_gap_below_delta():
+  """``fedluar_5of6`` / ``fedluar_11of12`` recycle 10 / 11 of ResNet-20's 12 layers, their
+  pieces never mix with the other sweep points', and each gets its own <= 0.5-uplink claim."""
+  lc = _layerwise_converged()
+  res = lc.config("fmnist_resnet20")
+  deltas = [lc.run_config(res, a, 0.1, 0)["num_recycle"]
+            for a in ("fedluar_half", "fedluar_3q", "fedluar_5of6", "fedluar_11of12", "fedluar")]
+  assert deltas == [6, 9, 10, 11, 12]
+  base = {"arm": "fedavg_tau", "final_acc_mean": 0.80, "final_acc_std": 0.0, "rel_uplink": 1.0,
+          "seeds": [0]}
+  rows = [base] + [{"arm": a, "final_acc_mean": acc, "final_acc_std": 0.0, "rel_uplink": up,
+                    "seeds": [0]}
+                   for a, acc, up in (("fedluar_5of6", 0.795, 0.45),
+                                      ("fedluar_11of12", 0.795, 0.55))]
+  got = {c["claim"]: c["holds"] for c in lc.claims(rows)}
+  assert got == {
+      "FedLUAR(5 delta/6) within 1 point of FedAvg(tau') at <= 0.5 relative uplink": True,
+      "FedLUAR(11 delta/12) within 1 point of FedAvg(tau') at <= 0.5 relative uplink": False}
+
+
 def test_layerwise_converged_claims_carry_the_difference_and_its_standard_error():
   """Each claim reports first arm minus second arm and the standard error of that difference
   from the rows' seed std, so a 'yes' inside seed noise reads as such."""
