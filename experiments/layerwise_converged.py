@@ -670,7 +670,8 @@ def claims(rows) -> list[dict]:
   out = []
 
   def add(text, arms, ok):
-    if all(a in by for a in arms):
+    # an arm whose seed-0 grid is incomplete has no tuned LR yet: no verdict on it
+    if all(a in by and by[a].get("lr_tuned", True) for a in arms):
       r, b = by[arms[0]], by[arms[1]]
       # A verdict on means alone hides how far apart the arms are; the difference and its
       # standard error (each arm's seed std / sqrt(seeds)) say whether seed noise could flip it.

@@ -338,6 +338,8 @@ def test_layerwise_converged_delta_sweep_fills_the_gap_below_delta():
   assert got == {
       "FedLUAR(5 delta/6) within 1 point of FedAvg(tau') at <= 0.5 relative uplink": True,
       "FedLUAR(11 delta/12) within 1 point of FedAvg(tau') at <= 0.5 relative uplink": False}
+  rows[2]["lr_tuned"] = False  # its grid is incomplete: no verdict yet
+  assert [c["arms"][0] for c in lc.claims(rows)] == ["fedluar_5of6"]
 
 
 def test_layerwise_converged_claims_carry_the_difference_and_its_standard_error():
