@@ -380,6 +380,103 @@ def test_layerwise_converged_smoke_piece_and_report(tmp_path):
   assert (tmp_path / "layerwise_converged_fmnist_cnn_smoke.png").exists()
 
 
+def _layerwise_length():
+  _layerwise_converged()  # puts experiments/ on the path
+  import layerwise_length
+
+  return layerwise_length
+
+
+def test_layerwise_length_plans_at_the_base_lrs_and_reports_gaps_along_the_run(tmp_path):
+  """The longer run reuses each arm's base-study LR (arms without a complete base grid are
+  left out), runs the claim's arms seed by seed before the control, and reports the final gap,
+  its standard error and the gap at 50/75/100% of the run, checked against NumPy on random
+  accuracy curves."""
+  ll = _layerwise_length()
+  lc = ll.lc
+  cfg = ll.config("fmnist_cnn", smoke=True)  # tau' 1: base 4 / 2 rounds, long 8 / 4 rounds
+  assert cfg["long"]["steps"] == 2 * cfg["base"]["steps"]
+  lr = cfg["base"]["lrs"][0]
+  base_root, long_root = (lc._roots(cfg[k], str(tmp_path))["main"] for k in ("base", "long"))
+  assert base_root != long_root
+  rng = np.random.default_rng()
+  curves = {}
+
+  def put(root, run_cfg, arm, seed):
+    rounds = lc.rounds_of(run_cfg, arm)
+    accs = [float(a) for a in rng.uniform(0.5, 0.9, size=rounds)]
+    curves[(root, arm, seed)] = accs
+    lc.write_json(lc.piece_path(root, arm, lr, seed),
+                  _fake_piece(lc, run_cfg, arm, lr, seed, accs, 1000.0))
+
+  for arm in ("fedavg_tau", "fedluar"):  # fedavg_2tau's base grid is missing
+    for seed in (0, 1, 2):
+      put(base_root, cfg["base"], arm, seed)
+  pieces = ll.load_pieces(str(tmp_path), cfg)
+  assert pieces["lr"] == {"fedavg_tau": lr, "fedluar": lr}
+  assert ll.plan(cfg, pieces) == [(a, lr, s) for s in (0, 1, 2) for a in ("fedavg_tau",
+                                                                             "fedluar")]
+  put(base_root, cfg["base"], "fedavg_2tau", 0)
+  pieces = ll.load_pieces(str(tmp_path), cfg)
+  assert ll.plan(cfg, pieces)[6:] == [("fedavg_2tau", lr, s) for s in (0, 1, 2)]
+  for arm in ("fedavg_tau", "fedluar"):
+    for seed in (0, 1, 2):
+      put(long_root, cfg["long"], arm, seed)
+  pieces = ll.load_pieces(str(tmp_path), cfg)
+  assert ll.plan(cfg, pieces) == [("fedavg_2tau", lr, s) for s in (0, 1, 2)]
+
+  ll.report(cfg, pieces, str(tmp_path), ["--smoke"])
+  md = open(tmp_path / "layerwise_length_fmnist_cnn_smoke.md").read()
+  res = json.load(open(tmp_path / "layerwise_length_fmnist_cnn_smoke.json"))
+  for length, root in (("base", base_root), ("long", long_root)):
+    a = np.array([curves[(root, "fedluar", s)] for s in (0, 1, 2)])
+    b = np.array([curves[(root, "fedavg_tau", s)] for s in (0, 1, 2)])
+    g = res["summary"][length]["gaps"]["fedluar"]
+    np.testing.assert_allclose(g["difference"], a[:, -1].mean() - b[:, -1].mean(), rtol=1e-9)
+    np.testing.assert_allclose(g["se"], np.sqrt(a[:, -1].var() / 3 + b[:, -1].var() / 3),
+                               rtol=1e-9)
+    n = a.shape[1]  # the evaluation at or before half of the rounds: round n // 2
+    np.testing.assert_allclose(g["along"]["0.5"], (a[:, n // 2 - 1] - b[:, n // 2 - 1]).mean(),
+                               rtol=1e-9)
+    np.testing.assert_allclose(g["along"]["1.0"], g["difference"], rtol=1e-9)
+  verdicts = {c["claim"]: c for c in res["claims"]}
+  near = verdicts["fedluar within 1 point of FedAvg(tau') with the longer run"]
+  assert near["holds"] == (res["summary"]["long"]["gaps"]["fedluar"]["difference"] > -0.01)
+  narrower = verdicts["fedluar's gap to FedAvg(tau') narrower with the longer run"]
+  np.testing.assert_allclose(narrower["difference"],
+                             res["summary"]["long"]["gaps"]["fedluar"]["difference"]
+                             - res["summary"]["base"]["gaps"]["fedluar"]["difference"])
+  assert not any("fedavg_2tau" in c for c in verdicts)  # 1 of 3 base seeds: no verdict
+  assert "| fedluar | 8 | 8 | 3 |" in md and "Command: `python experiments/layerwise_length.py"\
+      " --smoke`" in md
+  assert (tmp_path / "layerwise_length_fmnist_cnn_smoke.png").exists()
+
+
+@pytest.mark.slow
+def test_layerwise_length_smoke_runs_a_longer_piece_at_the_base_lr(tmp_path):
+  """A real base piece (4 local steps), then the longer study's driver runs its piece with
+  twice the steps at that LR, where ``layerwise_converged --steps 8`` finds it."""
+  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("Fashion-MNIST is not installed")
+  exp = os.path.join(ROOT, "experiments")
+  out = ["--preset", "fmnist_cnn", "--smoke", "--out-dir", str(tmp_path)]
+  cmds = [[sys.executable, os.path.join(exp, "layerwise_converged.py"), *out, "--piece",
+           "fedavg_tau", "0.02", "0"],
+          [sys.executable, os.path.join(exp, "layerwise_length.py"), *out, "--piece",
+           "fedavg_tau", "0.02", "0"]]
+  for cmd in cmds:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  long = json.load(open(tmp_path / "layerwise_converged" / "fmnist_cnn_smoke_steps8"
+                        / "fedavg_tau_lr0.02_s0.json"))
+  assert long["run"]["rounds"] == 8 and long["run"]["decay_rounds"] == [4, 6]
+  proc = subprocess.run([sys.executable, os.path.join(exp, "layerwise_length.py"), *out,
+                         "--report-only"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.load(open(tmp_path / "layerwise_length_fmnist_cnn_smoke.json"))
+  assert res["summary"]["long"]["rows"]["fedavg_tau"]["seeds"] == [0]
+
+
 def test_embracing_report_pairs_seeds_reuses_prisms_full_pieces_and_sizes_the_uplink(tmp_path):
   """The claims are paired per seed (mean and SE of the per-seed differences, NumPy formula);
   the ``full`` arm is read from PriSM's pieces of the same config; the relative uplink is all
