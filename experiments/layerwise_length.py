@@ -107,10 +107,6 @@ def _acc_at(piece: dict, frac: float) -> float:
   return float([a for r, a in accs if r <= frac * rounds + 1e-9][-1])
 
 
-def _ms(xs) -> tuple[float | None, float | None]:
-  return (float(np.mean(xs)), float(np.std(xs))) if len(xs) else (None, None)
-
-
 def arm_stats(runs: dict, lrs: dict, arm: str) -> dict | None:
   """Per-seed finals, their mean / population std, uplink, tail slope and the accuracy at each
   of ``FRACTIONS`` of the run, for one arm at one length (None: no seed done)."""
@@ -118,7 +114,7 @@ def arm_stats(runs: dict, lrs: dict, arm: str) -> dict | None:
   if not got:
     return None
   finals = [p["final_acc"] for p in got.values()]
-  mean, std = _ms(finals)
+  mean, std = lc._ms(finals)
   return {"arm": arm, "lr": lrs[arm], "seeds": sorted(got), "rounds": next(iter(
       got.values()))["run"]["rounds"], "final": finals, "final_mean": mean, "final_std": std,
       "rel_uplink": float(np.mean([p["rel_uplink"] for p in got.values()])),
