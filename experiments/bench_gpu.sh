@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The prepared accelerator check of the round benchmark (issue 6), one command for a session
 # that is lent a GPU:  OUT=/some/dir bash experiments/bench_gpu.sh
-# (the device tool's $OUT; default experiments/results). Every package it needs is in the
-# GPU image (jax, flax, optax, chex, orbax, scikit-learn, tqdm); it reads no dataset.
+# (the device tool's $OUT; default experiments/results). Every package the benchmarks need is
+# in the GPU image (jax, flax, optax, chex, orbax, scikit-learn, tqdm); they read no dataset.
+# The notebook check needs Jupyter wheels carried in .whl/ (experiments/gpu_notebook.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# issue 19: the quickstart notebook, unchanged, in a Jupyter kernel on the GPU (~1 min; the
+# Jupyter wheels travel in .whl/: run `bash experiments/gpu_notebook.sh download` here first
+# and carry .whl). A failure here is reported and does not stop the benchmarks.
+OUT="$OUT/notebook_gpu" bash experiments/gpu_notebook.sh || echo "gpu_notebook.sh failed (rc $?)"
 # speedup vs the sequential per-client loop (goal on a GPU: >= 10x on pfl_cifar10)
 python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --json "$OUT/bench_round_pfl_cifar10_gpu.json"
 # the full 1,500-round pfl-research CIFAR-10 benchmark, jaxfl only (goal: < 60 s in total)

@@ -3,6 +3,10 @@
 Re-execute and save them with their outputs (for committing)::
 
     python tests/notebooks_test.py --write
+
+Execute one without touching notebooks/ (the GPU check, experiments/gpu_notebook.sh)::
+
+    python tests/notebooks_test.py --only quickstart.ipynb --out DIR
 """
 
 import json
@@ -60,13 +64,24 @@ def test_notebook_executes_without_errors(name, tmp_path):
 
 
 if __name__ == "__main__":
+  import argparse
   import tempfile
 
-  if sys.argv[1:] != ["--write"]:
-    sys.exit(__doc__)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument("--write", action="store_true",
+                     help="save the executed notebooks over notebooks/ (for committing)")
+  where.add_argument("--out", metavar="DIR",
+                     help="save the executed notebooks in DIR instead (e.g. a device's $OUT)")
+  parser.add_argument("--only", nargs="+", choices=NAMES, default=list(NAMES),
+                      help="the notebooks to run (default: all)")
+  args = parser.parse_args()
+  folder = NOTEBOOKS if args.write else args.out
+  os.makedirs(folder, exist_ok=True)
   with tempfile.TemporaryDirectory() as kernels:
-    for name in NAMES:
+    for name in args.only:
       nb, seconds = execute(name, kernels)
-      nbformat.write(nb, os.path.join(NOTEBOOKS, name))
-      size = os.path.getsize(os.path.join(NOTEBOOKS, name)) / 1e3
-      print(f"{name}: executed in {seconds:.0f} s, {size:.0f} KB written")
+      nbformat.write(nb, os.path.join(folder, name))
+      size = os.path.getsize(os.path.join(folder, name)) / 1e3
+      print(f"{name}: executed in {seconds:.0f} s, {size:.0f} KB written to {folder}")
