@@ -52,6 +52,9 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 # GEM on a pre-trained transformer (issue 21): the same study at a longer fine-tuning budget
 # (the CPU run is 60 steps of batch 16 at 32 tokens); needs the text extra + fortunes files:
 # python experiments/gem_text.py --steps 600 --max-len 64 --batch 32 --out-dir "$OUT"
+# Federated GEM vs random masks vs dense FedAvg at a larger scale (100 clients, 10 per round,
+# 8 local steps, 200 rounds, the whole test split; 3 arms x 3 rates + 2 seeds, resumable):
+# python experiments/gem_fed.py --preset minilm_fortunes_long --out-dir "$OUT" --max-minutes 8
 # EmbracingFL (ALGORITHMS.md §8b) in the same CIFAR-10 / ResNet-18 setting (dense model; weak /
 # moderate / strong clients train 3/7, 5/7 and all of the modules from the output side; the
 # `full` arm is PriSM's when its pieces are in $OUT):

@@ -581,7 +581,10 @@ def jaxfl_names(params):
   return jaxfl.tree.leaf_names(params)
 
 
-def run_fed(args, piece: Piece) -> dict:
+def run_fed(args, piece: Piece, ledger: str = "sparse") -> dict:
+  """One federated run. ``ledger``: how a masked upload is counted, ``"sparse"`` (index +
+  value per non-zero entry, this study's committed runs) or ``"shared"`` (the mask's values
+  only: the server built or can draw the mask, so it knows the positions)."""
   import jax
 
   import jaxfl
@@ -593,24 +596,30 @@ def run_fed(args, piece: Piece) -> dict:
   fed = jaxfl.data.federate_tokens(ds, args.fed_clients, jaxfl.data.dirichlet(args.fed_alpha),
                                    seed=0)
   lrs = lr_tree(params, piece.lr, args.head_lr)
-  calib_bytes, mask, calib_seconds = 0, None, 0.0
+  calib_bytes, mask, calib_seconds, calib_clients = 0, None, 0.0, 0
   if piece.arm != "full":
-    grad_fn = functions(args, model)[4]
+    method, allocation = ARMS[piece.arm]
     t0 = time.perf_counter()
-    rng = np.random.default_rng(999 + piece.seed)
-    ids = rng.choice(fed.num_clients, size=min(args.fed_calib_clients, fed.num_clients),
-                     replace=False)
-    sent = []
-    for i in ids:  # each calibration client: the gradient of one batch of its own data
-      own = fed.client_indices[i, :fed.client_sizes[i]]
-      pick = np.sort(rng.choice(own, size=min(args.batch, len(own)), replace=False))
-      if len(pick) < args.batch:  # one static shape: repeat examples of a small client
-        pick = np.resize(pick, args.batch)
-      sent.append((fed.x[pick], fed.y[pick]))
-    grads = mean_gradient(grad_fn, params, sent)  # the server's pooled, size-weighted mean
-    calib_bytes = len(ids) * jaxfl.comm.model_bytes(params)  # dense, once
-    method, allocation = "gem", piece.arm[len("gem_"):]
-    mask = masks.build_mask(method, params, piece.budget, grads=grads, allocation=allocation,
+    grads = None
+    if method in ("gem", "grad_magnitude"):  # scores that need the clients' gradients
+      grad_fn = functions(args, model)[4]
+      rng = np.random.default_rng(999 + piece.seed)
+      ids = rng.choice(fed.num_clients, size=min(args.fed_calib_clients, fed.num_clients),
+                       replace=False)
+      sent = []
+      for i in ids:  # each calibration client: the gradient of one batch of its own data
+        own = fed.client_indices[i, :fed.client_sizes[i]]
+        pick = np.sort(rng.choice(own, size=min(args.batch, len(own)), replace=False))
+        if len(pick) < args.batch:  # one static shape: repeat examples of a small client
+          pick = np.resize(pick, args.batch)
+        sent.append((fed.x[pick], fed.y[pick]))
+      grads = mean_gradient(grad_fn, params, sent)  # the server's pooled, size-weighted mean
+      calib_bytes = len(ids) * jaxfl.comm.model_bytes(params)  # dense, once
+      calib_clients = len(ids)
+    # A random or weight-magnitude mask costs no uplink: the clients rebuild it from the
+    # shared seed or the pre-trained weights they already hold.
+    mask = masks.build_mask(method, params, piece.budget, grads=grads,
+                            key=jax.random.key(piece.seed), allocation=allocation,
                             eligible=eligible, always=always)
     mask = jax.tree.map(np.asarray, mask)
     calib_seconds = time.perf_counter() - t0
@@ -621,23 +630,30 @@ def run_fed(args, piece: Piece) -> dict:
   client_tx = optimizer(args, lrs=lrs, masked=mask if mask is not None else False)
   algo = algo._replace(local=algo.local._replace(optimizer=client_tx))
   if mask is not None:
-    algo = algo._replace(ledger=jaxfl.comm.sparse_ledger())
+    algo = algo._replace(ledger=jaxfl.comm.shared_mask_ledger(mask) if ledger == "shared"
+                         else jaxfl.comm.sparse_ledger())
   t0 = time.perf_counter()
   res = jaxfl.simulate(algo, model, fed, rounds=args.fed_rounds,
                        clients_per_round=args.fed_cohort, seed=piece.seed,
                        eval_every=args.fed_eval_every, init_params=params, progress=False)
   sim_seconds = time.perf_counter() - t0
+  predict = functions(args, model)[3]
+  val_acc = accuracy(predict, res.state.params, data["x_val"], data["y_val"],
+                     min(100, len(data["y_val"])))
   keep = ("round", "test_accuracy", "train_loss", "uplink_bytes", "uplink_elements",
           "rel_uplink")
+  named = list(zip(jaxfl_names(params), jax.tree.leaves(params)))
+  n_head = sum(int(np.size(x)) for n, x in named if n.startswith(HEAD))
+  n_elig = sum(int(np.size(x)) for n, x in named if eligible(n, x))
   return {"history": [{k: float(h[k]) for k in keep if k in h} for h in res.history],
-          "final_acc": float(res.summary["final_acc"]),
+          "final_acc": float(res.summary["final_acc"]), "val_acc": val_acc,
           "uplink_bytes": float(sum(h["uplink_bytes"] for h in res.history)),
           "calibration_uplink_bytes": float(calib_bytes),
-          "calibration_clients": args.fed_calib_clients if mask is not None else 0,
-          "tuned_entries": None if mask is None else masks.mask_count(mask) - sum(
-              int(np.size(x)) for n, x in zip(jaxfl_names(params), jax.tree.leaves(params))
-              if n.startswith(HEAD)),
+          "calibration_clients": calib_clients,
+          "tuned_entries": None if mask is None else masks.mask_count(mask) - n_head,
+          "head_entries": n_head, "eligible_entries": n_elig,
           "model_bytes": jaxfl.comm.model_bytes(params), "partition": fed.report()["partition"],
+          "ledger": "dense" if mask is None else ledger,
           "calib_seconds": calib_seconds, "sim_seconds": sim_seconds}
 
 
@@ -879,6 +895,27 @@ def _group(name: str) -> str:
   return "other"
 
 
+def token_coverage(args, names, mask, data) -> dict:
+  """Which tokens' word-embedding rows ``mask`` can tune, against the test quotes' tokens and
+  the tokens of the calibration batches a gradient score saw (``make_mask``'s batches)."""
+  import jax
+
+  word = next(m for n, m in zip(names, jax.tree.leaves(mask))
+              if "['embeddings']['word']" in n)
+  tuned = np.asarray(word).any(axis=1)
+  ids, attn = data["x_test"][:, 0], data["x_test"][:, 1]
+  occ = ids[attn > 0]
+  idx = batches(len(data["y"]), args.calib_batches, args.batch, 999 + args.seeds[0])
+  cx = data["x"][np.concatenate(idx)]
+  seen = np.zeros(len(tuned), bool)
+  seen[cx[:, 0][cx[:, 1] > 0]] = True
+  return {"vocab": int(len(tuned)), "rows_tuned": int(tuned.sum()),
+          "test_covered": float(tuned[occ].mean()),
+          "tuned_rows_in_calibration": float(seen[tuned].mean()) if tuned.any() else 0.0,
+          "calibration_tokens": int(seen.sum()), "test_seen_in_calibration":
+          float(seen[occ].mean())}
+
+
 def mask_layout(args, command: str) -> dict:
   """Share of each budgeted arm's tuned entries (seed 0) per parameter group, and the group's
   density, from the same (cached) masks the pieces trained with."""
@@ -908,7 +945,8 @@ def mask_layout(args, command: str) -> dict:
       k = sum(counts.values())
       rows.append({"arm": arm, "budget": b, "entries": k,
                    "share": {g: counts[g] / k for g in sizes},
-                   "density": {g: counts[g] / sizes[g] for g in sizes}})
+                   "density": {g: counts[g] / sizes[g] for g in sizes},
+                   **token_coverage(args, names, mask, data)})
   groups = list(sizes)
   lines = ["# Where the masks put their entries (seed 0)", "",
            "Share of each arm's tuned encoder entries per parameter group (density in the "
@@ -917,6 +955,21 @@ def mask_layout(args, command: str) -> dict:
   cells = [[r["arm"], f"{100 * r['budget']:g}%"]
            + [f"{r['share'][g]:.1%} ({r['density'][g]:.2%})" for g in groups] for r in rows]
   lines.append(md_table(["arm", "budget", *groups], cells))
+  vocab = rows[0]["vocab"] if rows else 0
+  lines += ["", "## Which words' embeddings a mask can tune", "",
+            f"Rows of the word embedding ({vocab:,} tokens x 384) with at least one tuned "
+            "entry; the share of the test quotes' token occurrences (padding left out) whose "
+            "row has one; and the share of the tuned rows whose token is in GEM's "
+            f"calibration batches ({args.calib_batches} x {args.batch} training quotes, seed "
+            f"{args.seeds[0]}: {rows[0]['calibration_tokens'] if rows else 0:,} distinct tokens"
+            f", covering {rows[0]['test_seen_in_calibration'] if rows else 0:.1%} of the test "
+            "occurrences). A gradient score (GEM, gradient magnitude) is zero on the rows of "
+            "tokens the calibration batches do not contain.", "",
+            md_table(["arm", "budget", "rows tuned", "test occurrences covered",
+                      "tuned rows seen in calibration"],
+                     [[r["arm"], f"{100 * r['budget']:g}%", f"{r['rows_tuned']:,}",
+                       f"{r['test_covered']:.1%}", f"{r['tuned_rows_in_calibration']:.1%}"]
+                      for r in rows])]
   result = {"groups": {g: sizes[g] for g in groups}, "rows": rows}
   write_results(args.out_dir, "gem_text_masks", command=command, data=result,
                 md="\n".join(lines) + "\n")

@@ -101,6 +101,25 @@ def upload_mask_ledger(downlink: Callable[[Any, Any], Any] | None = None) -> Led
   return Ledger(count, 1.0, None, downlink)
 
 
+def shared_mask_ledger(mask) -> Ledger:
+  """A fixed mask both sides know: a sent leaf costs its mask's ones and no indices.
+
+  For sparse fine-tuning with one mask for every client and round, built by the server and
+  sent down once (GEM) or drawn by every client from a shared seed (a random mask): the
+  server knows which entries arrive, so only their values travel (half of
+  :func:`sparse_ledger`'s index + value). ``mask``: a tree of bools like the params.
+  """
+  if mask is None:
+    raise ValueError("`mask` must be a tree of bools like the params, got None.")
+  mask = jax.tree.map(lambda m: np.asarray(m, bool), mask)
+
+  def count(delta, abs_sums, start, uplink_state):
+    del start, uplink_state
+    return uplink_elements(delta, False, mask, abs_sums)
+
+  return Ledger(count, 1.0)
+
+
 def model_bytes(params) -> int:
   """Bytes of one dense copy of ``params``."""
   return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
@@ -113,5 +132,6 @@ def relative_uplink_cost(history: list[dict]) -> float:
 
 
 __all__ = ["Ledger", "dense_ledger", "model_bytes", "qsgd_bits_per_element", "qsgd_uplink_bytes",
-           "relative_uplink_cost", "sparse_ledger", "upload_mask_ledger",
+           "relative_uplink_cost", "shared_mask_ledger", "sparse_ledger",
+           "upload_mask_ledger",
            "uplink_elements"]

