@@ -109,15 +109,25 @@ def command_line(script: str, argv: Sequence[str] | None = None,
   ``{"--report-only": 0, "--max-minutes": 1}``), left out of the record.
   """
   args = list(sys.argv[1:] if argv is None else argv)
+  return shlex.join(["python", os.path.relpath(os.path.abspath(script), ROOT),
+                     *without_flags(args, drop or {})])
+
+
+# Flags that pace a resumable study's driver and never change its results.
+PACING_FLAGS = {"--report-only": 0, "--max-minutes": 1}
+
+
+def without_flags(args: Sequence[str], drop: Mapping[str, int]) -> list[str]:
+  """``args`` without the flags in ``drop`` (each with its number of values)."""
   kept, i = [], 0
   while i < len(args):
     flag = args[i].split("=", 1)[0]
-    if drop and flag in drop:
+    if flag in drop:
       i += 1 + (drop[flag] if "=" not in args[i] else 0)
       continue
     kept.append(args[i])
     i += 1
-  return shlex.join(["python", os.path.relpath(os.path.abspath(script), ROOT), *kept])
+  return kept
 
 
 def _atomic_write(path: str, write: Callable) -> str:
@@ -302,9 +312,10 @@ def study_main(study, argv: Sequence[str] | None = None) -> int:
     return 0
   child = ["--preset", args.preset, "--out-dir", args.out_dir] + (
       ["--smoke"] if args.smoke else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
+  recorded = without_flags(list(sys.argv[1:] if argv is None else argv), PACING_FLAGS)
   print(drive_pieces(study.__file__, child, load=lambda: study.load_pieces(args.out_dir, cfg),
                      plan=lambda pieces: study.plan(cfg, pieces),
-                     report=lambda pieces: study.report(cfg, pieces, args.out_dir, argv),
+                     report=lambda pieces: study.report(cfg, pieces, args.out_dir, recorded),
                      max_minutes=args.max_minutes, report_only=args.report_only))
   return 0
 

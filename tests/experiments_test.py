@@ -1030,6 +1030,9 @@ def test_study_main_report_only_writes_a_provisional_report_without_pieces(tmp_p
   assert F.main(["--smoke", "--report-only", "--out-dir", str(tmp_path)]) == 0
   md = (tmp_path / "fedmut_fmnist_cnn14_smoke.md").read_text()
   assert "Provisional" in md and "Provisional" in capsys.readouterr().out
+  # the recorded command is the one that produces the results: no pacing flags
+  assert "Command: `python experiments/fedmut.py --smoke --out-dir" in md
+  assert "--report-only" not in md
   with pytest.raises(SystemExit):
     F.main(["--preset", "no_such_preset"])
 
