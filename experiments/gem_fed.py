@@ -111,9 +111,7 @@ def run_piece(cfg, arm, lr, seed, out, data_dir=None):
   import gem_text
   import jax
 
-  import jaxfl
 
-  jaxfl.set_cpu_devices()
   gem_text._setup_jax()
   args = text_args(cfg)
   budget = 1.0 if arm == "full" else cfg["budget"]
@@ -282,6 +280,11 @@ def report(cfg, pieces, out_dir, argv):
 
 
 def main(argv=None):
+  if "--piece" in (sys.argv[1:] if argv is None else argv):
+    import jaxfl
+
+    # A child process: the cohort over the cores, as gem_text's federated pieces ran.
+    jaxfl.set_cpu_devices()
   return study_main(sys.modules[__name__], argv)
 
 
