@@ -17,7 +17,16 @@ arm                    tuned encoder entries (the head is always trained, not co
 ``random``             uniformly random entries (``uniform`` allocation)
 ``grad_magnitude``     |G|, one global top-K
 ``weight_magnitude``   |w|, one global top-K
+``grad_weight``        |G|·|w| (SNIP's saliency), one global top-K
+``gem_large_w``        GEM (k_l ∝ H_l·n_l), picking only among the larger half of each
+                       layer's weights by |w| (``build_mask(candidates=...)``)
+``random_large_w``     random (k_l ∝ n_l) among the larger half of each layer's |w|
+``random_small_w``     random (k_l ∝ n_l) among the smaller half of each layer's |w|
 =====================  =====================================================================
+
+The last four arms test one reading of GEM's results here: that its score's preference for
+small pre-trained weights is what holds it back (``docs/gem.md``); they are run with
+``--arms ... --budgets 0.01 --out-dir experiments/results/gem_text_weightsize``.
 
 Budgets (default 0.1% and 1%) are fractions of the *eligible* encoder entries (every >= 2-D
 encoder leaf: word/position/type embeddings and the attention/FFN kernels; 22.3M entries);
@@ -97,13 +106,21 @@ def _load_encoder(max_length: int, num_classes: int, seed: int):
 
 
 HEAD = "['head']"
-ARMS = {  # arm -> (build_mask method, allocation); None = not a budgeted mask
+ARMS = {  # arm -> (build_mask method, allocation[, weight half]); None = not a budgeted mask
     "full": None, "head_only": None,
     "gem_entropy": ("gem", "entropy"), "gem_entropy_size": ("gem", "entropy_size"),
     "gem_global": ("gem", "global"), "gem_uniform": ("gem", "uniform"),
     "random": ("random", "uniform"), "grad_magnitude": ("grad_magnitude", "global"),
     "weight_magnitude": ("weight_magnitude", "global"),
+    "grad_weight": ("grad_weight_product", "global"),
+    "gem_large_w": ("gem", "entropy_size", "large"),
+    "random_large_w": ("random", "uniform", "large"),
+    "random_small_w": ("random", "uniform", "small"),
 }
+# The main study's arms (the default); the others are run on request (--arms).
+MAIN_ARMS = ("full", "head_only", "gem_entropy", "gem_entropy_size", "gem_global", "gem_uniform",
+             "random", "grad_magnitude", "weight_magnitude")
+GRAD_METHODS = ("gem", "grad_magnitude", "grad_weight_product")  # need calibration gradients
 # Flags that only pace the driver or place its outputs (not part of a piece's configuration).
 DRIVER_FLAGS = {"--report-only": 0, "--max-minutes": 1, "--piece": 1, "--in-process": 0}
 
@@ -112,7 +129,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out-dir", default=RESULTS)
-  p.add_argument("--arms", default=",".join(ARMS))
+  p.add_argument("--arms", default=",".join(MAIN_ARMS))
   p.add_argument("--budgets", default="0.001,0.01")
   p.add_argument("--seeds", default="0,1,2")
   # Decades and half-decades at both ends, so that every arm's pick is inside the grid (60
@@ -277,7 +294,8 @@ def fed_rule(args, done: dict, picked: dict) -> str | None:
   while any of those pieces is missing."""
   if args.fed_allocation != "auto":
     return f"gem_{args.fed_allocation}"
-  rules = [a for a in args.arms if a.startswith("gem_")]
+  # GEM's allocation rules only (not the restricted diagnostic arms such as gem_large_w)
+  rules = [a for a in args.arms if a.startswith("gem_") and len(ARMS[a]) == 2]
   if not rules:
     return "gem_entropy"
   score = {}
@@ -471,6 +489,36 @@ def always(name, x):
   return name.startswith(HEAD)
 
 
+def weight_half(params, half: str):
+  """Candidates for ``build_mask``: per eligible leaf, the entries whose |w| is at or above
+  (``"large"``) or below (``"small"``) that leaf's median |w|; other leaves unrestricted."""
+  import jax
+
+  def leaf(path, x):
+    if not eligible(jax.tree_util.keystr(path), x):
+      return None
+    a = np.abs(np.asarray(x, np.float32))
+    big = a >= np.median(a)
+    return big if half == "large" else ~big
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def arm_mask(arm, params, budget, grads, seed):
+  """The arm's ``build_mask`` call (``grads``: calibration gradients, or None if the score
+  needs none)."""
+  import jax
+
+  from jaxfl import masks
+
+  method, allocation, *half = ARMS[arm]
+  cand = weight_half(params, half[0]) if half else None
+  mask = masks.build_mask(method, params, budget, grads=grads, key=jax.random.key(seed),
+                          allocation=allocation, eligible=eligible, always=always,
+                          candidates=cand)
+  return jax.tree.map(np.asarray, mask)
+
+
 def _mask_file(args, arm, budget, seed, tag="") -> str:
   cfg = {k: getattr(args, k) for k in ("max_len", "batch", "calib_batches", "train_examples",
                                        "val_examples", "smoke")}
@@ -506,7 +554,6 @@ def make_mask(args, arm, budget, seed, params, grad_fn, data):
   """The arm's mask (bools like params) and the seconds spent on calibration + building."""
   import jax
 
-  from jaxfl import masks
 
   if arm == "full":
     return jax.tree.map(lambda x: np.ones(np.shape(x), bool), params), 0.0
@@ -516,15 +563,12 @@ def make_mask(args, arm, budget, seed, params, grad_fn, data):
   path = _mask_file(args, arm, budget, seed)
   if os.path.exists(path):
     return _load_mask(path, params), 0.0
-  method, allocation = ARMS[arm]
   t0 = time.perf_counter()
   grads = None
-  if method in ("gem", "grad_magnitude"):
+  if ARMS[arm][0] in GRAD_METHODS:
     idx = batches(len(data["y"]), args.calib_batches, args.batch, 999 + seed)
     grads = mean_gradient(grad_fn, params, [(data["x"][i], data["y"][i]) for i in idx])
-  mask = masks.build_mask(method, params, budget, grads=grads, key=jax.random.key(seed),
-                          allocation=allocation, eligible=eligible, always=always)
-  mask = jax.tree.map(np.asarray, mask)
+  mask = arm_mask(arm, params, budget, grads, seed)
   seconds = time.perf_counter() - t0
   _save_mask(path, mask)
   return mask, seconds
@@ -598,10 +642,9 @@ def run_fed(args, piece: Piece, ledger: str = "sparse") -> dict:
   lrs = lr_tree(params, piece.lr, args.head_lr)
   calib_bytes, mask, calib_seconds, calib_clients = 0, None, 0.0, 0
   if piece.arm != "full":
-    method, allocation = ARMS[piece.arm]
     t0 = time.perf_counter()
     grads = None
-    if method in ("gem", "grad_magnitude"):  # scores that need the clients' gradients
+    if ARMS[piece.arm][0] in GRAD_METHODS:  # scores that need the clients' gradients
       grad_fn = functions(args, model)[4]
       rng = np.random.default_rng(999 + piece.seed)
       ids = rng.choice(fed.num_clients, size=min(args.fed_calib_clients, fed.num_clients),
@@ -618,10 +661,7 @@ def run_fed(args, piece: Piece, ledger: str = "sparse") -> dict:
       calib_clients = len(ids)
     # A random or weight-magnitude mask costs no uplink: the clients rebuild it from the
     # shared seed or the pre-trained weights they already hold.
-    mask = masks.build_mask(method, params, piece.budget, grads=grads,
-                            key=jax.random.key(piece.seed), allocation=allocation,
-                            eligible=eligible, always=always)
-    mask = jax.tree.map(np.asarray, mask)
+    mask = arm_mask(piece.arm, params, piece.budget, grads, piece.seed)
     calib_seconds = time.perf_counter() - t0
   algo = jaxfl.algorithms.fedavg(
       name=f"fedavg_{piece.arm}", client_lr=1.0, local_steps=args.fed_local_steps,

@@ -520,6 +520,47 @@ def test_embracing_report_pairs_seeds_reuses_prisms_full_pieces_and_sizes_the_up
   assert (tmp_path / "embracing.md").exists() and (tmp_path / "embracing.png").exists()
 
 
+def test_gem_text_weight_half_arms_pick_only_their_half():
+  """The diagnostic arms: random/GEM masks restricted to the larger or smaller half of each
+  encoder leaf's |w| (per-leaf median), the head always fully trained, the default arms
+  unchanged."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import gem_text
+
+  rng = np.random.default_rng(0)
+  params = {"encoder": {"emb": rng.normal(size=(50, 8)).astype(np.float32),
+                        "ffn": {"kernel": rng.normal(size=(8, 16)).astype(np.float32),
+                                "bias": rng.normal(size=(16,)).astype(np.float32)}},
+            "head": {"kernel": rng.normal(size=(8, 3)).astype(np.float32),
+                     "bias": np.zeros(3, np.float32)}}
+  grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+  for arm, half in (("random_large_w", "large"), ("random_small_w", "small"),
+                    ("gem_large_w", "large")):
+    m = gem_text.arm_mask(arm, params, 0.1, grads if arm.startswith("gem") else None, 0)
+    for leaf in (("emb",), ("ffn", "kernel")):
+      w = np.abs(params["encoder"][leaf[0]] if len(leaf) == 1 else params["encoder"]["ffn"][
+          "kernel"])
+      got = m["encoder"][leaf[0]] if len(leaf) == 1 else m["encoder"]["ffn"]["kernel"]
+      big = w >= np.median(w)
+      inside = big if half == "large" else ~big
+      assert got.sum() > 0 and not np.any(got & ~inside), (arm, leaf)
+    assert m["encoder"]["emb"].sum() + m["encoder"]["ffn"]["kernel"].sum() == math.ceil(
+        0.1 * (50 * 8 + 8 * 16))  # the budget is exact
+    assert not np.any(m["encoder"]["ffn"]["bias"])  # 1-D: not eligible
+    assert np.all(m["head"]["kernel"]) and np.all(m["head"]["bias"])
+  # GEM restricted to the large half = GEM's own pick among those entries (by |G|/|w|).
+  m = gem_text.arm_mask("gem_large_w", params, 0.1, grads, 0)
+  free = gem_text.arm_mask("gem_entropy_size", params, 0.1, grads, 0)
+  w, g = np.abs(params["encoder"]["emb"]), np.abs(grads["encoder"]["emb"])
+  k = int(free["encoder"]["emb"].sum())
+  assert int(m["encoder"]["emb"].sum()) == k  # same per-layer count as unrestricted GEM
+  ratio = np.where(w >= np.median(w), g / (w + 1e-8), -np.inf).ravel()
+  want = np.zeros(w.size, bool)
+  want[np.argsort(-ratio, kind="stable")[:k]] = True
+  np.testing.assert_array_equal(m["encoder"]["emb"].ravel(), want)
+  assert "gem_large_w" not in gem_text.parse_args([]).arms  # opt-in only
+
+
 def test_gem_text_federated_arm_waits_for_the_evidence_then_takes_the_best_gem_rule():
   """``--fed-allocation auto``: the federated GEM runs wait until every GEM rule's centralized
   pieces are in, then use the rule with the best mean test accuracy (bookkeeping only)."""

@@ -70,11 +70,13 @@ from jaxfl.masks._scores import _entropy_leaf, gradient_weight_ratio
 
 PyTree = Any
 
-METHODS = ("gem", "random", "grad_magnitude", "weight_magnitude", "gem_uniform_budget")
+METHODS = ("gem", "random", "grad_magnitude", "weight_magnitude", "gem_uniform_budget",
+           "grad_weight_product")
 # The baselines share GEM's allocation, so each differs from "gem" in its score only.
 _DEFAULT_ALLOCATION = {"gem": "entropy_size", "gem_uniform_budget": "uniform",
                        "random": "entropy_size", "grad_magnitude": "entropy_size",
-                       "weight_magnitude": "entropy_size"}
+                       "weight_magnitude": "entropy_size", "grad_weight_product": "entropy_size"}
+_NEEDS_GRADS = ("gem", "gem_uniform_budget", "grad_magnitude", "grad_weight_product")
 
 __all__ = ["METHODS", "build_mask", "mask_count", "mask_density", "topk_mask"]
 
@@ -120,6 +122,7 @@ def build_mask(
     eligible: str | Callable | PyTree = "kernels",
     budget_of: str = "eligible",
     always: Callable | PyTree | None = None,
+    candidates: PyTree | None = None,
 ) -> PyTree:
   r"""Builds a fixed sparse fine-tuning mask (a tree of bool arrays like ``params``).
 
@@ -132,6 +135,7 @@ def build_mask(
   ``"gem_uniform_budget"`` :math:`|G| / (|w^0| + \epsilon)`           ``"uniform"``
   ``"grad_magnitude"``     :math:`|G|` (no scale awareness)           ``"entropy_size"``
   ``"weight_magnitude"``   :math:`|w^0|` (largest weights)            ``"entropy_size"``
+  ``"grad_weight_product"`` :math:`|G| \cdot |w^0|` (SNIP's saliency)    ``"entropy_size"``
   ``"random"``             uniform random                             ``"entropy_size"``
   =======================  =========================================  ====================
 
@@ -159,15 +163,24 @@ def build_mask(
     always: leaves to tune fully regardless of the budget (e.g. a new classification head), a
       callable ``(name, leaf) -> bool`` or a tree of bools; they are not counted in the budget
       and must not be eligible.
+    candidates: optional tree of bool arrays like ``params`` (``None`` leaves mean "all"): the
+      only entries a layer may pick from. The per-layer counts :math:`k_l` are allocated as
+      without it (from the full layer sizes and entropies); then each layer takes its top
+      :math:`k_l` scores among its candidates (with ``"global"``, the top K among all
+      candidates). Use it to ablate one property of a score, e.g. GEM's ratio restricted to
+      the larger half of the weights.
 
   Returns:
     A tree of bool arrays with the shapes of ``params``.
 
   Raises:
-    ValueError: for an unknown method/allocation, a budget outside [0, 1], ``bins < 2``, or a
-      missing ``grads``/``key``.
+    ValueError: for an unknown method/allocation, a budget outside [0, 1], ``bins < 2``, a
+      missing ``grads``/``key``, ``candidates`` that do not match ``params``, or a layer (or,
+      with ``"global"``, the whole model) given more entries than it has candidates.
 
   References:
+    Lee, Ajanthan and Torr, `SNIP: Single-shot network pruning based on connection
+    sensitivity <https://arxiv.org/abs/1810.02340>`_, ICLR 2019 (``"grad_weight_product"``).
     Kang, Kim, Avestimehr and Lee, `GEM: Gradient-to-weight ratio and Entropy-guided Masking
     for parameter-efficient fine-tuning <https://arxiv.org/abs/2508.16191>`_, AAAI 2026.
   """
@@ -181,8 +194,7 @@ def build_mask(
   if not callable(allocation) and allocation not in ALLOCATIONS:
     raise ValueError(f"`allocation` must be one of {ALLOCATIONS} or a callable, "
                      f"got {allocation!r}.")
-  needs_grads = method in ("gem", "gem_uniform_budget", "grad_magnitude")
-  if needs_grads and grads is None:
+  if method in _NEEDS_GRADS and grads is None:
     raise ValueError(f"`grads` (calibration gradients) are required for method={method!r}.")
   if method == "random" and key is None:
     raise ValueError("`key` is required for method='random'.")
@@ -202,6 +214,8 @@ def build_mask(
     scores = gradient_weight_ratio(grads, params, eps)
   elif method == "grad_magnitude":
     scores = jax.tree.map(jnp.abs, grads)
+  elif method == "grad_weight_product":
+    scores = jax.tree.map(lambda g, w: jnp.abs(g) * jnp.abs(w), grads, params)
   elif method == "weight_magnitude":
     scores = jax.tree.map(jnp.abs, params)
   else:
@@ -213,12 +227,19 @@ def build_mask(
   idx = [i for i, e in enumerate(elig_flat) if e]
   sizes = [int(np.size(leaves[i])) for i in idx]
   total = resolve_budget(budget, sum(sizes), sum(int(np.size(x)) for x in leaves), budget_of)
+  allowed = [None] * len(leaves)  # per leaf: number of candidates (None: every entry)
+  if candidates is not None:
+    score_flat, allowed = _restrict(score_flat, candidates, leaves, treedef)
 
   out = [jnp.full(jnp.shape(x), bool(a)) for x, a in zip(leaves, always_flat)]
   if not idx:
     return treedef.unflatten(out)
   if allocation == "global":
     flat = jnp.concatenate([jnp.ravel(score_flat[i]).astype(jnp.float32) for i in idx])
+    room = sum(sizes[j] if allowed[i] is None else allowed[i] for j, i in enumerate(idx))
+    if total > room:
+      raise ValueError(f"`candidates` allow {room} eligible entries, fewer than the budget's "
+                       f"{total}.")
     chosen = topk_mask(flat, total)
     offsets = np.cumsum([0] + sizes)
     for j, i in enumerate(idx):
@@ -231,5 +252,30 @@ def build_mask(
     ent = [float(ent_fn(leaves[i], int(bins))) for i in idx]
   ks = allocate_budget(total, sizes, ent, allocation)
   for i, k in zip(idx, ks):
+    if allowed[i] is not None and k > allowed[i]:
+      name = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params)[0][i][0])
+      raise ValueError(f"`candidates` allow {allowed[i]} entries in {name}, fewer than its "
+                       f"share of the budget ({k}).")
     out[i] = topk_mask(score_flat[i], k)
   return treedef.unflatten(out)
+
+
+def _restrict(score_flat, candidates, leaves, treedef):
+  """Scores with non-candidates at -inf (never picked), and each leaf's candidate count."""
+  try:
+    cand_flat = treedef.flatten_up_to(candidates)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"`candidates` must be a tree of bool arrays like `params`: {e}") from None
+  scores, allowed = [], []
+  for s, c, x in zip(score_flat, cand_flat, leaves):
+    if c is None:
+      scores.append(s)
+      allowed.append(None)
+      continue
+    c = np.asarray(c)
+    if c.dtype != bool or c.shape != np.shape(x):
+      raise ValueError(f"`candidates` leaves must be bool arrays shaped like `params`; got "
+                       f"{c.dtype}{list(c.shape)} for a leaf of shape {list(np.shape(x))}.")
+    scores.append(jnp.where(c, jnp.asarray(s, jnp.float32), -jnp.inf))
+    allowed.append(int(c.sum()))
+  return scores, allowed

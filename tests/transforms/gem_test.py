@@ -163,14 +163,19 @@ def test_resolve_budget():
 # Masks.
 
 
-def ref_mask(method, params, grads, budget, bins, eps, allocation):
+def ref_mask(method, params, grads, budget, bins, eps, allocation, candidates=None):
   names = ["conv", "dense", "head", "tiny"]  # eligible = kernels, sorted like jax dicts
   w = {n: np.asarray(params[n]["kernel"]) for n in names}
   g = {n: np.asarray(grads[n]["kernel"]) for n in names}
-  score = {"gem": lambda n: np.abs(g[n]) / (np.abs(w[n]) + eps),
-           "gem_uniform_budget": lambda n: np.abs(g[n]) / (np.abs(w[n]) + eps),
-           "grad_magnitude": lambda n: np.abs(g[n]),
-           "weight_magnitude": lambda n: np.abs(w[n])}[method]
+  raw = {"gem": lambda n: np.abs(g[n]) / (np.abs(w[n]) + eps),
+         "gem_uniform_budget": lambda n: np.abs(g[n]) / (np.abs(w[n]) + eps),
+         "grad_magnitude": lambda n: np.abs(g[n]),
+         "grad_weight_product": lambda n: np.abs(g[n].astype(np.float64) * w[n]),
+         "weight_magnitude": lambda n: np.abs(w[n])}[method]
+
+  def score(n):  # non-candidates can never be picked
+    return raw(n) if candidates is None else np.where(candidates[n], raw(n), -np.inf)
+
   sizes = np.array([w[n].size for n in names])
   total = math.ceil(Decimal(repr(budget)) * int(sizes.sum()))  # exact K = ceil(budget N)
   if allocation == "global":
@@ -188,14 +193,15 @@ def ref_mask(method, params, grads, budget, bins, eps, allocation):
 
 @pytest.mark.parametrize("method,allocation", [
     ("gem", None), ("gem_uniform_budget", None), ("grad_magnitude", None),
-    ("weight_magnitude", None), ("gem", "entropy"), ("gem", "global"),
-    ("grad_magnitude", "global")])
+    ("weight_magnitude", None), ("grad_weight_product", None), ("gem", "entropy"),
+    ("gem", "global"), ("grad_magnitude", "global"), ("grad_weight_product", "global")])
 @pytest.mark.parametrize("budget", [0.0, 0.01, 0.1, 0.5, 1.0])
 def test_masks_match_numpy_reference(method, allocation, budget):
   params, grads = random_tree(5), random_tree(6)
   # the documented defaults (docs/gem.md: k ∝ H·n, chosen from the MiniLM-L6 experiment)
   default = {"gem": "entropy_size", "gem_uniform_budget": "uniform",
-             "grad_magnitude": "entropy_size", "weight_magnitude": "entropy_size"}
+             "grad_magnitude": "entropy_size", "weight_magnitude": "entropy_size",
+             "grad_weight_product": "entropy_size"}
   alloc = allocation or default[method]
   mask = masks.build_mask(method, params, budget, grads=grads, bins=32, eps=1e-4,
                         allocation=allocation)
@@ -205,6 +211,58 @@ def test_masks_match_numpy_reference(method, allocation, budget):
     if "bias" in mask[n]:  # not eligible by default
       assert not np.any(np.asarray(mask[n]["bias"]))
   assert masks.mask_count(mask) == math.ceil(Decimal(repr(budget)) * (72 + 160 + 24 + 2))
+
+
+@pytest.mark.parametrize("method,allocation", [
+    ("gem", "entropy_size"), ("weight_magnitude", "uniform"), ("gem", "global")])
+def test_candidates_restrict_the_pick_to_the_numpy_reference(method, allocation):
+  params, grads = random_tree(21), random_tree(22)
+  names = ["conv", "dense", "head", "tiny"]
+  # The larger half of each kernel by |w| (per-layer median); biases left unrestricted.
+  big = {n: np.abs(np.asarray(params[n]["kernel"])) >= np.median(
+      np.abs(np.asarray(params[n]["kernel"]))) for n in names}
+  cand = jax.tree.map(lambda x: None, params)
+  for n in names:
+    cand[n]["kernel"] = big[n]
+  budget = 0.2
+  mask = masks.build_mask(method, params, budget, grads=grads, bins=32, eps=1e-4,
+                          allocation=allocation, candidates=cand)
+  want = ref_mask(method, params, grads, budget, 32, 1e-4, allocation, candidates=big)
+  for n in names:
+    got = np.asarray(mask[n]["kernel"])
+    np.testing.assert_array_equal(got, want[n], err_msg=n)
+    assert not np.any(got & ~big[n]), n
+  # The allocation is unchanged by the restriction: the same per-layer counts as without it.
+  free = masks.build_mask(method, params, budget, grads=grads, bins=32, eps=1e-4,
+                          allocation=allocation)
+  if allocation != "global":
+    for n in names:
+      assert int(np.sum(mask[n]["kernel"])) == int(np.sum(free[n]["kernel"])), n
+  # Random scores with the smaller half: never an entry outside it.
+  small = jax.tree.map(lambda x: None, params)
+  for n in names:
+    small[n]["kernel"] = ~big[n]
+  r = masks.build_mask("random", params, 0.1, key=jax.random.key(3), candidates=small)
+  for n in names:
+    assert not np.any(np.asarray(r[n]["kernel"]) & big[n]), n
+
+
+def test_candidates_bad_input_raises():
+  params, grads = random_tree(23), random_tree(24)
+  with pytest.raises(ValueError, match="candidates"):  # wrong structure
+    masks.build_mask("gem", params, 0.1, grads=grads, candidates={"conv": None})
+  bad = jax.tree.map(lambda x: None, params)
+  bad["dense"]["kernel"] = np.ones((3, 3), bool)  # wrong shape
+  with pytest.raises(ValueError, match="shaped like"):
+    masks.build_mask("gem", params, 0.1, grads=grads, candidates=bad)
+  few = jax.tree.map(lambda x: None, params)
+  few["dense"]["kernel"] = np.zeros((20, 8), bool)
+  few["dense"]["kernel"][0, :2] = True  # 2 candidates, but the layer's share is larger
+  with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\]"):
+    masks.build_mask("gem", params, 0.5, grads=grads, candidates=few, allocation="uniform")
+  none = jax.tree.map(lambda x: np.zeros(np.shape(x), bool), params)
+  with pytest.raises(ValueError, match="fewer than the budget"):
+    masks.build_mask("gem", params, 0.1, grads=grads, candidates=none, allocation="global")
 
 
 def test_random_mask_counts_and_determinism():
