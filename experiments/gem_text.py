@@ -20,11 +20,12 @@ arm                    tuned encoder entries (the head is always trained, not co
 ``grad_weight``        |G|·|w| (SNIP's saliency), one global top-K
 ``gem_large_w``        GEM (k_l ∝ H_l·n_l), picking only among the larger half of each
                        layer's weights by |w| (``build_mask(candidates=...)``)
+``gem_no_p10``         GEM (k_l ∝ H_l·n_l) without the smallest 10% of each layer's |w|
 ``random_large_w``     random (k_l ∝ n_l) among the larger half of each layer's |w|
 ``random_small_w``     random (k_l ∝ n_l) among the smaller half of each layer's |w|
 =====================  =====================================================================
 
-The last four arms test one reading of GEM's results here: that its score's preference for
+The last five arms test one reading of GEM's results here: that its score's preference for
 small pre-trained weights is what holds it back (``docs/gem.md``); they are run with
 ``--arms ... --budgets 0.01 --out-dir experiments/results/gem_text_weightsize``.
 
@@ -114,6 +115,7 @@ ARMS = {  # arm -> (build_mask method, allocation[, weight half]); None = not a 
     "weight_magnitude": ("weight_magnitude", "global"),
     "grad_weight": ("grad_weight_product", "global"),
     "gem_large_w": ("gem", "entropy_size", "large"),
+    "gem_no_p10": ("gem", "entropy_size", "no_p10"),
     "random_large_w": ("random", "uniform", "large"),
     "random_small_w": ("random", "uniform", "small"),
 }
@@ -491,13 +493,16 @@ def always(name, x):
 
 def weight_half(params, half: str):
   """Candidates for ``build_mask``: per eligible leaf, the entries whose |w| is at or above
-  (``"large"``) or below (``"small"``) that leaf's median |w|; other leaves unrestricted."""
+  (``"large"``) or below (``"small"``) that leaf's median |w|, or at or above its 10th
+  percentile (``"no_p10"``); other leaves unrestricted."""
   import jax
 
   def leaf(path, x):
     if not eligible(jax.tree_util.keystr(path), x):
       return None
     a = np.abs(np.asarray(x, np.float32))
+    if half == "no_p10":
+      return a >= np.percentile(a, 10)
     big = a >= np.median(a)
     return big if half == "large" else ~big
 
@@ -935,6 +940,30 @@ def _group(name: str) -> str:
   return "other"
 
 
+def weight_rank_profile(names, leaves, mask) -> dict:
+  """Where a mask's tuned entries sit in their own leaf's |w| distribution: the share below the
+  leaf's 1st, 10th and 50th percentile of |w|, and the median over tuned entries of |w| divided
+  by the leaf's median |w| (eligible leaves only)."""
+  import jax
+
+  below = {"p1": 0, "p10": 0, "p50": 0}
+  rel, tuned = [], 0
+  for n, x, m in zip(names, leaves, jax.tree.leaves(mask)):
+    if not eligible(n, x):
+      continue
+    a = np.abs(np.asarray(x, np.float32)).ravel()
+    m = np.asarray(m).ravel()
+    q1, q10, q50 = np.percentile(a, [1, 10, 50])
+    picked = a[m]
+    tuned += picked.size
+    below["p1"] += int(np.sum(picked < q1))
+    below["p10"] += int(np.sum(picked < q10))
+    below["p50"] += int(np.sum(picked < q50))
+    rel.append(picked / q50)
+  return {**{f"below_{k}": v / max(tuned, 1) for k, v in below.items()},
+          "median_rel_weight": float(np.median(np.concatenate(rel))) if tuned else float("nan")}
+
+
 def token_coverage(args, names, mask, data) -> dict:
   """Which tokens' word-embedding rows ``mask`` can tune, against the test quotes' tokens and
   the tokens of the calibration batches a gradient score saw (``make_mask``'s batches)."""
@@ -986,7 +1015,8 @@ def mask_layout(args, command: str) -> dict:
       rows.append({"arm": arm, "budget": b, "entries": k,
                    "share": {g: counts[g] / k for g in sizes},
                    "density": {g: counts[g] / sizes[g] for g in sizes},
-                   **token_coverage(args, names, mask, data)})
+                   **token_coverage(args, names, mask, data),
+                   **weight_rank_profile(names, leaves, mask)})
   groups = list(sizes)
   lines = ["# Where the masks put their entries (seed 0)", "",
            "Share of each arm's tuned encoder entries per parameter group (density in the "
@@ -1010,6 +1040,15 @@ def mask_layout(args, command: str) -> dict:
                      [[r["arm"], f"{100 * r['budget']:g}%", f"{r['rows_tuned']:,}",
                        f"{r['test_covered']:.1%}", f"{r['tuned_rows_in_calibration']:.1%}"]
                       for r in rows])]
+  lines += ["", "## Where in their layer's weights the tuned entries lie", "",
+            "Share of each arm's tuned entries below their own leaf's 1st, 10th and 50th "
+            "percentile of |w| (a mask blind to |w| puts 1%, 10% and 50% there), and the "
+            "median over tuned entries of |w| / the leaf's median |w|.", "",
+            md_table(["arm", "budget", "below p1", "below p10", "below p50",
+                      "median |w| / leaf median"],
+                     [[r["arm"], f"{100 * r['budget']:g}%", f"{r['below_p1']:.1%}",
+                       f"{r['below_p10']:.1%}", f"{r['below_p50']:.1%}",
+                       f"{r['median_rel_weight']:.3f}"] for r in rows])]
   result = {"groups": {g: sizes[g] for g in groups}, "rows": rows}
   write_results(args.out_dir, "gem_text_masks", command=command, data=result,
                 md="\n".join(lines) + "\n")

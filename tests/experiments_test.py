@@ -558,6 +558,12 @@ def test_gem_text_weight_half_arms_pick_only_their_half():
   want = np.zeros(w.size, bool)
   want[np.argsort(-ratio, kind="stable")[:k]] = True
   np.testing.assert_array_equal(m["encoder"]["emb"].ravel(), want)
+  # Without the smallest 10%: GEM's pick among entries at or above the leaf's 10th percentile.
+  m = gem_text.arm_mask("gem_no_p10", params, 0.1, grads, 0)
+  cut = np.abs(params["encoder"]["ffn"]["kernel"]) >= np.percentile(
+      np.abs(params["encoder"]["ffn"]["kernel"]), 10)
+  assert m["encoder"]["ffn"]["kernel"].sum() > 0
+  assert not np.any(m["encoder"]["ffn"]["kernel"] & ~cut)
   assert "gem_large_w" not in gem_text.parse_args([]).arms  # opt-in only
 
 
