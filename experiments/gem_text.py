@@ -21,11 +21,13 @@ arm                    tuned encoder entries (the head is always trained, not co
 ``gem_large_w``        GEM (k_l ∝ H_l·n_l), picking only among the larger half of each
                        layer's weights by |w| (``build_mask(candidates=...)``)
 ``gem_no_p10``         GEM (k_l ∝ H_l·n_l) without the smallest 10% of each layer's |w|
+``gem_eps1e-2``        GEM (k_l ∝ H_l·n_l) with the ratio's eps = 1e-2 (default 1e-8; the
+                       weights' per-leaf medians are 0.008-0.06)
 ``random_large_w``     random (k_l ∝ n_l) among the larger half of each layer's |w|
 ``random_small_w``     random (k_l ∝ n_l) among the smaller half of each layer's |w|
 =====================  =====================================================================
 
-The last five arms test one reading of GEM's results here: that its score's preference for
+The last six arms test one reading of GEM's results here: that its score's preference for
 small pre-trained weights is what holds it back (``docs/gem.md``); they are run with
 ``--arms ... --budgets 0.01 --out-dir experiments/results/gem_text_weightsize``.
 
@@ -107,17 +109,20 @@ def _load_encoder(max_length: int, num_classes: int, seed: int):
 
 
 HEAD = "['head']"
-ARMS = {  # arm -> (build_mask method, allocation[, weight half]); None = not a budgeted mask
+# arm -> (build_mask method, allocation[, options]); None = not a budgeted mask. Options:
+# "half" (``weight_half``'s candidates) and other ``build_mask`` keywords (e.g. ``eps``).
+ARMS = {
     "full": None, "head_only": None,
     "gem_entropy": ("gem", "entropy"), "gem_entropy_size": ("gem", "entropy_size"),
     "gem_global": ("gem", "global"), "gem_uniform": ("gem", "uniform"),
     "random": ("random", "uniform"), "grad_magnitude": ("grad_magnitude", "global"),
     "weight_magnitude": ("weight_magnitude", "global"),
     "grad_weight": ("grad_weight_product", "global"),
-    "gem_large_w": ("gem", "entropy_size", "large"),
-    "gem_no_p10": ("gem", "entropy_size", "no_p10"),
-    "random_large_w": ("random", "uniform", "large"),
-    "random_small_w": ("random", "uniform", "small"),
+    "gem_large_w": ("gem", "entropy_size", {"half": "large"}),
+    "gem_no_p10": ("gem", "entropy_size", {"half": "no_p10"}),
+    "gem_eps1e-2": ("gem", "entropy_size", {"eps": 1e-2}),
+    "random_large_w": ("random", "uniform", {"half": "large"}),
+    "random_small_w": ("random", "uniform", {"half": "small"}),
 }
 # The main study's arms (the default); the others are run on request (--arms).
 MAIN_ARMS = ("full", "head_only", "gem_entropy", "gem_entropy_size", "gem_global", "gem_uniform",
@@ -516,11 +521,13 @@ def arm_mask(arm, params, budget, grads, seed):
 
   from jaxfl import masks
 
-  method, allocation, *half = ARMS[arm]
-  cand = weight_half(params, half[0]) if half else None
+  method, allocation, *options = ARMS[arm]
+  options = dict(options[0]) if options else {}
+  half = options.pop("half", None)
+  cand = weight_half(params, half) if half else None
   mask = masks.build_mask(method, params, budget, grads=grads, key=jax.random.key(seed),
                           allocation=allocation, eligible=eligible, always=always,
-                          candidates=cand)
+                          candidates=cand, **options)
   return jax.tree.map(np.asarray, mask)
 
 

@@ -564,6 +564,13 @@ def test_gem_text_weight_half_arms_pick_only_their_half():
       np.abs(params["encoder"]["ffn"]["kernel"]), 10)
   assert m["encoder"]["ffn"]["kernel"].sum() > 0
   assert not np.any(m["encoder"]["ffn"]["kernel"] & ~cut)
+  # A larger eps in the ratio |G| / (|w| + eps): GEM's own pick with that eps.
+  m = gem_text.arm_mask("gem_eps1e-2", params, 0.1, grads, 0)
+  k = int(m["encoder"]["emb"].sum())
+  ratio = (g / (w + 1e-2)).ravel()
+  want = np.zeros(w.size, bool)
+  want[np.argsort(-ratio, kind="stable")[:k]] = True
+  np.testing.assert_array_equal(m["encoder"]["emb"].ravel(), want)
   assert "gem_large_w" not in gem_text.parse_args([]).arms  # opt-in only
 
 
