@@ -1123,7 +1123,8 @@ def test_gem_fed_plan_tunes_three_rates_per_arm_then_runs_seeds_at_the_best_vali
   assert all(len(G.lrs_of(cfg, a)) == 3 for a in G.ARMS)  # the same budget for every arm
   pieces = {}
   first = G.plan(cfg, pieces)
-  assert first[:3] == [(a, G.LRS[a][1], 0) for a in G.ARMS] and len(first) == 9
+  n = len(G.ARMS)
+  assert first[:n] == [(a, G.LRS[a][1], 0) for a in G.ARMS] and len(first) == 3 * n
   for arm, lr, _ in first:  # validation prefers each arm's smallest rate; test does not
     pieces[(arm, lr, 0)] = {"val_acc": 1.0 - lr, "tail_acc": lr}
   assert sorted(G.plan(cfg, pieces)) == sorted((a, G.LRS[a][0], s) for a in G.ARMS
@@ -1138,9 +1139,10 @@ def test_gem_fed_summary_counts_calibration_bytes_and_pairs_seeds():
   import gem_fed as G
 
   cfg = dict(G.config("minilm_fortunes"), rounds=4, eval_every=2)
-  per_round = {"full": 100e6, "gem_entropy_size": 10e6, "random": 10e6}
-  calib = {"full": 0.0, "gem_entropy_size": 50e6, "random": 0.0}
-  accs = {"full": (0.5, 0.8), "gem_entropy_size": (0.6, 0.78), "random": (0.55, 0.7)}
+  per_round = {"full": 100e6, "gem_entropy_size": 10e6, "random": 10e6, "gem_large_w": 10e6}
+  calib = {"full": 0.0, "gem_entropy_size": 50e6, "random": 0.0, "gem_large_w": 50e6}
+  accs = {"full": (0.5, 0.8), "gem_entropy_size": (0.6, 0.78), "random": (0.55, 0.7),
+          "gem_large_w": (0.6, 0.8)}
   pieces = {}
   for arm in G.ARMS:
     for lr in G.LRS[arm]:
@@ -1159,6 +1161,11 @@ def test_gem_fed_summary_counts_calibration_bytes_and_pairs_seeds():
   assert table["gem_entropy_size"]["round_mb"] == pytest.approx(10)
   assert table["full"]["total_mb"] == pytest.approx(400)
   np.testing.assert_allclose(paired["gem_entropy_size - random"], (0.69 - 0.625))
+  np.testing.assert_allclose(paired["gem_large_w - gem_entropy_size"], 0.01)
+  # A pair is reported only once both arms have every seed at their chosen rate.
+  partial = {k: v for k, v in pieces.items() if k != ("gem_large_w", G.LRS["gem_large_w"][2], 2)}
+  assert "gem_large_w - random" not in G.summarise(cfg, partial)[3]
+  assert "gem_entropy_size - random" in G.summarise(cfg, partial)[3]
   # 90% of full's tail (0.9 x 0.66 = 0.594): GEM at its round-2 evaluation on every seed
   # (calibration + 2 rounds = 70 MB); full and random (0.55-0.57 at round 2) at round 4
   # (400 and 40 MB)
