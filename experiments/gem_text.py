@@ -898,23 +898,42 @@ def _topics():
 
 
 def plot(path, result, args):
-  def draw(axes):
-    ax, bx = axes
-    for arm in [a for a in args.arms if ARMS[a] is not None]:
-      rs = [r for r in result["rows"] if r["arm"] == arm and r.get("seeds")]
-      if rs:
-        ax.errorbar([100 * r["budget"] for r in rs], [r["test_acc_mean"] for r in rs],
-                    yerr=[r["test_acc_std"] for r in rs], marker="o", capsize=3, label=arm)
-    for arm, style in (("full", "--"), ("head_only", ":")):
+  fed = bool(result["federated"])
+
+  def central(ax):
+    sparse = [a for a in args.arms if ARMS[a] is not None]
+    refs = [(arm, style) for arm, style in (("full", "--"), ("head_only", ":"))]
+    if len(args.budgets) == 1:  # one budget: a dot per arm, so that the arms do not overlap
+      rs = [next((r for r in result["rows"] if r["arm"] == a and r.get("seeds")), None)
+            for a in sparse]
+      shown = [(a, r) for a, r in zip(sparse, rs) if r]
+      ax.errorbar([r["test_acc_mean"] for _, r in shown], range(len(shown)),
+                  xerr=[r["test_acc_std"] for _, r in shown], fmt="o", capsize=3)
+      ax.set_yticks(range(len(shown)), [f"{a} (lr {r['lr']:g})" for a, r in shown],
+                    fontsize=8)
+      ax.invert_yaxis()
+      ax.set_xlabel(f"test accuracy, {100 * args.budgets[0]:g}% budget "
+                    f"(mean ± std, {len(args.seeds)} seeds)")
+      line = ax.axvline
+    else:
+      for arm in sparse:
+        rs = [r for r in result["rows"] if r["arm"] == arm and r.get("seeds")]
+        if rs:
+          ax.errorbar([100 * r["budget"] for r in rs], [r["test_acc_mean"] for r in rs],
+                      yerr=[r["test_acc_std"] for r in rs], marker="o", capsize=3, label=arm)
+      ax.set_xscale("log")
+      ax.set_xlabel("budget (% of eligible encoder entries)")
+      ax.set_ylabel("test accuracy")
+      line = ax.axhline
+    for arm, style in refs:
       r = next((r for r in result["rows"] if r["arm"] == arm and r.get("seeds")), None)
       if r:
-        ax.axhline(r["test_acc_mean"], color="k", linestyle=style, label=arm)
-    ax.set_xscale("log")
-    ax.set_xlabel("budget (% of eligible encoder entries)")
-    ax.set_ylabel("test accuracy")
+        line(r["test_acc_mean"], color="k", linestyle=style, label=arm)
     ax.set_title("MiniLM-L6, fortunes topics")
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
+
+  def federated(bx):
     for r in result["federated"]:
       cum = np.cumsum([h.get("uplink_bytes", 0.0) for h in r["history"]])
       pts = [((cum[i] + r["calibration_uplink_bytes"]) / 1e6, h["test_accuracy"])
@@ -928,7 +947,14 @@ def plot(path, result, args):
     if bx.get_legend_handles_labels()[0]:
       bx.legend(fontsize=7)
 
-  return save_plot(path, draw, ncols=2, figsize=(11, 4.2))
+  def draw(axes):
+    if fed:
+      central(axes[0])
+      federated(axes[1])
+    else:  # a centralized-only run (--no-fed): no empty federated panel
+      central(axes)
+
+  return save_plot(path, draw, ncols=2 if fed else 1, figsize=(11, 4.2) if fed else (7, 4.2))
 
 
 # ------------------------------------------------------------------------------- driver
