@@ -118,7 +118,6 @@ def run_piece(cfg, arm, lr, seed, out, data_dir=None):
   import gem_text
   import jax
 
-
   gem_text._setup_jax()
   args = text_args(cfg)
   budget = 1.0 if arm == "full" else cfg["budget"]

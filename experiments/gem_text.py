@@ -566,7 +566,6 @@ def make_mask(args, arm, budget, seed, params, grad_fn, data):
   """The arm's mask (bools like params) and the seconds spent on calibration + building."""
   import jax
 
-
   if arm == "full":
     return jax.tree.map(lambda x: np.ones(np.shape(x), bool), params), 0.0
   if arm == "head_only":
@@ -902,7 +901,6 @@ def plot(path, result, args):
 
   def central(ax):
     sparse = [a for a in args.arms if ARMS[a] is not None]
-    refs = [(arm, style) for arm, style in (("full", "--"), ("head_only", ":"))]
     if len(args.budgets) == 1:  # one budget: a dot per arm, so that the arms do not overlap
       rs = [next((r for r in result["rows"] if r["arm"] == a and r.get("seeds")), None)
             for a in sparse]
@@ -925,7 +923,7 @@ def plot(path, result, args):
       ax.set_xlabel("budget (% of eligible encoder entries)")
       ax.set_ylabel("test accuracy")
       line = ax.axhline
-    for arm, style in refs:
+    for arm, style in (("full", "--"), ("head_only", ":")):
       r = next((r for r in result["rows"] if r["arm"] == arm and r.get("seeds")), None)
       if r:
         line(r["test_acc_mean"], color="k", linestyle=style, label=arm)

@@ -75,6 +75,7 @@ import numpy as np
 
 from jaxfl.masks._budget import ALLOCATIONS, allocate_budget, eligible_leaves, resolve_budget
 from jaxfl.masks._scores import _entropy_leaf, gradient_weight_ratio
+from jaxfl.tree import leaf_names
 
 PyTree = Any
 
@@ -261,9 +262,8 @@ def build_mask(
   ks = allocate_budget(total, sizes, ent, allocation)
   for i, k in zip(idx, ks):
     if allowed[i] is not None and k > allowed[i]:
-      name = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params)[0][i][0])
-      raise ValueError(f"`candidates` allow {allowed[i]} entries in {name}, fewer than its "
-                       f"share of the budget ({k}).")
+      raise ValueError(f"`candidates` allow {allowed[i]} entries in {leaf_names(params)[i]}, "
+                       f"fewer than its share of the budget ({k}).")
     out[i] = topk_mask(score_flat[i], k)
   return treedef.unflatten(out)
 
