@@ -241,6 +241,12 @@ def report(cfg, pieces, out_dir, argv):
     lines += ["", "Paired by seed (same head, split and cohorts), tail accuracy, points:", ""]
     lines += [f"* {k}: " + ", ".join(f"{round(100 * d, 2) + 0.0:+.2f}" for d in v)
               + f" (mean {100 * np.mean(v) + 0.0:+.2f})" for k, v in paired.items()]
+    for a in ("gem_entropy_size", "gem_large_w"):
+      d = paired.get(f"{a} - random")
+      if d is not None:  # the paper's claim: GEM's mask beats other sparse masks
+        lines.append(f"* Paper's claim, {a} above the random mask on every seed: "
+                     + ("holds" if min(d) > 0 else "does not hold")
+                     + f" (mean {100 * np.mean(d) + 0.0:+.2f} points)")
   if targets:
     lines += ["", "Uplink to first reach a fraction of dense FedAvg's tail accuracy (MB, mean "
               "over the seeds that reach it; calibration included):", "",

@@ -832,6 +832,29 @@ def _cell(row):
           f"(lr {row['lr']:g}, n={len(row['seeds'])})")
 
 
+def claim_lines(get, sparse, budgets) -> list[str]:
+  """The paper's claim, GEM's mask above other sparse masks, read as: the best arm scored by
+  GEM's ratio against the random mask at each budget (holds when it is ahead by more than the
+  larger of the two seed stds)."""
+  gem_arms = [a for a in sparse if ARMS[a][0] == "gem"]
+  if "random" not in sparse or not gem_arms:
+    return []
+  out = ["", "Paper's claim (GEM's mask above other sparse masks; here the best GEM-score arm "
+         "vs the random mask, mean test accuracy):", ""]
+  for b in budgets:
+    rnd = get.get(("random", b), {})
+    done = [get[(a, b)] for a in gem_arms if get.get((a, b), {}).get("seeds")]
+    if not rnd.get("seeds") or not done:
+      continue
+    best = max(done, key=lambda r: r["test_acc_mean"])
+    diff = best["test_acc_mean"] - rnd["test_acc_mean"]
+    holds = diff > max(best["test_acc_std"], rnd["test_acc_std"])
+    out.append(f"* {100 * b:g}%: {best['arm']} {best['test_acc_mean']:.4f} vs random "
+               f"{rnd['test_acc_mean']:.4f}: {100 * diff:+.2f} points, "
+               + ("holds" if holds else "does not hold"))
+  return out
+
+
 def markdown(result, args, command) -> str:
   rows = result["rows"]
   get = {(r["arm"], r["budget"]): r for r in rows}
@@ -855,6 +878,7 @@ def markdown(result, args, command) -> str:
              for b in args.budgets]
     lines.append(f"Tuned encoder entries: {', '.join(tuned)} of "
                  f"{next((r['eligible_entries'] for r in rows if r.get('seeds')), '—')} eligible.")
+    lines += claim_lines(get, sparse, args.budgets)
   bench = result["bench"]
   if bench:
     lines += ["", f"Mask overhead (median step, batch {bench['batch']}, L={bench['max_len']}): "

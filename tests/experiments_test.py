@@ -574,6 +574,28 @@ def test_gem_text_weight_half_arms_pick_only_their_half():
   assert "gem_large_w" not in gem_text.parse_args([]).arms  # opt-in only
 
 
+def test_gem_text_claim_takes_the_best_gem_score_arm_against_random():
+  """The claim line: the best GEM-score arm per budget vs random; it holds only when ahead by
+  more than the larger std; a budget without random's seeds is left out."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import gem_text
+
+  def row(arm, mean, std):
+    return {"arm": arm, "test_acc_mean": mean, "test_acc_std": std, "seeds": [0, 1, 2]}
+
+  get = {("random", 0.01): row("random", 0.76, 0.01),
+         ("gem_entropy", 0.01): row("gem_entropy", 0.75, 0.0),
+         ("gem_large_w", 0.01): row("gem_large_w", 0.78, 0.005),
+         ("random", 0.001): row("random", 0.70, 0.01),
+         ("gem_entropy", 0.001): row("gem_entropy", 0.705, 0.002),
+         ("random", 0.1): {"arm": "random", "seeds": []},
+         ("gem_entropy", 0.1): row("gem_entropy", 0.8, 0.0)}
+  lines = gem_text.claim_lines(get, ["random", "gem_entropy", "gem_large_w"], [0.001, 0.01, 0.1])
+  assert lines[-2] == "* 0.1%: gem_entropy 0.7050 vs random 0.7000: +0.50 points, does not hold"
+  assert lines[-1] == "* 1%: gem_large_w 0.7800 vs random 0.7600: +2.00 points, holds"
+  assert gem_text.claim_lines(get, ["gem_entropy"], [0.01]) == []
+
+
 def test_gem_text_federated_arm_waits_for_the_evidence_then_takes_the_best_gem_rule():
   """``--fed-allocation auto``: the federated GEM runs wait until every GEM rule's centralized
   pieces are in, then use the rule with the best mean test accuracy (bookkeeping only)."""
