@@ -59,7 +59,7 @@ python experiments/bench_round.py --workload pfl_cifar10 --rounds 20 --mode map 
 # moderate / strong clients train 3/7, 5/7 and all of the modules from the output side; the
 # `full` arm is PriSM's when its pieces are in $OUT):
 # python experiments/embracing.py --preset cifar10_resnet18 --data-npz cifar10_all.npz \
-#   --arms full embracing strong_only --seeds 0 --out-dir "$OUT"
+#   --arms full embracing strong_only heterofl fjord --seeds 0 --out-dir "$OUT"
 # Layer-wise SAM (ALGORITHMS.md §9) vs SGD and SAM, centralized, on CIFAR-10 / ResNet-20 (TFDS
 # as above; 100 epochs, batch 128; 4 arms x 3-point grid + 2 seeds = 20 pieces, resumable like
 # the studies above: seed $OUT with experiments/results/layerwise_sam, bring it back):

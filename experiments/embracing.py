@@ -14,6 +14,12 @@ strong with probabilities 0.5 / 0.3 / 0.2 (PriSM's capacity ratios), drawn once 
   strong_only   only the strong clients train (the others are sampled but send nothing: what
                 FedAvg does when weak clients cannot hold the model)
   weak_all      every client trains the weak suffix only (no client trains conv1/conv2)
+  heterofl      HeteroFL (Diao et al., ICLR 2021), the paper's width baseline: weak and moderate
+                clients train the first ceil(r C) channels of every layer, r the widest ratio
+                (in 1/16 steps) whose training memory fits the class's EmbracingFL memory
+  fjord         FjORD's ordered dropout (Horvath et al., NeurIPS 2021), drawn once per round
+                (the paper: per batch): each client trains a width drawn uniformly from 5
+                evenly spaced levels between the weak width and 1, up to its class's width
 
 The suffix lengths are fixed by layers (3 / 5 / 7 of the 7 modules); the memory each needs is
 XLA's estimate for one local step (``jaxfl.algorithms.suffix_training_bytes``), reported.
@@ -24,6 +30,7 @@ Resumable: one arm x one seed per child process, each writing its own JSON under
 
   python experiments/embracing.py                       # 3 arms x 3 seeds (+ PriSM's full pieces)
   python experiments/embracing.py --arms weak_all       # the extra arm
+  python experiments/embracing.py --arms heterofl fjord # the width baselines at equal memory
   python experiments/embracing.py --smoke --seeds 0     # 2 rounds, a check
   python experiments/embracing.py --report-only
   python experiments/embracing.py --preset cifar10_resnet18 --data-npz cifar10.npz   # GPU
@@ -53,7 +60,8 @@ from _common import (
 from prism import PRESETS, _fmt, _mean_std, load_data, make_model
 
 ARMS = ("full", "embracing", "strong_only")
-EXTRA_ARMS = ("weak_all",)
+EXTRA_ARMS = ("weak_all", "heterofl", "fjord")
+FJORD_LEVELS = 5  # FjORD's uniform discrete set D: this many widths, the weak width to 1
 CLASSES = ("weak", "moderate", "strong")
 RATIOS = (0.5, 0.3, 0.2)
 # modules trained per class, counted from the output side (the CNN: conv1 bn1 conv2 bn2 conv3
@@ -72,8 +80,58 @@ def suffix_lengths(num_modules: int) -> dict:
   return {c: max(1, math.ceil(SUFFIX_SHARE[c] * num_modules - 1e-9)) for c in CLASSES}
 
 
-def build(cfg: dict, arm: str, seed: int, data):
-  """(algorithm, model, per-client suffix length or None, the module order) of one arm."""
+def narrow_model(cfg: dict, shape, classes: int, keep: float):
+  """The dense model with every hidden layer cut to ``ceil(keep * C)`` channels (HeteroFL's
+  sub-model as a network of its own, for its memory estimate)."""
+  import jaxfl
+  from jaxfl.models._factorised import keep_count
+
+  if cfg["model"] == "resnet18":
+    widths = [keep_count(keep, w) for w in (64, 128, 256, 512)]
+    return jaxfl.models.prism_resnet18(shape, classes, factorise=False, widths=widths)
+  return jaxfl.models.prism_cnn(shape, classes, features=[keep_count(keep, f)
+                                                          for f in cfg["features"]],
+                                factorise=False)
+
+
+WIDTH_STEPS = 16  # HeteroFL's ratio is searched on a grid of 1/16 steps
+
+
+def width_fractions(cfg, data, memory) -> dict:
+  """XLA's bytes for one local step of each width ratio's sub-model, as a fraction of full
+  training, and per class the widest ratio within that class's EmbracingFL memory."""
+  import jax
+  import optax
+
+  import jaxfl
+
+  opt = optax.sgd(cfg["lr"], momentum=0.9)
+  keeps = [(i + 1) / WIDTH_STEPS for i in range(WIDTH_STEPS)]
+  fractions = []
+  for keep in keeps:
+    model = narrow_model(cfg, data.example_shape, data.num_classes, keep)
+    params = model.init(jax.random.key(0))[0]
+    order = jaxfl.algorithms.depth_order(model, params)
+    full = jaxfl.algorithms.suffix_training_bytes(model, params, order, opt, cfg["batch"],
+                                                  lengths=[len(order)])[0]
+    fractions.append(float(full / memory["bytes_by_suffix"][-1]))
+  pick = {}
+  for c in CLASSES:
+    budget = 1.0 if c == "strong" else memory[c]["memory_fraction"]
+    fits = [k for k, f in zip(keeps, fractions) if f <= budget * (1 + 1e-9)]
+    pick[c] = max(fits) if fits else None
+  return {"keeps": keeps, "fractions": fractions, **pick}
+
+
+def fjord_levels(widths) -> list[float]:
+  """FjORD's width set: ``FJORD_LEVELS`` evenly spaced ratios from the weak width to 1 (with
+  the study's widths 1/4 and 7/16 both are levels)."""
+  return [float(x) for x in np.linspace(widths["weak"], 1.0, FJORD_LEVELS)]
+
+
+def build(cfg: dict, arm: str, seed: int, data, widths=None):
+  """(algorithm, model, per-client suffix length or width ratio or None, the module order)
+  of one arm (``widths``: :func:`width_fractions`'s table, for ``heterofl``)."""
   import jax
 
   import jaxfl
@@ -87,8 +145,16 @@ def build(cfg: dict, arm: str, seed: int, data):
   order = A.depth_order(model, params)
   if arm == "full":
     return A.prism_fedavg(name=arm, **common), model, None, order
-  ell = suffix_lengths(len(order))
   classes = client_classes(data.num_clients, seed)
+  if arm in ("heterofl", "fjord"):
+    if widths is None or any(widths[c] is None for c in CLASSES):
+      raise ValueError(f"{arm} needs a width per class within its memory, got {widths}")
+    keep = np.asarray([widths[c] for c in CLASSES], np.float64)[classes]
+    if arm == "heterofl":
+      return A.heterofl(keep, order, name=arm, **common), model, keep, order
+    levels = fjord_levels(widths)
+    return A.fjord(keep, order, levels=levels, name=arm, **common), model, keep, order
+  ell = suffix_lengths(len(order))
   per_class = {"embracing": [ell["weak"], ell["moderate"], ell["strong"]],
                "strong_only": [0, 0, ell["strong"]],
                "weak_all": [ell["weak"]] * 3}[arm]
@@ -114,21 +180,23 @@ def memory_fractions(cfg, data, order) -> dict:
                  "memory_fraction": float(mem[ell[c] - 1] / mem[-1])} for c in CLASSES}}
 
 
-def run_piece(cfg: dict, arm: str, seed: int, out: str, data_dir=None, data_npz=None) -> None:
+def run_piece(cfg: dict, arm: str, seed: int, out: str, data_dir=None, data_npz=None,
+              widths=None) -> None:
   import jaxfl
 
   jaxfl.set_cpu_devices()
   data = load_data(cfg, data_dir, data_npz)
-  algo, model, trained, order = build(cfg, arm, seed, data)
+  algo, model, trained, order = build(cfg, arm, seed, data, widths)
   res, seconds = timed(jaxfl.simulate, algo, model, data, rounds=cfg["rounds"],
                        clients_per_round=cfg["cohort"], seed=seed, eval_every=cfg["eval_every"],
                        progress=False)
   keep = ("round", "test_accuracy", "train_loss", "rel_uplink", "uplink_bytes")
   hist = [{k: v for k, v in h.items() if k in keep} for h in res.history]
+  per_client = None if trained is None else np.asarray(trained).tolist()
   piece = {"arm": arm, "seed": seed, "config": cfg, "seconds": seconds,
            "summary": res.summary, "order": order,
-           "trained": None if trained is None else np.asarray(trained).tolist(),
-           "history": hist}
+           "trained": per_client if arm not in ("heterofl", "fjord") else None,
+           "keep": per_client if arm in ("heterofl", "fjord") else None, "history": hist}
   write_json(out, piece, indent=None)  # atomic: a killed piece leaves no half-written result
   print(f"{arm} seed {seed}: final {res.summary['final_acc']:.4f} "
         f"best {res.summary['best_acc']:.4f} ({seconds:.0f} s)", flush=True)
@@ -202,7 +270,11 @@ def report(tag: str, cfg: dict, arms, seeds, command: str, out_dir: str, memory=
 
   for a, b, what in (("embracing", "full", "EmbracingFL within 1 point of all-strong FedAvg"),
                      ("embracing", "strong_only", "EmbracingFL above strong-only FedAvg"),
-                     ("embracing", "weak_all", "strong clients' prefix training matters")):
+                     ("embracing", "weak_all", "strong clients' prefix training matters"),
+                     ("embracing", "heterofl",
+                      "EmbracingFL above HeteroFL at the same client memory"),
+                     ("embracing", "fjord",
+                      "EmbracingFL above FjORD (per-round ordered dropout) at the same memory")):
     d = diff(a, b)
     if d is None:
       continue
@@ -229,11 +301,25 @@ def _report_md(tag, cfg, rows, claims, memory):
            f"{cfg['rounds']} rounds; unweighted mean. Clients weak / moderate / strong with "
            f"probabilities {RATIOS[0]} / {RATIOS[1]} / {RATIOS[2]}, drawn once per seed.", ""]
   if memory:
+    widths = memory.get("widths")
     mrows = [[c, memory[c]["modules"], ", ".join(n.strip("[]'") for n in memory[c]["trains"]),
               _fmt(memory[c]["memory_fraction"], ".3f")] for c in CLASSES]
+    head = ["class", "modules", "trains", "memory"]
+    if widths:
+      head += ["HeteroFL width r", "its memory"]
+      for row, c in zip(mrows, CLASSES):
+        k = widths[c]
+        row += [_fmt(k, ".4g"), _fmt(widths["fractions"][widths["keeps"].index(k)], ".3f")
+                if k is not None else "-"]
     lines += ["What each class trains (output side) and XLA's memory estimate of one local "
-              "step of it, over full training:", "",
-              md_table(["class", "modules", "trains", "memory"], mrows), ""]
+              "step of it, over full training:", "", md_table(head, mrows), ""]
+    if widths:
+      lines += ["HeteroFL's width per class is the widest ratio r (a multiple of "
+                f"1/{WIDTH_STEPS}) whose sub-model (every hidden layer cut to ceil(r C) "
+                "channels) needs no more memory for one local step than that class's "
+                "EmbracingFL suffix. FjORD's clients draw a width each round, uniformly "
+                "among " + ", ".join(f"{x:.4g}" for x in fjord_levels(widths))
+                + " up to their class's width.", ""]
   cells = [[r["arm"], len(r["seeds"]),
             f"{_fmt(r['final_acc_mean'])} ± {_fmt(r['final_acc_std'])}",
             f"{_fmt(r['best_acc_mean'])} ± {_fmt(r['best_acc_std'])}",
@@ -289,6 +375,11 @@ def main():
   p.add_argument("--max-minutes", type=float, default=None,
                  help="start no new piece after this long (the driver resumes next time)")
   p.add_argument("--smoke", action="store_true", help="2 rounds, evaluated every round")
+  p.add_argument("--lr", type=float, default=None,
+                 help="client LR other than the preset's (pieces and report get an _lr tag)")
+  p.add_argument("--lr-grid-report", type=float, nargs="+", default=None, metavar="LR",
+                 help="only write embracing_lr_grid.{md,json}: seed-0 final accuracy of every "
+                      "arm at these LRs (the preset's LR is the untagged study)")
   p.add_argument("--out-dir", default=RESULTS, help="results folder (default experiments/results)")
   p.add_argument("--data-dir", default=None, help="raw data folder (Fashion-MNIST IDX, TFDS)")
   p.add_argument("--data-npz", default=None,
@@ -299,10 +390,17 @@ def main():
   if args.smoke:
     cfg.update(rounds=2, eval_every=1)
     tag += "_smoke"
+  if args.lr_grid_report:
+    lr_grid_report(args, cfg, tag)
+    return
+  if args.lr is not None and args.lr != cfg["lr"]:
+    cfg["lr"] = args.lr
+    tag += f"_lr{args.lr:g}"
   piece_path = lambda arm, s: os.path.join(args.out_dir, "embracing", tag, f"{arm}_s{s}.json")
   if args.piece:
     arm, seed = args.piece[0], int(args.piece[1])
-    run_piece(cfg, arm, seed, piece_path(arm, seed), args.data_dir, args.data_npz)
+    widths = _widths(cfg, args, _memory(cfg, args)) if arm in ("heterofl", "fjord") else None
+    run_piece(cfg, arm, seed, piece_path(arm, seed), args.data_dir, args.data_npz, widths)
     return
   command = command_line(__file__, drop={"--report-only": 0, "--max-minutes": 1})
   forward = list(sys.argv[1:])
@@ -315,6 +413,8 @@ def main():
       del forward[i:j]
   all_arms = list(ARMS + EXTRA_ARMS)  # the report covers every arm with pieces
   memory = _memory(cfg, args)
+  if {"heterofl", "fjord"} & set(args.arms) or os.path.exists(_widths_path(args)):
+    memory = {**memory, "widths": _widths(cfg, args, memory)}
   t0 = time.time()
   if not args.report_only:
     for seed in args.seeds:  # seed-major: every arm gets a first seed before any gets three
@@ -351,6 +451,57 @@ def _memory(cfg, args):
   mem = memory_fractions(cfg, data, order)
   write_json(path, mem)
   return mem
+
+
+def lr_grid_report(args, cfg, tag):
+  """Seed-0 final accuracy per arm and client LR (pieces of the untagged study at the
+  preset's LR, of ``<tag>_lr<LR>`` otherwise) and each arm's best LR."""
+  lrs = sorted(set(args.lr_grid_report) | {cfg["lr"]})
+  arms = list(ARMS + EXTRA_ARMS)
+  grid = {}
+  for lr in lrs:
+    c = {**cfg, "lr": lr}
+    t = tag if lr == cfg["lr"] else f"{tag}_lr{lr:g}"
+    for arm, ps in _load_pieces(t, arms, [0], args.out_dir, c).items():
+      grid.setdefault(arm, {})[lr] = ps[0]["summary"]["final_acc"]
+  rows, cells = [], []
+  for arm in arms:
+    if len(grid.get(arm, {})) < 2:
+      continue
+    best = max(grid[arm], key=grid[arm].get)
+    rows.append({"arm": arm, "final_acc": {str(k): v for k, v in grid[arm].items()},
+                 "best_lr": best})
+    cells.append([arm] + [_fmt(grid[arm].get(lr)) if lr in grid[arm] else "-" for lr in lrs]
+                 + [f"{best:g}"])
+  command = command_line(__file__, drop={})
+  md = "\n".join([
+      f"# EmbracingFL study: client LR grid ({tag}, seed 0)", "",
+      "Final test accuracy of seed 0 at each client LR (the rest of the recipe fixed). The main "
+      f"study runs every arm at the preset's LR {cfg['lr']:g}, untuned; this grid checks that "
+      "no arm's ranking rests on that choice.", "",
+      md_table(["arm"] + [f"lr {lr:g}" for lr in lrs] + ["best"], cells), ""])
+  write_results(args.out_dir, f"embracing_lr_grid{'' if tag == 'fashion_mnist' else '_' + tag}",
+                command=command, data={"lrs": lrs, "rows": rows}, md=md)
+  print(md)
+
+
+def _widths_path(args):
+  return os.path.join(args.out_dir, "embracing", args.preset, "widths.json")
+
+
+def _widths(cfg, args, memory):
+  """HeteroFL's width per class at EmbracingFL's memory (cached next to the pieces)."""
+  path = _widths_path(args)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  import jaxfl
+
+  jaxfl.set_cpu_devices()
+  data = load_data(cfg, args.data_dir, args.data_npz)
+  widths = width_fractions(cfg, data, memory)
+  write_json(path, widths)
+  return widths
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def _build_preset(args):
     return data, *_build_prism(args, model, kw)
   if args.algorithm == "embracingfl":
     return data, *_build_embracing(args, model, data, kw)
+  if args.algorithm in ("heterofl", "fjord"):
+    return data, *_build_heterofl(args, model, data, kw)
   if args.algorithm == "fedprox":
     kw["mu"] = args.mu
   if args.algorithm == "pma":  # one group per round, contiguous in the traced depth order
@@ -82,11 +84,11 @@ def _build_preset(args):
 
 
 def _algorithm_names() -> list[str]:
-  """``run --algorithm`` choices: the registry plus PriSM and EmbracingFL (which bring their
-  own models)."""
+  """``run --algorithm`` choices: the registry plus PriSM, EmbracingFL, HeteroFL and FjORD
+  (which need facts of the model)."""
   import jaxfl
 
-  return sorted([*jaxfl.algorithms.ALGORITHMS, "embracingfl", "prism"])
+  return sorted([*jaxfl.algorithms.ALGORITHMS, "embracingfl", "fjord", "heterofl", "prism"])
 
 
 def _build_prism(args, model, kw):
@@ -145,6 +147,31 @@ def _build_embracing(args, model, data, kw):
   return model, algo
 
 
+def _build_heterofl(args, model, data, kw):
+  """HeteroFL: each client draws a class once (from --seed); a class trains the sub-model of
+  width ratio --heterofl-widths (the first ceil(r C) channels of every hidden layer). FjORD:
+  that width is the class's cap, each round a width is drawn from --fjord-levels up to it."""
+  import jax
+  import numpy as np
+
+  import jaxfl
+
+  A = jaxfl.algorithms
+  widths, ratios = list(args.heterofl_widths), list(args.heterofl_ratios)
+  if len(widths) != len(ratios) or abs(sum(ratios) - 1.0) > 1e-6 or min(ratios) < 0:
+    raise ValueError(f"--heterofl-ratios must give one probability per --heterofl-widths value "
+                     f"and sum to 1, got {ratios} for {widths}.")
+  if not all(0 < w <= 1 for w in widths):
+    raise ValueError(f"--heterofl-widths must be ratios in (0, 1], got {widths}.")
+  order = A.depth_order(model, model.init(jax.random.key(0))[0])
+  draw = np.random.default_rng(args.seed).choice(len(widths), size=data.num_clients, p=ratios)
+  kw.pop("weighting")  # unweighted over the holders of an entry, as the paper
+  keep = np.asarray(widths, np.float64)[draw]
+  if args.algorithm == "fjord":
+    return model, A.fjord(keep, order, levels=tuple(args.fjord_levels), rounds=args.rounds, **kw)
+  return model, A.heterofl(keep, order, rounds=args.rounds, **kw)
+
+
 def _add_run_args(p):
   import jaxfl
 
@@ -186,6 +213,14 @@ def _add_run_args(p):
                       "training instead (the longest output-side suffix that fits)")
   p.add_argument("--embracing-ratios", type=float, nargs="+", default=[0.5, 0.3, 0.2],
                  help="EmbracingFL: the share of clients in each class")
+  p.add_argument("--heterofl-widths", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                 help="HeteroFL: per client class, the width ratio r of its sub-model (the "
+                      "first ceil(r C) channels of every hidden layer); FjORD: its largest")
+  p.add_argument("--heterofl-ratios", type=float, nargs="+", default=[0.5, 0.3, 0.2],
+                 help="HeteroFL / FjORD: the share of clients in each class")
+  p.add_argument("--fjord-levels", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0],
+                 help="FjORD: the widths a client draws from each round, up to its class's "
+                      "--heterofl-widths value")
   p.add_argument("--pma-groups", type=int, default=4,
                  help="pma: parameter groups P, one averaged per round of --local-steps steps")
   p.add_argument("--pma-resample-every", type=int, default=None,

@@ -124,6 +124,29 @@ def test_run_embracingfl_by_module_shares_or_memory_budgets(tmp_path, capsys):
   assert "--embracing-ratios" in capsys.readouterr().err
 
 
+def test_run_heterofl_with_client_widths(tmp_path, capsys):
+  import json
+
+  from jaxfl.cli import main
+  base = ["run", "--dataset", "digits", "--num-clients", "12", "--clients-per-round", "4",
+          "--rounds", "2", "--eval-every", "2", "--no-progress", "--algorithm", "heterofl",
+          "--model", "prism_cnn", "--local-steps", "2", "--batch-size", "8"]
+  assert main(base + ["--out", str(tmp_path)]) == 0
+  hist = json.loads((tmp_path / "history.json").read_text())
+  assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
+  assert 0 < hist[-1]["rel_uplink"] < 1  # narrow clients upload their sub-model only
+  capsys.readouterr()
+  assert main(base + ["--heterofl-widths", "0.5", "1.0"]) == 2
+  assert "--heterofl-ratios" in capsys.readouterr().err
+  assert main(base + ["--heterofl-widths", "0.0", "0.5", "1.0"]) == 2
+  assert "--heterofl-widths" in capsys.readouterr().err
+  fj = [a if a != "heterofl" else "fjord" for a in base]
+  assert main(fj + ["--fjord-levels", "0.5", "1.0", "--heterofl-widths", "0.5", "0.5", "1.0"]) == 0
+  capsys.readouterr()
+  assert main(fj + ["--fjord-levels", "0.5", "1.0"]) == 2  # a 0.25 cap below every level
+  assert "levels" in capsys.readouterr().err
+
+
 def test_run_with_local_sam_wraps_the_client_optimizer(tmp_path, capsys):
   import json
 

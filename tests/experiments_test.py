@@ -488,7 +488,8 @@ def test_embracing_report_pairs_seeds_reuses_prisms_full_pieces_and_sizes_the_up
 
   cfg = dict(embracing.PRESETS["fashion_mnist"])
   rng = np.random.default_rng()
-  acc = {arm: rng.uniform(0.7, 0.9, size=3) for arm in ("full", "embracing", "strong_only")}
+  acc = {arm: rng.uniform(0.7, 0.9, size=3)
+         for arm in ("full", "embracing", "strong_only", "heterofl")}
   order = ["a", "b", "c"]
   for arm, xs in acc.items():
     folder = tmp_path / ("prism" if arm == "full" else "embracing") / "fashion_mnist"
@@ -503,21 +504,49 @@ def test_embracing_report_pairs_seeds_reuses_prisms_full_pieces_and_sizes_the_up
       (folder / f"{arm}_s{seed}.json").write_text(json.dumps(piece))
   memory = {"num_params": 5, **{c: {"modules": 1, "trains": ["c"], "memory_fraction": 0.5}
                                 for c in embracing.CLASSES}}
-  res = embracing.report("fashion_mnist", cfg, embracing.ARMS, [0, 1, 2], "cmd", str(tmp_path),
-                         memory)
+  widths = {"keeps": [0.5, 1.0], "fractions": [0.4, 1.0], "weak": 0.5, "moderate": 0.5,
+            "strong": 1.0}
+  res = embracing.report("fashion_mnist", cfg, embracing.ARMS + ("heterofl",), [0, 1, 2], "cmd",
+                         str(tmp_path), {**memory, "widths": widths})
   rows = {r["arm"]: r for r in res["rows"]}
   assert rows["full"]["sources"][0].startswith("prism")
   np.testing.assert_allclose(rows["full"]["rel_uplink"], 100.0 / (cfg["cohort"] * 4 * 5))
   assert rows["embracing"]["full_model_clients"] == 0.5
   claims = {(c["a"], c["b"]): c for c in res["claims"]}
-  for b in ("full", "strong_only"):
+  for b in ("full", "strong_only", "heterofl"):
     d = acc["embracing"] - acc[b]
     c = claims[("embracing", b)]
     np.testing.assert_allclose(c["difference"], d.mean(), rtol=1e-12)
     np.testing.assert_allclose(c["se"], d.std() / np.sqrt(3), rtol=1e-12)
   gap = (acc["embracing"] - acc["full"]).mean()
   assert claims[("embracing", "full")]["holds"] == bool(gap > -0.01)
+  het = acc["embracing"] - acc["heterofl"]
+  assert claims[("embracing", "heterofl")]["holds"] == bool(
+      het.mean() > 2 * het.std() / np.sqrt(3))
   assert (tmp_path / "embracing.md").exists() and (tmp_path / "embracing.png").exists()
+  assert "| 0.5 | 0.400 |" in (tmp_path / "embracing.md").read_text()  # HeteroFL's widths
+
+
+def test_embracing_narrow_model_is_heterofls_sub_model():
+  """The network the HeteroFL memory estimate compiles has exactly the entries the
+  algorithm's width mask keeps, at every ratio of the grid (CNN and ResNet-18 presets)."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import embracing
+  import jax
+
+  import jaxfl
+
+  for preset, shape in (("fashion_mnist", (28, 28, 1)), ("cifar10_resnet18", (8, 8, 3))):
+    cfg = dict(embracing.PRESETS[preset])
+    full = embracing.make_model(cfg, shape, 10, False)
+    params = jax.eval_shape(full.init, jax.random.key(0))[0]
+    order = jaxfl.algorithms.depth_order(full, params)
+    for keep in (1 / 16, 0.25, 7 / 16, 1.0):
+      narrow = embracing.narrow_model(cfg, shape, 10, keep)
+      n = jaxfl.tree.num_params(jax.eval_shape(narrow.init, jax.random.key(0))[0])
+      kept = sum(float(np.sum(m)) for m in
+                 jax.tree.leaves(jaxfl.algorithms.width_mask(params, order, keep)))
+      assert kept == n, (preset, keep, kept, n)
 
 
 def test_gem_text_weight_half_arms_pick_only_their_half():

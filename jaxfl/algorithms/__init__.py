@@ -18,6 +18,10 @@ from jaxfl.algorithms._fedopt import fedopt as fedopt
 from jaxfl.algorithms._fedopt import fedprox as fedprox
 from jaxfl.algorithms._fedopt import fedyogi as fedyogi
 from jaxfl.algorithms._fedopt import get_algorithm as get_algorithm
+from jaxfl.algorithms._heterofl import fjord as fjord
+from jaxfl.algorithms._heterofl import heterofl as heterofl
+from jaxfl.algorithms._heterofl import heterofl_view as heterofl_view
+from jaxfl.algorithms._heterofl import width_mask as width_mask
 from jaxfl.algorithms._pma import pma as pma
 from jaxfl.algorithms._pma import pma_local_average as pma_local_average
 from jaxfl.algorithms._prism import draw_capacities as draw_capacities
@@ -41,12 +45,14 @@ LAYERWISE_ALGORITHMS["fedmut"] = fedmut  # a FedLUAR baseline, with the lab's lo
 ALGORITHMS.update(LAYERWISE_ALGORITHMS)  # one registry for get_algorithm and the CLI
 ALGORITHMS["pma"] = pma
 
-# PriSM and EmbracingFL are not in ALGORITHMS (get_algorithm's registry): they need facts of the
-# model (PriSM: factorised layers; EmbracingFL: its depth order), which the CLI supplies.
+# PriSM, EmbracingFL, HeteroFL and FjORD are not in ALGORITHMS (get_algorithm's registry): they
+# need facts of the model (PriSM: factorised layers; the others: its depth order), which the CLI
+# supplies.
 
 __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "depth_order", "draw_capacities",
            "embracing_view", "embracingfl", "fedacg", "fedadagrad", "fedadam", "fedavg", "fedavgm",
            "feddropoutavg", "fedlama", "fedluar", "fedmut", "fedmut_view", "fednova", "fedopt",
-           "fedpaq", "fedprox", "fedyogi", "get_algorithm", "layers_for_budget", "lbgm", "pma",
-           "pma_local_average", "prism", "prism_client_update", "prism_fedavg", "prism_view",
-           "prunefl", "scaffold", "submodel_fraction", "suffix_mask", "suffix_training_bytes"]
+           "fedpaq", "fedprox", "fedyogi", "fjord", "get_algorithm", "heterofl", "heterofl_view",
+           "layers_for_budget", "lbgm", "pma", "pma_local_average", "prism", "prism_client_update",
+           "prism_fedavg", "prism_view", "prunefl", "scaffold", "submodel_fraction", "suffix_mask",
+           "suffix_training_bytes", "width_mask"]

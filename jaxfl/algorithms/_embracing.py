@@ -180,7 +180,8 @@ def suffix_mask(params: Any, order: Sequence[str], trained: int) -> Any:
 def suffix_training_bytes(model: Model, params: Any, order: Sequence[str],
                           optimizer: optax.GradientTransformation, batch_size: int,
                           model_state: Any = None,
-                          loss_fn: Callable = softmax_cross_entropy) -> np.ndarray:
+                          loss_fn: Callable = softmax_cross_entropy,
+                          lengths: Sequence[int] | None = None) -> np.ndarray:
   r"""XLA's memory estimate of one local step training the last :math:`\ell` modules.
 
   For :math:`\ell = 1, \dots, L` compiles (never runs) one step that differentiates the loss
@@ -199,10 +200,12 @@ def suffix_training_bytes(model: Model, params: Any, order: Sequence[str],
     batch_size: examples per step.
     model_state: the model's state (default: from ``init``).
     loss_fn: ``(logits, labels, weights) -> scalar``.
+    lengths: only these suffix lengths (e.g. ``[L]`` for full training alone: one compile
+      instead of :math:`L`); default every :math:`\ell = 1..L`.
 
   Returns:
     f64[L]: bytes for :math:`\ell = 1..L` (index :math:`\ell - 1`; the last is full
-    training).
+    training), or f64[len(lengths)] in the order of ``lengths``.
   """
   if model_state is None:
     model_state = model.init(jax.random.key(0))[1]
@@ -211,8 +214,11 @@ def suffix_training_bytes(model: Model, params: Any, order: Sequence[str],
   spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))
   x = jax.ShapeDtypeStruct((batch_size,) + tuple(model.input_shape), jnp.float32)
   y = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  todo = range(1, len(order) + 1) if lengths is None else [int(n) for n in lengths]
+  if any(not 1 <= n <= len(order) for n in todo):
+    raise ValueError(f"`lengths` must be in [1, {len(order)}], got {list(lengths)!r}.")
   out = []
-  for trained in range(1, len(order) + 1):
+  for trained in todo:
     cut = len(order) - trained
     idx = [i for i, r in enumerate(ranks) if r >= cut]
     rest = [i for i, r in enumerate(ranks) if r < cut]

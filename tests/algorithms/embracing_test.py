@@ -122,6 +122,11 @@ def test_suffix_training_bytes_grows_with_the_trained_suffix():
   assert np.all(np.diff(mem) >= 0) and mem[-1] > mem[0]
   conv1 = 4 * np.size(params["conv1"]["kernel"])
   assert mem[-1] - mem[-2] >= 2 * conv1  # the gradient and momentum of conv1 at least
+  some = A.suffix_training_bytes(cnn, params, CNN_ORDER, optax.sgd(0.1, momentum=0.9), 16,
+                                 lengths=[7, 2])
+  np.testing.assert_array_equal(some, mem[[6, 1]])
+  with pytest.raises(ValueError, match="lengths"):
+    A.suffix_training_bytes(cnn, params, CNN_ORDER, optax.sgd(0.1), 16, lengths=[0])
 
 
 # ----------------------------------------------------------------------------- the round
