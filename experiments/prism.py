@@ -13,7 +13,9 @@ Frobenius decay on the factors, unweighted mean) and differs in what a client tr
   fjord_dropout   dense model, channel dropout 1-kappa in training (FjORD-like, --random-mask)
   prism_hetero    PriSM with kappa_i drawn once from {0.2, 0.4, 0.6} x {0.5, 0.3, 0.2}
   (extra arms, not run by default: prism_softmax, prism_power_norowcut (rep_keep=1),
-  prism_power_refclip (the reference's clip over masked rows too))
+  prism_power_refclip (the reference's clip over masked rows too), heterofl_hetero (HeteroFL,
+  jaxfl.algorithms.heterofl, with width kappa_i from prism_hetero's draw: the paper's
+  heterogeneous width baseline, evaluated as the full model))
 
 Resumable: one arm x one seed per child process, each writing its own JSON under
 ``<out-dir>/prism/<tag>/``; the driver skips pieces already done and rewrites the report
@@ -77,7 +79,7 @@ PRESETS = {
 
 ARMS = ("full", "prism_power", "prism_uniform", "prism_top", "static_width", "fjord_dropout",
         "prism_hetero")
-EXTRA_ARMS = ("prism_softmax", "prism_power_norowcut", "prism_power_refclip")
+EXTRA_ARMS = ("prism_softmax", "prism_power_norowcut", "prism_power_refclip", "heterofl_hetero")
 OVERRIDES = ("dataset", "model", "features", "num_clients", "cohort", "alpha", "rounds", "local_epochs",
              "batch", "lr", "weight_decay", "kappa", "gamma", "rep_keep", "eval_every",
              "client_compute")
@@ -179,6 +181,13 @@ def build(cfg: dict, arm: str, seed: int, data):
                   "fjord_dropout": (k, "dropout")}[arm]
     return (A.prism_fedavg(name=arm, **common),
             make_model(cfg, shape, classes, False, keep, mode), None)
+  if arm == "heterofl_hetero":  # the same capacity draw as prism_hetero, as width ratios
+    import jax
+
+    kappa = A.draw_capacities(data.num_clients, CAPACITIES, RATIOS, seed=seed)
+    model = make_model(cfg, shape, classes, False)
+    order = A.depth_order(model, model.init(jax.random.key(0))[0])
+    return A.heterofl(kappa, order, name=arm, **common), model, kappa
   compute = cfg.get("client_compute", "masked")
   base = make_model(cfg, shape, classes, True)
   prism = dict(gamma=cfg["gamma"], rep_keep=cfg["rep_keep"], name=arm, **common)
@@ -243,6 +252,14 @@ def submodel_fractions(cfg, arm, data, kappa) -> dict:
   caps = ([cfg["kappa"]] if kappa is None else list(CAPACITIES))
   weights = [1.0] if kappa is None else [float(np.mean(np.isclose(kappa, c))) for c in caps]
   rep = 1.0 if arm == "prism_power_norowcut" else cfg["rep_keep"]
+  if arm == "heterofl_hetero":  # every hidden layer cut to ceil(kappa C) channels (width_mask)
+    model = make_model(cfg, data.example_shape, data.num_classes, False)
+    shapes = jax.eval_shape(model.init, jax.random.key(0))[0]
+    order = jaxfl.algorithms.depth_order(model, shapes)
+    n = jaxfl.tree.num_params(shapes)
+    fr = [sum(float(np.sum(m)) for m in jax.tree.leaves(
+        jaxfl.algorithms.width_mask(shapes, order, c))) / n for c in caps]
+    return {"params": float(np.dot(weights, fr)), "macs": None}
   if cfg["model"] != "cnn":
     if arm.startswith("prism"):
       shapes = jax.eval_shape(make_model(cfg, data.example_shape, data.num_classes, True).init,
@@ -414,6 +431,13 @@ def _report_md(tag, cfg, rows):
         verdict = "holds" if gap > std else "does not hold"
         lines.append(f"- vs {base}: {gap:+.4f} (std {std:.4f}; {len(pr['seeds'])} vs "
                      f"{len(b['seeds'])} seeds): {verdict}")
+  if "prism_hetero" in by and "heterofl_hetero" in by:  # the same capacity mix
+    pr, b = by["prism_hetero"], by["heterofl_hetero"]
+    gap = pr["final_acc_mean"] - b["final_acc_mean"]
+    std = max(pr["final_acc_std"], b["final_acc_std"])
+    lines += ["", f"Paper's claim, heterogeneous capacities (PriSM above HeteroFL with the same "
+              f"kappa per client): {gap:+.4f} (std {std:.4f}; {len(pr['seeds'])} vs "
+              f"{len(b['seeds'])} seeds): {'holds' if gap > std else 'does not hold'}"]
   for r in rows:
     if r["count_histogram"]:
       hist = ", ".join(f"{k}: {v:.3f}" for k, v in r["count_histogram"].items() if v > 0.0005)

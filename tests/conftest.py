@@ -1,5 +1,7 @@
 """Test configuration and small shared builders."""
 
+import contextlib
+import logging
 import os
 
 import numpy as np
@@ -80,3 +82,27 @@ def data():
 @pytest.fixture
 def model():
   return tiny_model()
+
+
+class _StepCompiles(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.n = 0
+
+  def emit(self, record):
+    if "Finished XLA compilation of jit(step)" in record.getMessage():
+      self.n += 1
+
+
+@contextlib.contextmanager
+def count_step_compiles():
+  """Counts XLA compilations of the round's ``jit(step)`` in the block (``.n`` of the
+  handler it yields)."""
+  handler = _StepCompiles()
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      yield handler
+  finally:
+    logger.removeHandler(handler)

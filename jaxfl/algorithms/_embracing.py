@@ -380,12 +380,22 @@ def embracingfl(trained: int | Sequence[int] | np.ndarray, order: Sequence[str],
     raise ValueError("`trained` must give at least one client a layer to train.")
   if len(set(order)) != len(order):
     raise ValueError(f"`order` must name each module once, got {list(order)!r}.")
-  if weighting not in ("examples", "uniform"):
-    raise ValueError(f"`weighting` must be 'examples' or 'uniform', got {weighting!r}.")
   local = _client(client_lr, client_momentum, weight_decay, clip_norm, rounds, final_lr,
                   batch_size, local_steps, local_epochs, True)
+  return submodel_algorithm(name, local, embracing_view(table, tuple(order)), weighting,
+                            server_optimizer, server_lr)
+
+
+def submodel_algorithm(name: str, local, view: views.ClientView, weighting: str,
+                       server_optimizer: optax.GradientTransformation | None,
+                       server_lr: float) -> Algorithm:
+  """A sub-model method's :class:`Algorithm`: its ``view`` declares each client's masks, the
+  server averages each entry over the clients that sent it (``masked_mean``) and steps with
+  ``server_optimizer`` (default ``optax.sgd(server_lr)``), the ledger counts the masks."""
+  if weighting not in ("examples", "uniform"):
+    raise ValueError(f"`weighting` must be 'examples' or 'uniform', got {weighting!r}.")
   server = optax.sgd(_lr("server_lr", server_lr)) if server_optimizer is None else server_optimizer
   if not isinstance(server, optax.GradientTransformation):
     raise TypeError("`server_optimizer` must be an optax.GradientTransformation or None.")
   return Algorithm(name, local, server, masked_mean(), None, weighting,
-                   ledger=comm.upload_mask_ledger(), view=embracing_view(table, tuple(order)))
+                   ledger=comm.upload_mask_ledger(), view=view)

@@ -42,10 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxfl import comm, views
-from jaxfl.aggregation import masked_mean
+from jaxfl import views
 from jaxfl.algorithms._base import Algorithm, preset
-from jaxfl.algorithms._fedopt import _lr
+from jaxfl.algorithms._embracing import submodel_algorithm
 from jaxfl.algorithms._prism import _client
 from jaxfl.models._factorised import keep_count
 from jaxfl.tree import module_ranks
@@ -54,9 +53,9 @@ __all__ = ["fjord", "heterofl", "heterofl_view", "width_mask"]
 
 
 def _feature_plan(params: Any, order: Sequence[str]) -> list[tuple]:
-  """Per leaf: ``(out_index, in_index, out_size, in_size)``, the channel index of every entry
-  along the output / input axis (None where the axis keeps its full size) and the channel
-  count the width ratio applies to."""
+  """Per leaf ``(out, in, ndim)``: ``out`` / ``in`` is None where that axis keeps its full
+  size, else ``(channel, size)``: the channel of every entry along the axis and the channel
+  count the width ratio applies to (for a flattened map, entry ``j`` is channel ``j % C``)."""
   leaves = jax.tree.leaves(params)
   ranks = module_ranks(params, order)
   last = len(order) - 1
@@ -253,16 +252,10 @@ def heterofl(keep: float | Sequence[float] | np.ndarray, order: Sequence[str], *
   _level_table(keep, levels)
   if len(set(order)) != len(order):
     raise ValueError(f"`order` must name each module once, got {list(order)!r}.")
-  if weighting not in ("examples", "uniform"):
-    raise ValueError(f"`weighting` must be 'examples' or 'uniform', got {weighting!r}.")
   local = _client(client_lr, client_momentum, weight_decay, clip_norm, rounds, final_lr,
                   batch_size, local_steps, local_epochs, True)
-  server = optax.sgd(_lr("server_lr", server_lr)) if server_optimizer is None else server_optimizer
-  if not isinstance(server, optax.GradientTransformation):
-    raise TypeError("`server_optimizer` must be an optax.GradientTransformation or None.")
-  return Algorithm(name, local, server, masked_mean(), None, weighting,
-                   ledger=comm.upload_mask_ledger(),
-                   view=heterofl_view(keep, tuple(order), levels))
+  return submodel_algorithm(name, local, heterofl_view(keep, tuple(order), levels), weighting,
+                            server_optimizer, server_lr)
 
 
 @preset

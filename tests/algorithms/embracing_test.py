@@ -1,6 +1,5 @@
 """EmbracingFL built from the public contracts, against NumPy float64 / plain-loop references."""
 
-import logging
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import xla_env
+from conftest import count_step_compiles, xla_env
 from prism_test import _data  # 6 ragged clients of 8x8 images, 3 classes
 
 import jaxfl
@@ -192,30 +191,14 @@ def test_all_strong_clients_are_fedavg_with_the_same_recipe():
   assert emb.history[-1]["rel_uplink"] == pytest.approx(1.0)
 
 
-class _Compiles(logging.Handler):
-  def __init__(self):
-    super().__init__()
-    self.n = 0
-
-  def emit(self, record):
-    if "Finished XLA compilation of jit(step)" in record.getMessage():
-      self.n += 1
-
-
 def test_one_compilation_exact_resume_and_the_suffix_uplink(tmp_path):
   trained = np.array([1, 3, 7, 0, 5, 2], np.int32)
   algo = A.embracingfl(trained, CNN_ORDER, rounds=4, batch_size=4, local_steps=2)
   run = lambda rounds, **kw: jaxfl.simulate(algo, _cnn(), _data(),
                                             rounds=rounds, clients_per_round=3, seed=3,
                                             progress=False, eval_every=rounds, **kw)
-  h = _Compiles()
-  logger = logging.getLogger("jax")
-  logger.addHandler(h)
-  try:
-    with jax.log_compiles(True):
-      full = run(4)
-  finally:
-    logger.removeHandler(h)
+  with count_step_compiles() as h:
+    full = run(4)
   assert h.n == 1, h.n
   assert all(np.isfinite(x["train_loss"]) for x in full.history)
   assert 0 < full.history[-1]["rel_uplink"] < 1

@@ -1,12 +1,11 @@
 """HeteroFL built from the public contracts, against sliced sub-models and NumPy float64."""
 
-import logging
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_step_compiles
 from embracing_test import CNN_ORDER, _cnn
 from prism_test import _data  # 6 ragged clients of 8x8 images, 3 classes
 
@@ -168,30 +167,14 @@ def test_full_width_clients_are_fedavg_with_the_same_recipe():
   assert het.history[-1]["rel_uplink"] == pytest.approx(1.0)
 
 
-class _Compiles(logging.Handler):
-  def __init__(self):
-    super().__init__()
-    self.n = 0
-
-  def emit(self, record):
-    if "Finished XLA compilation of jit(step)" in record.getMessage():
-      self.n += 1
-
-
 def test_one_compilation_exact_resume_and_the_sub_model_uplink(tmp_path):
   keep = np.array([0.25, 0.5, 1.0, 0.5, 0.75, 0.25])
   algo = A.heterofl(keep, CNN_ORDER, rounds=4, batch_size=4, local_steps=2)
   run = lambda rounds, **kw: jaxfl.simulate(algo, _cnn(), _data(), rounds=rounds,
                                             clients_per_round=3, seed=3, progress=False,
                                             eval_every=rounds, **kw)
-  h = _Compiles()
-  logger = logging.getLogger("jax")
-  logger.addHandler(h)
-  try:
-    with jax.log_compiles(True):
-      full = run(4)
-  finally:
-    logger.removeHandler(h)
+  with count_step_compiles() as h:
+    full = run(4)
   assert h.n == 1, h.n
   assert all(np.isfinite(x["train_loss"]) for x in full.history)
   assert 0 < full.history[-1]["rel_uplink"] < 1

@@ -1,7 +1,6 @@
 """PriSM built from the public contracts, against NumPy float64 / plain-loop references."""
 
 import itertools
-import logging
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import xla_env
+from conftest import count_step_compiles, xla_env
 
 import jaxfl
 from jaxfl.client import make_client_update
@@ -258,16 +257,6 @@ def test_round_equals_a_loop_over_clients_with_numpy_aggregation():
     assert float(metrics["uplink_elements"]) == pytest.approx(sub)
 
 
-class _Compiles(logging.Handler):
-  def __init__(self):
-    super().__init__()
-    self.n = 0
-
-  def emit(self, record):
-    if "Finished XLA compilation of jit(step)" in record.getMessage():
-      self.n += 1
-
-
 def _simulate(algo, rounds, **kw):
   return jaxfl.simulate(algo, _model(), _data(), rounds=rounds, clients_per_round=3, seed=3,
                         progress=False, eval_every=rounds, **kw)
@@ -276,14 +265,8 @@ def _simulate(algo, rounds, **kw):
 def test_one_compilation_and_exact_resume(tmp_path):
   algo = jaxfl.algorithms.prism(jaxfl.algorithms.draw_capacities(6, seed=0), rounds=4,
                                 batch_size=4, local_steps=2)
-  h = _Compiles()
-  logger = logging.getLogger("jax")
-  logger.addHandler(h)
-  try:
-    with jax.log_compiles(True):
-      full = _simulate(algo, 4)
-  finally:
-    logger.removeHandler(h)
+  with count_step_compiles() as h:
+    full = _simulate(algo, 4)
   assert h.n == 1, h.n
   assert all(np.isfinite(x["train_loss"]) for x in full.history)
   assert 0 < full.history[-1]["rel_uplink"] < 0.6
