@@ -15,7 +15,8 @@ Frobenius decay on the factors, unweighted mean) and differs in what a client tr
   (extra arms, not run by default: prism_softmax, prism_power_norowcut (rep_keep=1),
   prism_power_refclip (the reference's clip over masked rows too), heterofl_hetero (HeteroFL,
   jaxfl.algorithms.heterofl, with width kappa_i from prism_hetero's draw: the paper's
-  heterogeneous width baseline, evaluated as the full model))
+  heterogeneous width baseline; it trains and evaluates the widest client's sub-model, the
+  width 0.6 model, since no client trains the channels beyond it))
 
 Resumable: one arm x one seed per child process, each writing its own JSON under
 ``<out-dir>/prism/<tag>/``; the driver skips pieces already done and rewrites the report
@@ -187,6 +188,8 @@ def build(cfg: dict, arm: str, seed: int, data):
     kappa = A.draw_capacities(data.num_clients, CAPACITIES, RATIOS, seed=seed)
     model = make_model(cfg, shape, classes, False)
     order = A.depth_order(model, model.init(jax.random.key(0))[0])
+    # no client is at width 1: HeteroFL's global model is the widest client's sub-model
+    model = A.width_model(model, order, float(np.max(kappa)))
     return A.heterofl(kappa, order, name=arm, **common), model, kappa
   compute = cfg.get("client_compute", "masked")
   base = make_model(cfg, shape, classes, True)

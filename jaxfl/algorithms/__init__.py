@@ -22,6 +22,7 @@ from jaxfl.algorithms._heterofl import fjord as fjord
 from jaxfl.algorithms._heterofl import heterofl as heterofl
 from jaxfl.algorithms._heterofl import heterofl_view as heterofl_view
 from jaxfl.algorithms._heterofl import width_mask as width_mask
+from jaxfl.algorithms._heterofl import width_model as width_model
 from jaxfl.algorithms._pma import pma as pma
 from jaxfl.algorithms._pma import pma_local_average as pma_local_average
 from jaxfl.algorithms._prism import draw_capacities as draw_capacities
@@ -55,4 +56,4 @@ __all__ = ["ALGORITHMS", "Algorithm", "LAYERWISE_ALGORITHMS", "depth_order", "dr
            "fedpaq", "fedprox", "fedyogi", "fjord", "get_algorithm", "heterofl", "heterofl_view",
            "layers_for_budget", "lbgm", "pma", "pma_local_average", "prism", "prism_client_update",
            "prism_fedavg", "prism_view", "prunefl", "scaffold", "submodel_fraction", "suffix_mask",
-           "suffix_training_bytes", "width_mask"]
+           "suffix_training_bytes", "width_mask", "width_model"]

@@ -46,10 +46,11 @@ from jaxfl import views
 from jaxfl.algorithms._base import Algorithm, preset
 from jaxfl.algorithms._embracing import submodel_algorithm
 from jaxfl.algorithms._prism import _client
+from jaxfl.models import Model
 from jaxfl.models._factorised import keep_count
 from jaxfl.tree import module_ranks
 
-__all__ = ["fjord", "heterofl", "heterofl_view", "width_mask"]
+__all__ = ["fjord", "heterofl", "heterofl_view", "width_mask", "width_model"]
 
 
 def _feature_plan(params: Any, order: Sequence[str]) -> list[tuple]:
@@ -138,6 +139,34 @@ def width_mask(params: Any, order: Sequence[str], keep: float) -> Any:
       np.broadcast_to(np.asarray(_leaf_mask(entry, _counts(entry, keep))),
                       np.shape(leaf)).astype(np.float32)
       for entry, leaf in zip(plan, jax.tree.leaves(params))])
+
+
+def width_model(model: Model, order: Sequence[str], keep: float) -> Model:
+  r"""``model`` restricted to its width-``keep`` sub-model: ``apply`` multiplies the params by
+  :func:`width_mask` first.
+
+  HeteroFL's global model when no client trains the full width: entries beyond the widest
+  client's sub-model are never trained (they keep their initial values), and the paper's
+  global model is the sub-model of the largest level. Run the algorithm on
+  ``width_model(model, order, max(keep))`` to train as before (every client's sub-model lies
+  inside it, so its training is unchanged) and evaluate that sub-model.
+
+  Args:
+    model: a :class:`jaxfl.models.Model`.
+    order: its modules in depth order (:func:`jaxfl.algorithms.depth_order`).
+    keep: the width ratio in (0, 1].
+
+  Returns:
+    A :class:`jaxfl.models.Model` with the same params and state.
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0))[0]
+  mask = width_mask(shapes, order, keep)
+
+  def apply(params, model_state, x, **kwargs):
+    return model.apply(jax.tree.map(lambda p, m: p * m.astype(p.dtype), params, mask),
+                       model_state, x, **kwargs)
+
+  return model._replace(apply=apply, name=f"{model.name}_w{keep:g}")
 
 
 def _level_table(keep, levels):

@@ -239,3 +239,22 @@ def test_fjord_runs_in_one_compiled_round_and_refuses_a_cap_below_every_level():
     A.fjord(np.array([0.1, 1.0]), CNN_ORDER, levels=(0.2, 1.0))
   with pytest.raises(ValueError, match="levels"):
     A.fjord(0.5, CNN_ORDER, levels=(0.0, 1.0))
+
+
+def test_width_model_is_the_narrow_network_and_leaves_training_unchanged():
+  """``width_model`` evaluates like the genuinely narrower CNN on the sliced params, and a
+  HeteroFL run on it (no client wider than its width) trains exactly as on the full model."""
+  model = _cnn()
+  params, state = model.init(jax.random.key(3))
+  x = jax.random.normal(jax.random.key(4), (5, 8, 8, 1))
+  narrow = jaxfl.models.prism_cnn((8, 8, 1), 3, features=(2, 4, 4), factorise=False)
+  wide = A.width_model(model, CNN_ORDER, 0.5)
+  got = wide.apply(params, state, x, train=False, rng=None)[0]
+  want = narrow.apply(_cut(params, 0.5), state, x, train=False, rng=None)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  keep = np.array([0.25, 0.5, 0.5, 0.25, 0.5, 0.25])
+  algo = A.heterofl(keep, CNN_ORDER, rounds=2, batch_size=4, local_steps=2)
+  runs = [jaxfl.simulate(algo, m, _data(), rounds=2, clients_per_round=3, seed=5,
+                         progress=False, eval_every=2) for m in (model, wide)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               runs[0].state.params, runs[1].state.params)
